@@ -1,0 +1,36 @@
+"""The ``fastclip`` console command: ``fastclip info | train | eval``.
+
+Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file only routes.
+"""
+import sys
+from importlib import import_module
+
+SUBCOMMANDS = {
+    "info": ("fastclip.info", "print which loss backends and attention kernels run here, and why not"),
+    "train": ("fastclip.train.main", "train CLIP (no flags: the embedded synthetic set on CPU)"),
+    "eval": ("fastclip.eval.main", "zero-shot / retrieval / linear-probe evaluation of a checkpoint"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fastclip {" + ",".join(SUBCOMMANDS) + "} [flags]", ""]
+    lines += [f"  {name:<6} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'fastclip SUBCOMMAND --help' for the flags of one subcommand."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"fastclip: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
