@@ -1,0 +1,138 @@
+"""Loss backends and dispatch from declared capabilities (the xformers ``not_supported_reasons`` pattern).
+
+Each backend is a small object that declares what it can run (device kinds, minimum CUDA compute
+capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<backend>.py``:
+
+    clip_loss_fwd(image, text, scale, bias, with_expectations) -> (row_lse, col_lse, row_expect, col_expect)
+    clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef) -> (grad_image, grad_text)
+    siglip_loss_fwd(image, text, scale, bias, positive_offset) -> loss_sum
+    siglip_loss_bwd(image, text, scale, bias, positive_offset, grad_coef) -> (grad_image, grad_text, grad_bias)
+
+(the exact math is in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend;
+the autograd Functions that call them are in fastclip/ops/clip_loss.py and siglip_loss.py).
+``backend="auto"`` walks ``AUTO_PRIORITY`` and takes the first backend with no reason against it; a
+backend asked for by name that cannot run raises one ``ValueError`` listing every reason and its fix.
+Nothing here touches the GPU at import time.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What dispatch needs to know about a call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class LossBackend:
+    name: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    min_compute_capability: tuple[int, int] | None = None
+    max_compute_capability: tuple[int, int] | None = None
+    deterministic: bool = True
+    description: str = ""
+    extra_checks: tuple = field(default=())  # callables (LossInputs) -> list[str]
+
+    def not_supported_reasons(self, inputs: LossInputs) -> list[str]:
+        reasons: list[str] = []
+        for check in self.extra_checks:
+            reasons += check(inputs)
+        if inputs.device.type not in self.device_types:
+            reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got {inputs.device.type}")
+        if inputs.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"supports dtypes {names}, got {str(inputs.dtype).replace('torch.', '')}")
+        if inputs.deterministic and not self.deterministic:
+            reasons.append("is not deterministic: pass deterministic=False or use backend='torch'")
+        if inputs.device.type == "cuda" and (self.min_compute_capability or self.max_compute_capability):
+            capability = torch.cuda.get_device_capability(inputs.device)
+            if self.min_compute_capability and capability < self.min_compute_capability:
+                reasons.append(f"needs compute capability >= sm{''.join(map(str, self.min_compute_capability))},"
+                               f" this GPU is sm{''.join(map(str, capability))}")
+            if self.max_compute_capability and capability > self.max_compute_capability:
+                reasons.append(f"is tuned for <= sm{''.join(map(str, self.max_compute_capability))} "
+                               "(a faster backend fits this GPU)")
+        return reasons
+
+    def op(self, op_name: str):
+        """The module ``fastclip.ops.<op_name>_<backend>`` (imported on first use) with ``<op_name>_fwd/_bwd``."""
+        return importlib.import_module(f"fastclip.ops.{op_name}_{self.name}")
+
+
+def triton_interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_checks(inputs: LossInputs) -> list[str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return ["triton is not installed: pip install triton (Linux x86_64/aarch64)"]
+    if importlib.util.find_spec("fastclip.kernels.clip_loss") is None:
+        return ["this fastclip build has no Triton kernels (kernels/clip_loss.py)"]
+    if inputs.device.type == "cpu" and not triton_interpret_mode():
+        return ["runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 before importing triton"]
+    return []
+
+
+def _cuda_extension_checks(inputs: LossInputs) -> list[str]:
+    if importlib.util.find_spec("fastclip._C") is None:
+        return ["the CUDA C++ extension is not built (it arrives with the CUDA kernels issue; "
+                "then: FASTCLIP_BUILD_CUDA=1 pip install -e .)"]
+    return []
+
+
+BACKENDS: dict[str, LossBackend] = {
+    "cuda": LossBackend(
+        name="cuda", device_types=("cuda",),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        min_compute_capability=(7, 0), max_compute_capability=(7, 9), deterministic=True,
+        description="CUDA C++ kernels for sm70-sm7x (V100, T4)", extra_checks=(_cuda_extension_checks,)),
+    "triton": LossBackend(
+        name="triton", device_types=("cuda", "cpu"),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        min_compute_capability=(8, 0), deterministic=True,
+        description="fused Triton kernels for sm80+ (CPU under TRITON_INTERPRET=1)",
+        extra_checks=(_triton_checks,)),
+    "torch": LossBackend(
+        name="torch", device_types=("cpu", "cuda", "mps", "xpu"),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), deterministic=True,
+        description="portable chunked PyTorch (the reference backend)"),
+}
+
+AUTO_PRIORITY = ("cuda", "triton", "torch")
+
+
+def select_backend(name: str, inputs: LossInputs) -> LossBackend:
+    """Return the backend for ``name`` ("auto" walks AUTO_PRIORITY); ValueError lists why not."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend={name!r} is unknown: choose one of {', '.join(BACKEND_NAMES)}")
+    if name != "auto":
+        backend = BACKENDS[name]
+        reasons = backend.not_supported_reasons(inputs)
+        if reasons:
+            raise ValueError(f"backend={name!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
+                             + "\nUse backend='auto' to pick one that can, or fix the reasons above.")
+        return backend
+    for candidate in AUTO_PRIORITY:
+        backend = BACKENDS[candidate]
+        if candidate == "triton" and inputs.device.type == "cpu":
+            continue  # the interpreter is for tests; auto never picks it for real CPU work
+        if not backend.not_supported_reasons(inputs):
+            return backend
+    reasons = {n: BACKENDS[n].not_supported_reasons(inputs) for n in AUTO_PRIORITY}
+    details = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in reasons.items())
+    raise ValueError(f"no loss backend can run on {inputs.device} with {inputs.dtype}:\n{details}")

@@ -1,0 +1,72 @@
+"""Input checks shared by the loss API: every bad input gets a ValueError/TypeError that names the fix."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def check_features(image_features, text_features) -> None:
+    """Both (B, D) floating tensors of one dtype on one device, B >= 1, D >= 1, same shape."""
+    for name, value in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, D), got {type(value).__name__}")
+        if value.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (B, D), got shape {tuple(value.shape)}: "
+                             "flatten extra dimensions, e.g. features.reshape(-1, features.shape[-1])")
+        if value.dtype not in FEATURE_DTYPES:
+            raise TypeError(f"{name} has dtype {value.dtype}: pass float32, float16 or bfloat16 features "
+                            "(e.g. features.float())")
+        if value.shape[0] == 0 or value.shape[1] == 0:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}: the batch and the feature "
+                             "dimension must be at least 1 (empty batch?)")
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)} must have the same shape (B, D): one caption per "
+                         "image, both projected to the same embedding dimension")
+    if image_features.dtype != text_features.dtype:
+        raise TypeError(f"image_features is {image_features.dtype} but text_features is {text_features.dtype}: "
+                        "cast both to one dtype (e.g. .to(torch.bfloat16))")
+    if image_features.device != text_features.device:
+        raise ValueError(f"image_features is on {image_features.device} but text_features is on "
+                         f"{text_features.device}: move both to one device")
+
+
+def as_scalar_tensor(value, name: str, reference: torch.Tensor, *, positive: bool) -> torch.Tensor:
+    """A float or one-element tensor -> a one-element tensor on reference's device (grad kept)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {value.dtype}: use .float()")
+        if value.device != reference.device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on {reference.device}: "
+                             "move it to the features' device")
+        tensor = value if value.device == reference.device else value.to(reference.device)
+    else:
+        tensor = torch.tensor(float(value), device=reference.device)
+    if not _is_compiling():
+        number = float(tensor.detach().reshape(()))
+        if not math.isfinite(number):
+            raise ValueError(f"{name} is {number}: it must be finite. A diverged temperature usually means "
+                             "the learning rate is too high, or clamp it (open_clip clamps ln(scale) at ln 100)")
+        if positive and number <= 0:
+            raise ValueError(f"{name} is {number} but must be > 0. It is the already-exponentiated "
+                             "temperature: pass model.logit_scale.exp(), not the log")
+    return tensor
+
+
+def check_reduction(reduction: str, allowed) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"reduction={reduction!r} is not supported: choose one of {', '.join(allowed)}")

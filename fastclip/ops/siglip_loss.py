@@ -1,0 +1,45 @@
+"""The SigLIP loss as one autograd Function over any backend's primitives, never materialising B x B.
+
+    L = -sum_ij log sigmoid(y_ij S_ij) / B,   S = scale * I @ T.T + bias,  y = +1 on i = j, -1 elsewhere
+
+(open_clip's ``SigLipLoss``: the sum over the local image rows against the texts, divided by the
+local batch). Backward, with G_ij = (sigmoid(S_ij) - [i=j]) / B:
+
+    dI = scale * G @ T,  dT = scale * G.T @ I,  dscale = sum_i I_i . dI_i / scale,  dbias = sum_ij G_ij
+
+Saved for backward: the inputs only. Equivalent plain PyTorch (materialising S)::
+
+    S = scale * I @ T.T + bias; y = 2 * torch.eye(B) - 1
+    loss = -torch.nn.functional.logsigmoid(y * S).sum() / B
+"""
+from __future__ import annotations
+
+import torch
+
+from fastclip.backends import LossBackend
+
+
+class SigLipLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, backend: LossBackend):
+        op = backend.op("siglip_loss")
+        scale_value = scale.detach().reshape(()).float()
+        bias_value = bias.detach().reshape(()).float()
+        loss_sum = op.siglip_loss_fwd(image, text, scale_value, bias_value, 0)
+        ctx.save_for_backward(image, text, scale_value, bias_value)
+        ctx.backend = backend
+        ctx.scale_meta, ctx.bias_meta = (scale.shape, scale.dtype), (bias.shape, bias.dtype)
+        return loss_sum / image.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        image, text, scale_value, bias_value = ctx.saved_tensors
+        op = ctx.backend.op("siglip_loss")
+        grad_coef = grad_output.reshape(()).float() / image.shape[0]
+        grad_image, grad_text, grad_bias = op.siglip_loss_bwd(image, text, scale_value, bias_value, 0, grad_coef)
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = (image.to(grad_image.dtype) * grad_image).sum() / scale_value
+            grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+        grad_bias = grad_bias.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if ctx.needs_input_grad[3] else None
+        return grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None

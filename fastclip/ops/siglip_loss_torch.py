@@ -1,0 +1,80 @@
+"""Portable chunked PyTorch primitives of the SigLIP loss (the reference backend).
+
+With S = scale * image @ text.T + bias over a block of rows (image, b x D) and columns (text, n x D),
+and y_ij = +1 on the positive pairs j = i + positive_offset, -1 elsewhere:
+
+    siglip_loss_fwd -> sum_ij softplus(-y_ij S_ij)  (= -sum log sigmoid(y S); 0-dim, fp32)
+    siglip_loss_bwd -> with G_ij = grad_coef * (sigmoid(S_ij) - [pos])  (= d/dS of grad_coef * fwd):
+                       grad_image = scale * G @ text, grad_text = scale * G.T @ image, grad_bias = sum G
+
+Positives are evaluated as softplus(-S) and sigmoid(S) - 1 = -sigmoid(-S) directly, never as a
+difference of two large terms. Equivalent plain PyTorch::
+
+    S = scale * image @ text.T + bias
+    y = -torch.ones_like(S); y[i, i + positive_offset] = 1
+    loss_sum = -torch.nn.functional.logsigmoid(y * S).sum()
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastclip.ops.chunking import (accumulate_dtype, add_scaled_product, chunk_logits, gemm_dtype,
+                                   positive_entries)
+from fastclip.ops.workspace import rows_per_chunk
+
+
+@torch.library.custom_op("fastclip::siglip_loss_fwd_torch", mutates_args=())
+def siglip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                    positive_offset: int) -> torch.Tensor:
+    n_rows, n_cols = image.shape[0], text.shape[0]
+    accumulate = accumulate_dtype(image)
+    scale, bias = scale.to(accumulate), bias.to(accumulate)
+    image_gemm, text_gemm = image.to(gemm_dtype(image)), text.to(gemm_dtype(text))
+    total = torch.zeros((), dtype=accumulate, device=image.device)
+    chunk = rows_per_chunk(n_rows, n_cols, buffers=2, bytes_per_element=total.element_size())
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        logits = chunk_logits(image_gemm[start:stop], text_gemm, scale, bias, accumulate)
+        rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
+        logits[rows, cols] = logits[rows, cols].neg()  # softplus(-y S): negate S on the positives
+        total += F.softplus(logits).sum()
+    return total
+
+
+@siglip_loss_fwd.register_fake
+def _(image, text, scale, bias, positive_offset):
+    return image.new_empty((), dtype=accumulate_dtype(image))
+
+
+@torch.library.custom_op("fastclip::siglip_loss_bwd_torch", mutates_args=())
+def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                    positive_offset: int, grad_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = image.shape[0], text.shape[0]
+    accumulate = accumulate_dtype(image)
+    scale, bias, grad_coef = scale.to(accumulate), bias.to(accumulate), grad_coef.to(accumulate)
+    image_gemm, text_gemm = image.to(gemm_dtype(image)), text.to(gemm_dtype(text))
+    grad_image = torch.empty(image.shape, dtype=accumulate, device=image.device)
+    grad_text = torch.zeros(text.shape, dtype=accumulate, device=image.device)
+    grad_bias = torch.zeros((), dtype=accumulate, device=image.device)
+    chunk = rows_per_chunk(n_rows, n_cols, buffers=2, bytes_per_element=grad_image.element_size())
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        grad_logits = chunk_logits(image_gemm[start:stop], text_gemm, scale, bias, accumulate)
+        rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
+        positive_logits = grad_logits[rows, cols]
+        grad_logits.sigmoid_()
+        grad_logits[rows, cols] = -torch.sigmoid(-positive_logits)
+        grad_logits.mul_(grad_coef)
+        grad_bias += grad_logits.sum()
+        grad_gemm = grad_logits.to(image_gemm.dtype)
+        grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
+        add_scaled_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+    return grad_image.mul_(scale), grad_text.mul_(scale), grad_bias
+
+
+@siglip_loss_bwd.register_fake
+def _(image, text, scale, bias, positive_offset, grad_coef):
+    accumulate = accumulate_dtype(image)
+    return (image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate),
+            image.new_empty((), dtype=accumulate))
