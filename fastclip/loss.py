@@ -67,7 +67,8 @@ def _clip_loss(image_features, text_features, logit_scale, logit_bias, *, normal
     scale, bias, chosen = _prepare(image_features, text_features, logit_scale, logit_bias, backend, deterministic)
     rank, world_size = resolve_world(rank, world_size, process_group)
     if world_size == 1:
-        return ClipLossFunction.apply(image_features, text_features, scale, bias, chosen, normalize, reduction)
+        return ClipLossFunction.apply(image_features, text_features, scale, bias, chosen, normalize, reduction,
+                                      deterministic)
     from fastclip.distributed import distributed_clip_loss
 
     return distributed_clip_loss(image_features, text_features, scale, bias, chosen, normalize=normalize,

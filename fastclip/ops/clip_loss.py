@@ -31,7 +31,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 class ClipLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, backend: LossBackend, normalize: bool, reduction: str):
+    def forward(ctx, image, text, scale, bias, backend: LossBackend, normalize: bool, reduction: str,
+                deterministic: bool = False):
         op = backend.op("clip_loss")
         image_norms = text_norms = None
         if normalize:
@@ -39,12 +40,12 @@ class ClipLossFunction(torch.autograd.Function):
             text, text_norms = normalize_rows(text)
         scale_value = scale.detach().reshape(()).float()
         bias_value = bias.detach().reshape(()).float()
-        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False)
+        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
         accumulate = row_lse.dtype
         diagonal = (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale_value + bias_value
         per_pair = 0.5 * ((row_lse - diagonal) + (col_lse - diagonal))
         ctx.save_for_backward(image, text, scale_value, bias_value, row_lse, col_lse, image_norms, text_norms)
-        ctx.backend, ctx.normalize, ctx.reduction = backend, normalize, reduction
+        ctx.backend, ctx.normalize, ctx.reduction, ctx.deterministic = backend, normalize, reduction, deterministic
         ctx.scale_meta = (scale.shape, scale.dtype)
         ctx.bias_meta = (bias.shape, bias.dtype)
         if reduction == "mean":
@@ -63,7 +64,7 @@ class ClipLossFunction(torch.autograd.Function):
         coef = 0.5 * grad_per_pair
         op = ctx.backend.op("clip_loss")
         grad_image, grad_text = op.clip_loss_bwd(image, text, scale_value, bias_value, row_lse, col_lse,
-                                                 coef, coef, 0)
+                                                 coef, coef, 0, ctx.deterministic)
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_scale = (image.to(grad_image.dtype) * grad_image).sum() / scale_value
@@ -73,4 +74,4 @@ class ClipLossFunction(torch.autograd.Function):
         if ctx.normalize:
             grad_image = normalize_rows_backward(grad_image, image, image_norms)
             grad_text = normalize_rows_backward(grad_text, text, text_norms)
-        return (grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None, None, None)
+        return (grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None, None, None, None)

@@ -15,6 +15,7 @@ Equivalent plain PyTorch (materialises S, which this file never does)::
     S = scale * image @ text.T + bias
     row_lse, col_lse = S.logsumexp(1), S.logsumexp(0)
 
+``deterministic`` is part of every backend's signature; this backend is always bitwise repeatable.
 Rows are walked in chunks sized by ``fastclip.ops.workspace`` (two chunk x n fp32 buffers), so memory
 stays O(chunk * n + (b + n) * D). Column statistics are merged across chunks online (max, sum-exp).
 """
@@ -29,7 +30,7 @@ from fastclip.ops.workspace import rows_per_chunk
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_torch", mutates_args=())
 def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  with_expectations: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  with_expectations: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
@@ -72,7 +73,7 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 
 @clip_loss_fwd.register_fake
-def _(image, text, scale, bias, with_expectations):
+def _(image, text, scale, bias, with_expectations, deterministic):
     accumulate = accumulate_dtype(image)
     n_rows, n_cols = image.shape[0], text.shape[0]
     expect = (n_rows, n_cols) if with_expectations else (0, 0)
@@ -83,7 +84,7 @@ def _(image, text, scale, bias, with_expectations):
 @torch.library.custom_op("fastclip::clip_loss_bwd_torch", mutates_args=())
 def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   row_lse: torch.Tensor, col_lse: torch.Tensor, row_coef: torch.Tensor, col_coef: torch.Tensor,
-                  positive_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
@@ -107,6 +108,6 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 
 @clip_loss_bwd.register_fake
-def _(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset):
+def _(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, deterministic):
     accumulate = accumulate_dtype(image)
     return image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate)

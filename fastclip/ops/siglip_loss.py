@@ -21,13 +21,13 @@ from fastclip.backends import LossBackend
 
 class SigLipLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, backend: LossBackend):
+    def forward(ctx, image, text, scale, bias, backend: LossBackend, deterministic: bool = False):
         op = backend.op("siglip_loss")
         scale_value = scale.detach().reshape(()).float()
         bias_value = bias.detach().reshape(()).float()
-        loss_sum = op.siglip_loss_fwd(image, text, scale_value, bias_value, 0)
+        loss_sum = op.siglip_loss_fwd(image, text, scale_value, bias_value, 0, deterministic)
         ctx.save_for_backward(image, text, scale_value, bias_value)
-        ctx.backend = backend
+        ctx.backend, ctx.deterministic = backend, deterministic
         ctx.scale_meta, ctx.bias_meta = (scale.shape, scale.dtype), (bias.shape, bias.dtype)
         return loss_sum / image.shape[0]
 
@@ -36,10 +36,11 @@ class SigLipLossFunction(torch.autograd.Function):
         image, text, scale_value, bias_value = ctx.saved_tensors
         op = ctx.backend.op("siglip_loss")
         grad_coef = grad_output.reshape(()).float() / image.shape[0]
-        grad_image, grad_text, grad_bias = op.siglip_loss_bwd(image, text, scale_value, bias_value, 0, grad_coef)
+        grad_image, grad_text, grad_bias = op.siglip_loss_bwd(image, text, scale_value, bias_value, 0, grad_coef,
+                                                                 ctx.deterministic)
         grad_scale = None
         if ctx.needs_input_grad[2]:
             grad_scale = (image.to(grad_image.dtype) * grad_image).sum() / scale_value
             grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
         grad_bias = grad_bias.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if ctx.needs_input_grad[3] else None
-        return grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None
+        return grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None, None

@@ -26,7 +26,7 @@ from fastclip.ops.workspace import rows_per_chunk
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd_torch", mutates_args=())
 def siglip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                    positive_offset: int) -> torch.Tensor:
+                    positive_offset: int, deterministic: bool) -> torch.Tensor:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
@@ -43,13 +43,14 @@ def siglip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
 
 
 @siglip_loss_fwd.register_fake
-def _(image, text, scale, bias, positive_offset):
+def _(image, text, scale, bias, positive_offset, deterministic):
     return image.new_empty((), dtype=accumulate_dtype(image))
 
 
 @torch.library.custom_op("fastclip::siglip_loss_bwd_torch", mutates_args=())
 def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                    positive_offset: int, grad_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    positive_offset: int, grad_coef: torch.Tensor,
+                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias, grad_coef = scale.to(accumulate), bias.to(accumulate), grad_coef.to(accumulate)
@@ -74,7 +75,7 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
 
 
 @siglip_loss_bwd.register_fake
-def _(image, text, scale, bias, positive_offset, grad_coef):
+def _(image, text, scale, bias, positive_offset, grad_coef, deterministic):
     accumulate = accumulate_dtype(image)
     return (image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate),
             image.new_empty((), dtype=accumulate))
