@@ -1,7 +1,13 @@
-"""Helpers shared by the chunked PyTorch primitives of both losses."""
+"""Helpers shared by the chunked PyTorch primitives of both losses.
+
+Large fresh allocations are slow on CPU (every chunk would page-fault a new mmap), so each primitive
+allocates its (chunk x n) buffers once per call and writes into them with ``out=``.
+"""
 from __future__ import annotations
 
 import torch
+
+from fastclip.ops.workspace import rows_per_chunk
 
 
 def accumulate_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -16,13 +22,28 @@ def gemm_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
-def chunk_logits(image_chunk: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                 accumulate: torch.dtype) -> torch.Tensor:
-    """S = scale * image_chunk @ text.T + bias, as a fresh (chunk, n_cols) tensor of dtype ``accumulate``."""
-    logits = torch.mm(image_chunk, text.t())
-    if logits.dtype != accumulate:
-        logits = logits.to(accumulate)
-    return logits.mul_(scale).add_(bias)
+class ChunkBuffers:
+    """``count`` reusable (chunk x n_cols) buffers of the accumulation dtype, and the chunk ranges."""
+
+    def __init__(self, n_rows: int, n_cols: int, count: int, dtype: torch.dtype, device):
+        self.n_rows = n_rows
+        self.chunk = rows_per_chunk(n_rows, n_cols, buffers=count, bytes_per_element=torch.finfo(dtype).bits // 8)
+        self.buffers = [torch.empty(self.chunk, n_cols, dtype=dtype, device=device) for _ in range(count)]
+
+    def ranges(self):
+        for start in range(0, self.n_rows, self.chunk):
+            stop = min(start + self.chunk, self.n_rows)
+            yield start, stop, [buffer[: stop - start] for buffer in self.buffers]
+
+
+def scaled_logits_into(out: torch.Tensor, image_chunk: torch.Tensor, text: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """out = (scale * image_chunk) @ text.T, the GEMM written straight into the fp32 buffer when it can."""
+    scaled = image_chunk * scale.to(image_chunk.dtype) if image_chunk.dtype == out.dtype else image_chunk
+    if scaled.dtype == out.dtype:
+        return torch.mm(scaled, text.t(), out=out)
+    out.copy_(torch.mm(scaled, text.t()))  # low-precision GEMM on accelerators: scale in fp32 after
+    return out.mul_(scale)
 
 
 def positive_entries(start: int, stop: int, n_cols: int, positive_offset: int, device) -> tuple:
@@ -33,9 +54,17 @@ def positive_entries(start: int, stop: int, n_cols: int, positive_offset: int, d
     return rows[valid] - start, cols[valid]
 
 
-def add_scaled_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """out += left @ right, accumulating in out's dtype even when the GEMM runs in a lower precision."""
     if left.dtype == out.dtype:
         out.addmm_(left, right)
     else:
         out.add_(torch.mm(left, right).to(out.dtype))
+
+
+def uniform_value(row_coef: torch.Tensor, col_coef: torch.Tensor):
+    """The common value when every row and column coefficient is the same (the "mean"/"sum" case), else None."""
+    first = row_coef[:1]
+    if bool((row_coef == first).all()) and bool((col_coef == first).all()):
+        return first
+    return None

@@ -39,10 +39,12 @@ class ClipLossFunction(torch.autograd.Function):
             image, image_norms = normalize_rows(image)
             text, text_norms = normalize_rows(text)
         scale_value = scale.detach().reshape(()).float()
-        bias_value = bias.detach().reshape(()).float()
+        # A shared bias cancels exactly in both cross-entropies, so it never enters the computation
+        # (adding and removing it would only cost fp32 rounding on large logits).
+        bias_value = torch.zeros((), device=image.device)
         row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
         accumulate = row_lse.dtype
-        diagonal = (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale_value + bias_value
+        diagonal = (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale_value
         per_pair = 0.5 * ((row_lse - diagonal) + (col_lse - diagonal))
         ctx.save_for_backward(image, text, scale_value, bias_value, row_lse, col_lse, image_norms, text_norms)
         ctx.backend, ctx.normalize, ctx.reduction, ctx.deterministic = backend, normalize, reduction, deterministic

@@ -15,61 +15,78 @@ Equivalent plain PyTorch (materialises S, which this file never does)::
     S = scale * image @ text.T + bias
     row_lse, col_lse = S.logsumexp(1), S.logsumexp(0)
 
-``deterministic`` is part of every backend's signature; this backend is always bitwise repeatable.
-Rows are walked in chunks sized by ``fastclip.ops.workspace`` (two chunk x n fp32 buffers), so memory
-stays O(chunk * n + (b + n) * D). Column statistics are merged across chunks online (max, sum-exp).
+A shared bias shifts every logit equally, so it only adds to the log-sum-exps and cancels in P and Q:
+the chunks work on scale * x alone. Rows are walked in chunks sized by ``fastclip.ops.workspace``
+(two reusable chunk x n fp32 buffers), so memory stays O(chunk * n + (b + n) * D).
+
+Forward column statistics reuse the row pass: with P'_ij = exp(S_ij - m_i) (m_i the row max) and
+M the chunk max, sum_i exp(S_ij - M) = sum_i exp(m_i - M) P'_ij is one GEMV. Where that sum falls
+below 1e-30 (a column far below the chunk max, where fp32 would lose digits) the column is redone
+exactly with its own max. ``deterministic`` is part of every backend's signature; this backend is
+always bitwise repeatable.
 """
 from __future__ import annotations
 
 import torch
 
-from fastclip.ops.chunking import (accumulate_dtype, add_scaled_product, chunk_logits, gemm_dtype,
-                                   positive_entries)
-from fastclip.ops.workspace import rows_per_chunk
+from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, add_product, gemm_dtype, positive_entries,
+                                   scaled_logits_into, uniform_value)
+
+TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
+
+
+def _exact_column_stats(logits: torch.Tensor, columns: torch.Tensor, with_expectations: bool):
+    """(lse, weighted sum of logits / sum) of the given columns, each shifted by its own max."""
+    block = logits[:, columns]
+    block_max = block.amax(dim=0)
+    weights = (block - block_max).exp_()
+    total = weights.sum(dim=0)
+    weighted = (weights * block).sum(dim=0) / total if with_expectations else None
+    return block_max + total.log(), weighted
 
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_torch", mutates_args=())
 def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  with_expectations: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  with_expectations: bool, deterministic: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
-    text_gemm = text.to(gemm_dtype(text))
-    image_gemm = image.to(gemm_dtype(image))
+    image_gemm, text_gemm = image.to(gemm_dtype(image)), text.to(gemm_dtype(text))
     options = dict(dtype=accumulate, device=image.device)
     row_lse = torch.empty(n_rows, **options)
     row_expect = torch.empty(n_rows if with_expectations else 0, **options)
-    col_max = torch.full((n_cols,), float("-inf"), **options)
-    col_sum = torch.zeros(n_cols, **options)
-    col_weighted = torch.zeros(n_cols if with_expectations else 0, **options)
-    chunk = rows_per_chunk(n_rows, n_cols, buffers=2, bytes_per_element=row_lse.element_size())
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        logits = chunk_logits(image_gemm[start:stop], text_gemm, scale, bias, accumulate)
-        # Row statistics: one exp pass shifted by the row max.
-        row_max = logits.amax(dim=1, keepdim=True)
-        weights = torch.sub(logits, row_max).exp_()
+    col_lse = torch.full((n_cols,), float("-inf"), **options)
+    col_expect = torch.zeros(n_cols if with_expectations else 0, **options)
+    buffers = ChunkBuffers(n_rows, n_cols, 2, accumulate, image.device)
+    for start, stop, (logits, weights) in buffers.ranges():
+        scaled_logits_into(logits, image_gemm[start:stop], text_gemm, scale)  # scale * x, no bias
+        row_max = logits.amax(dim=1)
+        torch.sub(logits, row_max[:, None], out=weights).exp_()  # P' = exp(S - m_i)
         row_sum = weights.sum(dim=1)
-        row_lse[start:stop] = row_max.squeeze(1) + row_sum.log()
+        row_lse[start:stop] = row_max + row_sum.log()
+        chunk_max = row_max.max()
+        row_factor = (row_max - chunk_max).exp()
+        chunk_sum = torch.mv(weights.t(), row_factor)  # sum_i exp(S_ij - M), one GEMV
+        chunk_lse = chunk_max + chunk_sum.log()
+        chunk_weighted = None
         if with_expectations:
-            row_expect[start:stop] = weights.mul_(logits).sum(dim=1) / row_sum
-        # Column statistics of this chunk, shifted by the chunk's column max, then merged online.
-        chunk_max = logits.amax(dim=0)
-        torch.sub(logits, chunk_max, out=weights).exp_()
-        chunk_sum = weights.sum(dim=0)
-        new_max = torch.maximum(col_max, chunk_max)
-        old_factor, chunk_factor = (col_max - new_max).exp(), (chunk_max - new_max).exp()
-        col_sum = col_sum * old_factor + chunk_sum * chunk_factor
-        if with_expectations:
-            col_weighted = col_weighted * old_factor + weights.mul_(logits).sum(dim=0) * chunk_factor
-        col_max = new_max
-    col_lse = col_max + col_sum.log()
-    if with_expectations:  # expectations of S -> expectations of x = (S - bias) / scale
-        row_expect = (row_expect - bias) / scale
-        col_expect = (col_weighted / col_sum - bias) / scale
-    else:
-        col_expect = col_weighted
-    return row_lse, col_lse, row_expect, col_expect
+            weights.mul_(logits)  # P' * S
+            row_expect[start:stop] = weights.sum(dim=1) / row_sum
+            chunk_weighted = torch.mv(weights.t(), row_factor) / chunk_sum
+        lost = (chunk_sum < TINY_COLUMN_SUM).nonzero().squeeze(1)
+        if lost.numel():
+            exact_lse, exact_weighted = _exact_column_stats(logits, lost, with_expectations)
+            chunk_lse[lost] = exact_lse
+            if with_expectations:
+                chunk_weighted[lost] = exact_weighted
+        merged = torch.logaddexp(col_lse, chunk_lse)
+        if with_expectations:  # running mean of S under the column softmax, re-weighted by mass
+            col_expect = col_expect * (col_lse - merged).exp() + chunk_weighted * (chunk_lse - merged).exp()
+        col_lse = merged
+    if with_expectations:  # expectations of scale * x -> of x
+        row_expect, col_expect = row_expect / scale, col_expect / scale
+    return row_lse + bias, col_lse + bias, row_expect, col_expect
 
 
 @clip_loss_fwd.register_fake
@@ -89,21 +106,33 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
     image_gemm, text_gemm = image.to(gemm_dtype(image)), text.to(gemm_dtype(text))
+    row_shift, col_shift = (row_lse - bias)[:, None], (col_lse - bias)[None, :]  # the chunks carry no bias
+    row_coef, col_coef = row_coef.to(accumulate), col_coef.to(accumulate)
+    # With one coefficient everywhere (reduction mean/sum), G = coef * (P + Q - 2[pos]) and the
+    # coefficient moves onto the (b + n) x D outputs: two fewer passes over each chunk.
+    common = uniform_value(row_coef, col_coef)
     grad_image = torch.empty(image.shape, dtype=accumulate, device=image.device)
     grad_text = torch.zeros(text.shape, dtype=accumulate, device=image.device)
-    chunk = rows_per_chunk(n_rows, n_cols, buffers=2, bytes_per_element=grad_image.element_size())
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        logits = chunk_logits(image_gemm[start:stop], text_gemm, scale, bias, accumulate)
-        # G = row_coef * P + col_coef * Q, the column part built in place in the logits buffer.
-        grad_logits = torch.sub(logits, row_lse[start:stop, None]).exp_().mul_(row_coef[start:stop, None])
-        grad_logits.add_(logits.sub_(col_lse).exp_().mul_(col_coef))
-        del logits
+    buffers = ChunkBuffers(n_rows, n_cols, 2, accumulate, image.device)
+    for start, stop, (logits, grad_logits) in buffers.ranges():
+        scaled_logits_into(logits, image_gemm[start:stop], text_gemm, scale)
+        torch.sub(logits, row_shift[start:stop], out=grad_logits).exp_()  # P
+        logits.sub_(col_shift).exp_()  # Q, in place of the logits
         rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
-        grad_logits[rows, cols] -= row_coef[rows + start] + col_coef[cols]
-        grad_gemm = grad_logits.to(image_gemm.dtype)
-        grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
-        add_scaled_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+        if common is None:
+            grad_logits.mul_(row_coef[start:stop, None]).add_(logits.mul_(col_coef[None, :]))
+            grad_logits[rows, cols] -= row_coef[rows + start] + col_coef[cols]
+        else:
+            grad_logits.add_(logits)
+            grad_logits[rows, cols] -= 2.0
+        grad_gemm = grad_logits if grad_logits.dtype == image_gemm.dtype else grad_logits.to(image_gemm.dtype)
+        if grad_gemm.dtype == accumulate:
+            torch.mm(grad_gemm, text_gemm, out=grad_image[start:stop])
+        else:
+            grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
+        add_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+    if common is not None:
+        scale = scale * common
     return grad_image.mul_(scale), grad_text.mul_(scale)
 
 
