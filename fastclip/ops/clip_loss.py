@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.backends import LossBackend
+from fastclip.ops.chunking import accumulate_dtype
 from fastclip.ops.normalize import normalize_rows, normalize_rows_backward
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -38,10 +39,10 @@ class ClipLossFunction(torch.autograd.Function):
         if normalize:
             image, image_norms = normalize_rows(image)
             text, text_norms = normalize_rows(text)
-        scale_value = scale.detach().reshape(()).float()
+        scale_value = scale.detach().reshape(()).to(accumulate_dtype(image))
         # A shared bias cancels exactly in both cross-entropies, so it never enters the computation
         # (adding and removing it would only cost fp32 rounding on large logits).
-        bias_value = torch.zeros((), device=image.device)
+        bias_value = torch.zeros((), dtype=scale_value.dtype, device=image.device)
         row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
         accumulate = row_lse.dtype
         diagonal = (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale_value

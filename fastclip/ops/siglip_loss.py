@@ -17,14 +17,15 @@ from __future__ import annotations
 import torch
 
 from fastclip.backends import LossBackend
+from fastclip.ops.chunking import accumulate_dtype
 
 
 class SigLipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, bias, backend: LossBackend, deterministic: bool = False):
         op = backend.op("siglip_loss")
-        scale_value = scale.detach().reshape(()).float()
-        bias_value = bias.detach().reshape(()).float()
+        scale_value = scale.detach().reshape(()).to(accumulate_dtype(image))
+        bias_value = bias.detach().reshape(()).to(accumulate_dtype(image))
         loss_sum = op.siglip_loss_fwd(image, text, scale_value, bias_value, 0, deterministic)
         ctx.save_for_backward(image, text, scale_value, bias_value)
         ctx.backend, ctx.deterministic = backend, deterministic
@@ -35,7 +36,7 @@ class SigLipLossFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         image, text, scale_value, bias_value = ctx.saved_tensors
         op = ctx.backend.op("siglip_loss")
-        grad_coef = grad_output.reshape(()).float() / image.shape[0]
+        grad_coef = grad_output.reshape(()).to(accumulate_dtype(image)) / image.shape[0]
         grad_image, grad_text, grad_bias = op.siglip_loss_bwd(image, text, scale_value, bias_value, 0, grad_coef,
                                                                  ctx.deterministic)
         grad_scale = None
