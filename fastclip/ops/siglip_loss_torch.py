@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastclip.ops.chunking import (accumulate_dtype, add_scaled_product, chunk_logits, gemm_dtype,
-                                   positive_entries)
-from fastclip.ops.workspace import rows_per_chunk
+from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, add_product, gemm_dtype, positive_entries,
+                                   scaled_logits_into)
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd_torch", mutates_args=())
@@ -32,13 +31,12 @@ def siglip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     scale, bias = scale.to(accumulate), bias.to(accumulate)
     image_gemm, text_gemm = image.to(gemm_dtype(image)), text.to(gemm_dtype(text))
     total = torch.zeros((), dtype=accumulate, device=image.device)
-    chunk = rows_per_chunk(n_rows, n_cols, buffers=2, bytes_per_element=total.element_size())
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        logits = chunk_logits(image_gemm[start:stop], text_gemm, scale, bias, accumulate)
+    buffers = ChunkBuffers(n_rows, n_cols, 2, accumulate, image.device)
+    for start, stop, (logits, losses) in buffers.ranges():
+        scaled_logits_into(logits, image_gemm[start:stop], text_gemm, scale).add_(bias)
         rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
         logits[rows, cols] = logits[rows, cols].neg()  # softplus(-y S): negate S on the positives
-        total += F.softplus(logits).sum()
+        total += torch._C._nn.softplus(logits, 1, 20, out=losses).sum()
     return total
 
 
@@ -58,19 +56,22 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     grad_image = torch.empty(image.shape, dtype=accumulate, device=image.device)
     grad_text = torch.zeros(text.shape, dtype=accumulate, device=image.device)
     grad_bias = torch.zeros((), dtype=accumulate, device=image.device)
-    chunk = rows_per_chunk(n_rows, n_cols, buffers=2, bytes_per_element=grad_image.element_size())
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        grad_logits = chunk_logits(image_gemm[start:stop], text_gemm, scale, bias, accumulate)
+    buffers = ChunkBuffers(n_rows, n_cols, 1, accumulate, image.device)
+    for start, stop, (grad_logits,) in buffers.ranges():
+        scaled_logits_into(grad_logits, image_gemm[start:stop], text_gemm, scale).add_(bias)
         rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
         positive_logits = grad_logits[rows, cols]
         grad_logits.sigmoid_()
-        grad_logits[rows, cols] = -torch.sigmoid(-positive_logits)
-        grad_logits.mul_(grad_coef)
+        grad_logits[rows, cols] = -torch.sigmoid(-positive_logits)  # sigmoid(S) - 1, without cancellation
         grad_bias += grad_logits.sum()
-        grad_gemm = grad_logits.to(image_gemm.dtype)
-        grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
-        add_scaled_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+        grad_gemm = grad_logits if grad_logits.dtype == image_gemm.dtype else grad_logits.to(image_gemm.dtype)
+        if grad_gemm.dtype == accumulate:
+            torch.mm(grad_gemm, text_gemm, out=grad_image[start:stop])
+        else:
+            grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
+        add_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+    scale = scale * grad_coef  # G = grad_coef * (sigmoid(S) - [pos]): the coefficient goes on the outputs
+    grad_bias = grad_bias * grad_coef
     return grad_image.mul_(scale), grad_text.mul_(scale), grad_bias
 
 
