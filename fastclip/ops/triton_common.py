@@ -1,0 +1,156 @@
+"""Launch plumbing shared by the Triton loss launchers (clip_loss_triton.py, siglip_loss_triton.py).
+
+Settings, all read at call time (no process-wide toggles, nothing queried at import):
+    FASTCLIP_FP32_PRECISION = tf32 (default) | ieee   how the kernels' dots treat fp32 inputs: TF32
+        tensor cores (10-bit mantissa products, ~8x faster) or exact fp32 FMA. The backward cuBLAS
+        GEMMs follow torch.backends.cuda.matmul.allow_tf32 as every torch matmul does.
+    FASTCLIP_AUTOTUNE = 1    time every tile config declared for this GPU's architecture (sm80/sm90
+        lists in kernels/clip_loss.py) once per shape and keep the fastest; otherwise the first
+        (default) config of the list is used with no timing.
+    FASTCLIP_WORKSPACE_MB    the bound of the transient workspaces (fastclip.ops.workspace).
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors with the "interpreter" tile config.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from fastclip.backends import triton_interpret_mode
+from fastclip.ops.workspace import workspace_bytes
+
+FP32_PRECISION_ENV = "FASTCLIP_FP32_PRECISION"
+AUTOTUNE_ENV = "FASTCLIP_AUTOTUNE"
+MAX_WORKSPACE_ELEMENTS = 2**31 - 1  # kernels index one workspace with 32-bit offsets
+_TUNED_CONFIGS: dict = {}
+
+
+def allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised buffer for a kernel to fill (every output and workspace goes through here).
+
+    Tests replace this function with a NaN-filled allocator to prove every element is written.
+    """
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' ``input_precision`` for tl.dot: FASTCLIP_FP32_PRECISION for fp32, else the default."""
+    if dtype != torch.float32:
+        return "tf32"  # only fp32 operands are affected; 16-bit dots are always exact products
+    raw = os.environ.get(FP32_PRECISION_ENV, "tf32").strip().lower() or "tf32"
+    if raw not in ("tf32", "ieee"):
+        raise ValueError(f"{FP32_PRECISION_ENV}={raw!r} is not a choice: set it to 'tf32' (fast, default) "
+                         "or 'ieee' (exact fp32 products)")
+    return raw
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The CPU interpreter cannot multiply bf16 blocks: the kernels then upcast them to fp32 first."""
+    return triton_interpret_mode() and dtype == torch.bfloat16
+
+
+def architecture(device: torch.device) -> str:
+    """Key of the tile config lists: "sm90" (Hopper and newer), "sm80" (Ampere/Ada), "interpreter"."""
+    if device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def block_d(config, dim: int) -> int:
+    """The D slice: the config's, shrunk to the next power of two of a small D (>= 16 for tl.dot)."""
+    return min(config.block_d, max(16, triton_next_power_of_2(dim)))
+
+
+def triton_next_power_of_2(value: int) -> int:
+    return 1 << max(0, (int(value) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def column_splits(n_row_blocks: int, n_cols: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(n_splits, cols_per_split) so that row blocks x splits fills the GPU about twice over.
+
+    A rank's few local rows against the global columns would otherwise leave most SMs idle. In the
+    interpreter two splits exercise the row-partial merge.
+    """
+    col_tiles = cdiv(n_cols, block_n)
+    target = 2 if device.type != "cuda" else 2 * _multiprocessors(device.index or 0)
+    splits = min(col_tiles, max(1, cdiv(target, n_row_blocks)))
+    cols_per_split = cdiv(col_tiles, splits) * block_n
+    return cdiv(n_cols, cols_per_split), cols_per_split
+
+
+def row_chunk(n_rows: int, block_m: int, bytes_per_block: int, elements_per_block: int) -> int:
+    """Rows per chunk: the most whole row blocks whose workspace (``bytes_per_block`` and
+    ``elements_per_block`` per block of block_m rows) fits workspace_bytes(); at least one block."""
+    blocks = min(workspace_bytes() // max(1, bytes_per_block), MAX_WORKSPACE_ELEMENTS // max(1, elements_per_block))
+    return min(n_rows, max(1, blocks) * block_m)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0").strip() not in ("", "0")
+
+
+def choose_config(name: str, configs_by_arch: dict, device: torch.device, shape_key: tuple, launch):
+    """The tile config for this call: the architecture's default, or with FASTCLIP_AUTOTUNE=1 the
+    fastest of its list, timed once per (op, device, shape_key) by running ``launch(config)``."""
+    configs = configs_by_arch[architecture(device)]
+    if device.type != "cuda" or not autotune_enabled() or len(configs) == 1:
+        return configs[0]
+    key = (name, device.index, shape_key)
+    if key not in _TUNED_CONFIGS:
+        from triton.testing import do_bench
+
+        timings = []
+        for config in configs:
+            try:
+                timings.append((do_bench(lambda: launch(config), warmup=5, rep=20), config))
+            except Exception as error:  # e.g. out of shared memory on a smaller sm8x part
+                if "resources" not in str(error).lower() and "shared memory" not in str(error).lower():
+                    raise
+        _TUNED_CONFIGS[key] = min(timings, key=lambda pair: pair[0])[1]
+    return _TUNED_CONFIGS[key]
+
+
+def gemm_operand(tensor: torch.Tensor) -> torch.Tensor:
+    """Backward GEMM operand: the input dtype on GPUs (tensor cores), fp32 on CPU (exact and fast)."""
+    return tensor.float() if tensor.device.type == "cpu" else tensor
+
+
+def _has_mm_out_dtype() -> bool:
+    return hasattr(torch.ops.aten.mm, "dtype")
+
+
+def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right as fp32, accumulated in fp32 (cuBLAS out_dtype for fp16/bf16 when torch has it)."""
+    if left.dtype == torch.float32:
+        return torch.mm(left, right)
+    if left.device.type == "cuda" and _has_mm_out_dtype():
+        return torch.mm(left, right, out_dtype=torch.float32)
+    return torch.mm(left, right).float()
+
+
+def grad_products(grad_logits: torch.Tensor, image_rows: torch.Tensor, text: torch.Tensor,
+                  grad_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G @ text, grad_text + G.T @ image_rows), both fp32; grad_text=None starts the sum.
+
+    grad_logits: (rows, n) G chunk; image_rows: (rows, D) and text: (n, D) are GEMM operands
+    (gemm_operand). grad_text is updated in place when given.
+    """
+    if grad_logits.dtype != text.dtype:
+        grad_logits = grad_logits.to(text.dtype)
+    grad_image_rows = matmul_fp32(grad_logits, text)
+    if grad_text is None:
+        return grad_image_rows, matmul_fp32(grad_logits.t(), image_rows)
+    if grad_logits.dtype == torch.float32:
+        return grad_image_rows, grad_text.addmm_(grad_logits.t(), image_rows)
+    return grad_image_rows, grad_text.add_(matmul_fp32(grad_logits.t(), image_rows))

@@ -1,0 +1,160 @@
+"""Triton kernels of the CLIP loss: bidirectional log-sum-exp forward, semi-fused backward.
+
+    _clip_loss_fwd_kernel   one pass over S = scale * I @ T.T + bias -> row and column softmax partials
+    _clip_loss_bwd_kernel   G = dL/dS for a row chunk, written (rescaled) in the input dtype
+    _lse_merge_kernel       (kernels/common.py) merges the partials into row_lse / col_lse
+
+The launchers (fastclip/ops/clip_loss_triton.py) chain them; the two backward GEMMs dI = s G T and
+dT = s G^T I run on cuBLAS from the G workspace. Why semi-fused (shared/DESIGN.md "Known
+approaches"): a fully fused backward must merge dI/dT tiles of D = 512-1280 columns with atomics,
+about 2 (B/BLOCK_M) B D fp32 writes (~137 GB at B = 65k, D = 512), more than the GEMMs; writing G once
+in bf16 and reading it twice costs ~6 bytes per S element and is bitwise deterministic.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import MERGE_BLOCK, TileConfig, _lse_merge_kernel, _similarity_tile  # noqa: F401
+
+# Tile configurations, default first. 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
+# thread at 8 warps, leaving room for the two exp2 tiles (row and column softmax); BLOCK_D = 64 on
+# sm90 (228 KB shared memory) and 32 on the sm80 family (sm86/89 have ~100 KB) with 3-4 stages keeps
+# the D loop fed. The interpreter config is large: its cost is per tile op, not per element.
+# FASTCLIP_AUTOTUNE=1 times every config of the GPU's list once per shape and keeps the fastest.
+CLIP_FWD_CONFIGS = {
+    "sm90": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), TileConfig(64, 128, 64, 4, 4),
+             TileConfig(128, 128, 32, 8, 4), TileConfig(64, 64, 64, 4, 3)),
+    "sm80": (TileConfig(128, 128, 32, 8, 4), TileConfig(128, 64, 32, 4, 4), TileConfig(64, 128, 32, 4, 4),
+             TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 3)),
+    "interpreter": (TileConfig(64, 64, 128, 4, 1),),
+}
+# The backward tile does one dot per D slice and two exp2 + a store per element, like the forward.
+CLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
+
+
+@triton.heuristics({"EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0})
+@triton.jit
+def _clip_loss_fwd_kernel(
+        image_ptr, text_ptr, scale_ptr, bias_ptr,
+        row_max_ptr, row_sum_ptr, row_wsum_ptr,
+        col_max_ptr, col_sum_ptr, col_wsum_ptr,
+        n_rows, n_cols, dim, cols_per_split,
+        stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+        HAS_EXPECTATIONS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Row and column softmax statistics of S from ONE computation of each tile.
+
+    Math, in base 2 (t = S log2 e, S = scale * x + bias, x = I_i . T_j):
+      rows:    online over the program's column tiles, m_i = max_j t_ij, l_i = sum_j 2^(t_ij - m_i),
+               w_i = sum_j 2^(t_ij - m_i) x_ij (only with HAS_EXPECTATIONS);
+      columns: per tile, c_j = max_i t_ij, s_j = sum_i 2^(t_ij - c_j), v_j = sum_i 2^(t_ij - c_j) x_ij.
+    Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits). Program (pid_m, pid_s) owns BLOCK_M rows and the
+    columns [pid_s * cols_per_split, +cols_per_split), walked in BLOCK_N tiles; each tile's x is one
+    D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
+    is small (a rank's local rows against the global columns).
+    Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays and column partials at
+    [pid_m, col] of (cdiv(n_rows, BLOCK_M), n_cols) arrays; _lse_merge_kernel reduces both in a fixed
+    order, so the result is bitwise repeatable. Nothing B x B is written.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < n_rows
+    scale_log2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    row_wsum = tl.zeros((BLOCK_M,), tl.float32)
+    col_begin = pid_s * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    col_partial_base = pid_m.to(tl.int64) * n_cols
+    for col_start in range(col_begin, col_end, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_valid = cols < n_cols
+        x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
+                             stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
+        t = x * scale_log2 + bias_log2
+        t = tl.where(row_valid[:, None] & col_valid[None, :], t, float("-inf"))
+
+        # Rows: online softmax over this program's column tiles.
+        new_max = tl.maximum(row_max, tl.max(t, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # padded rows stay at 0, not NaN
+        p = tl.exp2(t - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        if HAS_EXPECTATIONS:
+            row_wsum = row_wsum * rescale + tl.sum(p * x, axis=1)
+        row_max = new_max
+
+        # Columns: this tile's partial, shifted by its own column max.
+        tile_col_max = tl.max(t, axis=0)
+        safe_col_max = tl.where(tile_col_max == float("-inf"), 0.0, tile_col_max)
+        q = tl.exp2(t - safe_col_max[None, :])
+        col_offsets = col_partial_base + cols
+        tl.store(col_max_ptr + col_offsets, tile_col_max, mask=col_valid)
+        tl.store(col_sum_ptr + col_offsets, tl.sum(q, axis=0), mask=col_valid)
+        if HAS_EXPECTATIONS:
+            tl.store(col_wsum_ptr + col_offsets, tl.sum(q * x, axis=0), mask=col_valid)
+
+    row_offsets = pid_s.to(tl.int64) * n_rows + rows
+    tl.store(row_max_ptr + row_offsets, row_max, mask=row_valid)
+    tl.store(row_sum_ptr + row_offsets, row_sum, mask=row_valid)
+    if HAS_EXPECTATIONS:
+        tl.store(row_wsum_ptr + row_offsets, row_wsum, mask=row_valid)
+
+
+@triton.heuristics({
+    "EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0,
+    "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
+    and args["positive_offset"] + args["n_rows"] > 0,
+})
+@triton.jit
+def _clip_loss_bwd_kernel(
+        image_ptr, text_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr,
+        grad_multiplier_ptr, grad_logits_ptr,
+        n_rows, n_cols, dim, positive_offset,
+        stride_image_row, stride_image_dim, stride_text_row, stride_text_dim, stride_grad_row,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_POSITIVES: tl.constexpr):
+    """G = dL/dS for a chunk of rows against all columns, times a storage multiplier.
+
+    Math: with P = exp(S - row_lse) (row softmax), Q = exp(S - col_lse) (column softmax) and the
+    positives j = i + positive_offset,
+        G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]),
+    stored as G * grad_multiplier in grad_logits' dtype (the input dtype). The multiplier (set by the
+    launcher: 1 / max|coef|, times 2^8 for fp16) keeps G in the normal range of fp16/bf16 even when
+    the coefficients are ~1/B; the GEMMs' result is scaled back by scale / multiplier.
+    Tiling: grid (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N)), one S tile per program, D looped.
+    Saved: nothing; G is a transient workspace of at most FASTCLIP_WORKSPACE_MB, consumed by two
+    cuBLAS GEMMs (grad_image rows = G @ T, grad_text += G.T @ I_rows) before the next chunk.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < n_rows
+    col_valid = cols < n_cols
+    scale_log2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    multiplier = tl.load(grad_multiplier_ptr).to(tl.float32)
+
+    x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
+                         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
+    t = x * scale_log2 + bias_log2
+    row_lse_log2 = tl.load(row_lse_ptr + rows, mask=row_valid, other=0.0) * 1.4426950408889634
+    col_lse_log2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
+    row_coef = tl.load(row_coef_ptr + rows, mask=row_valid, other=0.0) * multiplier
+    col_coef = tl.load(col_coef_ptr + cols, mask=col_valid, other=0.0) * multiplier
+    p = tl.exp2(t - row_lse_log2[:, None])
+    q = tl.exp2(t - col_lse_log2[None, :])
+    g = row_coef[:, None] * p + col_coef[None, :] * q
+    if HAS_POSITIVES:
+        positive = cols[None, :] == rows[:, None] + positive_offset
+        g = tl.where(positive, g - (row_coef[:, None] + col_coef[None, :]), g)
+    out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
+    tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])

@@ -1,0 +1,113 @@
+"""Triton kernels of the SigLIP loss: fused forward sum, semi-fused backward.
+
+    _siglip_loss_fwd_kernel   sum_ij softplus(-y_ij S_ij) per program, S = scale * I @ T.T + bias
+    _siglip_loss_bwd_kernel   G = sigmoid(S) - [pos] for a row chunk (rescaled, input dtype) + sum G
+
+The launchers (fastclip/ops/siglip_loss_triton.py) sum the per-program partials in a fixed order
+and run the two backward GEMMs (dI = c s G T, dT = c s G^T I) on cuBLAS from the G workspace, for the
+same reasons as the CLIP backward (see kernels/clip_loss.py).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .clip_loss import CLIP_FWD_CONFIGS
+from .common import _log1p, _similarity_tile
+
+# One exp2 + one log per element (forward) and one exp2 (backward): lighter than the CLIP tile, so
+# the same tile shapes are GEMM-bound too. Declared per architecture like the CLIP configs.
+SIGLIP_FWD_CONFIGS = CLIP_FWD_CONFIGS
+SIGLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
+
+
+@triton.heuristics({
+    "EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0,
+    "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
+    and args["positive_offset"] + args["n_rows"] > 0,
+})
+@triton.jit
+def _siglip_loss_fwd_kernel(
+        image_ptr, text_ptr, scale_ptr, bias_ptr, partial_ptr,
+        n_rows, n_cols, dim, positive_offset, cols_per_split,
+        stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_POSITIVES: tl.constexpr):
+    """Partial sums of softplus(-y S) = -log sigmoid(y S), y = +1 on j = i + positive_offset else -1.
+
+    Math: z = -y S; softplus(z) = max(z, 0) + log1p(exp(-|z|)), exact for large |z| of either sign.
+    Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits); program (pid_m, pid_s) walks the columns
+    [pid_s * cols_per_split, +cols_per_split) in BLOCK_N tiles, accumulating element-wise in an fp32
+    tile and reducing it once at the end.
+    Saved: one fp32 partial per program at partial[pid_m * n_splits + pid_s]; the launcher sums them
+    in a fixed order (bitwise repeatable).
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < n_rows
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    col_begin = pid_s * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    for col_start in range(col_begin, col_end, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_valid = cols < n_cols
+        x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
+                             stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
+        z = x * scale + bias
+        if HAS_POSITIVES:
+            z = tl.where(cols[None, :] == rows[:, None] + positive_offset, -z, z)
+        softplus = tl.maximum(z, 0.0) + _log1p(tl.exp2(-tl.abs(z) * 1.4426950408889634))
+        total += tl.where(row_valid[:, None] & col_valid[None, :], softplus, 0.0)
+    tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_s, tl.sum(tl.sum(total, axis=1), axis=0))
+
+
+@triton.heuristics({
+    "EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0,
+    "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
+    and args["positive_offset"] + args["n_rows"] > 0,
+})
+@triton.jit
+def _siglip_loss_bwd_kernel(
+        image_ptr, text_ptr, scale_ptr, bias_ptr, grad_multiplier_ptr, grad_logits_ptr, bias_partial_ptr,
+        n_rows, n_cols, dim, positive_offset,
+        stride_image_row, stride_image_dim, stride_text_row, stride_text_dim, stride_grad_row,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_POSITIVES: tl.constexpr):
+    """G = sigmoid(S) - [pos] for a chunk of rows (= d softplus(-y S) / dS), and its per-tile sums.
+
+    Math: negatives G = sigmoid(S); positives G = -sigmoid(-S) (never 1 - sigmoid(S), which cancels).
+    Stored as G * grad_multiplier in grad_logits' dtype (2^8 for fp16 lifts sigmoid(-10) ~ 4.5e-5
+    out of fp16's subnormals, 1 otherwise); the launcher scales the GEMMs by grad_coef * scale /
+    multiplier. Tiling: grid (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N)), one S tile per program.
+    Saved: nothing; the fp32 tile sums of G go to bias_partial[pid_m * n_col_tiles + pid_n] for
+    d logit_bias, summed by the launcher in a fixed order.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < n_rows
+    col_valid = cols < n_cols
+    valid = row_valid[:, None] & col_valid[None, :]
+    scale_log2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    multiplier = tl.load(grad_multiplier_ptr).to(tl.float32)
+
+    x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
+                         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
+    t = x * scale_log2 + bias_log2
+    g = 1.0 / (1.0 + tl.exp2(-t))
+    if HAS_POSITIVES:
+        positive = cols[None, :] == rows[:, None] + positive_offset
+        g = tl.where(positive, -1.0 / (1.0 + tl.exp2(t)), g)
+    g = tl.where(valid, g, 0.0)
+    tl.store(bias_partial_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g, axis=1), axis=0))
+    out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
+    tl.store(out, (g * multiplier).to(grad_logits_ptr.dtype.element_ty), mask=valid)
