@@ -76,16 +76,24 @@ def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_checks(inputs: LossInputs) -> list[str]:
+@torch.compiler.assume_constant_result
+def _triton_install_reasons() -> tuple:
+    """Why this install cannot run the Triton kernels (empty when it can). Fixed for the process, so
+    torch.compile runs it once at trace time instead of breaking the graph on the imports."""
     try:
         importlib.import_module("triton")
     except ImportError:
-        return ["triton is not installed: pip install triton (Linux x86_64/aarch64)"]
+        return ("triton is not installed: pip install triton (Linux x86_64/aarch64)",)
     if importlib.util.find_spec("fastclip.kernels.clip_loss") is None:
-        return ["this fastclip build has no Triton kernels (kernels/clip_loss.py)"]
-    if inputs.device.type == "cpu" and not triton_interpret_mode():
-        return ["runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 before importing triton"]
-    return []
+        return ("this fastclip build has no Triton kernels (kernels/clip_loss.py)",)
+    return ()
+
+
+def _triton_checks(inputs: LossInputs) -> list[str]:
+    reasons = list(_triton_install_reasons())
+    if not reasons and inputs.device.type == "cpu" and not triton_interpret_mode():
+        reasons.append("runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 before importing triton")
+    return reasons
 
 
 def _cuda_extension_checks(inputs: LossInputs) -> list[str]:
