@@ -5,8 +5,8 @@
     _log1p                log(1 + u) accurate for tiny u (no libdevice, so it also runs in the interpreter)
     TileConfig            one launch configuration (block sizes, warps, pipeline stages)
 
-Every statistic is kept in base 2 (t = S * log2(e)) so the kernels use exp2/log2, the fast hardware
-units; the launchers convert log-sum-exps back to natural units.
+Statistics stay in natural units: logits minus their max are formed before any exponential, so
+rounding is relative to that small difference (tl.exp maps to the hardware exp2 unit anyway).
 """
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from dataclasses import dataclass
 
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -83,10 +79,10 @@ def _lse_merge_kernel(part_max_ptr, part_sum_ptr, part_wsum_ptr, n_parts, length
                       BLOCK: tl.constexpr):
     """Merge n_parts partial softmax statistics per index, in a fixed order (bitwise repeatable).
 
-    Math (base 2): part k holds (m_k, l_k = sum 2^(t - m_k), w_k = sum 2^(t - m_k) x). The merge is
-    m = max_k m_k, l = sum_k l_k 2^(m_k - m), w likewise. Tiling: one program per BLOCK indices, a
+    Math: part k holds (m_k, l_k = sum exp(S - m_k), w_k = sum exp(S - m_k) x). The merge is
+    m = max_k m_k, l = sum_k l_k exp(m_k - m), w likewise. Tiling: one program per BLOCK indices, a
     sequential loop over the parts (stride_part apart). With HAS_RUNNING the running state
-    (run_max/run_sum/run_wsum) is merged first; FINALIZE writes lse = (m + log2 l) ln 2 and, with
+    (run_max/run_sum/run_wsum) is merged first; FINALIZE writes lse = m + log l and, with
     HAS_EXPECTATIONS, expect = w / l, else the merged state goes back to the running arrays.
     """
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -105,16 +101,16 @@ def _lse_merge_kernel(part_max_ptr, part_sum_ptr, part_wsum_ptr, n_parts, length
         part_sum = tl.load(part_sum_ptr + part, mask=valid, other=0.0)
         new_max = tl.maximum(m, part_max)
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        old_factor = tl.exp2(m - safe_max)
-        part_factor = tl.exp2(part_max - safe_max)
+        old_factor = tl.exp(m - safe_max)
+        part_factor = tl.exp(part_max - safe_max)
         l = l * old_factor + part_sum * part_factor
         if HAS_EXPECTATIONS:
             part_wsum = tl.load(part_wsum_ptr + part, mask=valid, other=0.0)
             w = w * old_factor + part_wsum * part_factor
         m = new_max
     if FINALIZE:
-        l = tl.where(valid, l, 1.0)  # padded lanes: no log2(0)
-        tl.store(lse_ptr + offsets, (m + tl.log2(l)) * 0.6931471805599453, mask=valid)
+        l = tl.where(valid, l, 1.0)  # padded lanes: no log(0)
+        tl.store(lse_ptr + offsets, m + tl.log(l), mask=valid)
         if HAS_EXPECTATIONS:
             tl.store(expect_ptr + offsets, w / l, mask=valid)
     else:

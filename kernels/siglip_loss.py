@@ -15,7 +15,7 @@ import triton.language as tl
 from .clip_loss import CLIP_FWD_CONFIGS
 from .common import _log1p, _similarity_tile
 
-# One exp2 + one log per element (forward) and one exp2 (backward): lighter than the CLIP tile, so
+# One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile, so
 # the same tile shapes are GEMM-bound too. Declared per architecture like the CLIP configs.
 SIGLIP_FWD_CONFIGS = CLIP_FWD_CONFIGS
 SIGLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
@@ -61,7 +61,7 @@ def _siglip_loss_fwd_kernel(
         z = x * scale + bias
         if HAS_POSITIVES:
             z = tl.where(cols[None, :] == rows[:, None] + positive_offset, -z, z)
-        softplus = tl.maximum(z, 0.0) + _log1p(tl.exp2(-tl.abs(z) * 1.4426950408889634))
+        softplus = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
         total += tl.where(row_valid[:, None] & col_valid[None, :], softplus, 0.0)
     tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_s, tl.sum(tl.sum(total, axis=1), axis=0))
 
@@ -95,18 +95,18 @@ def _siglip_loss_bwd_kernel(
     row_valid = rows < n_rows
     col_valid = cols < n_cols
     valid = row_valid[:, None] & col_valid[None, :]
-    scale_log2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    bias_log2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
     multiplier = tl.load(grad_multiplier_ptr).to(tl.float32)
 
     x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                          stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
                          BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
-    t = x * scale_log2 + bias_log2
-    g = 1.0 / (1.0 + tl.exp2(-t))
+    logits = x * scale + bias
+    g = 1.0 / (1.0 + tl.exp(-logits))
     if HAS_POSITIVES:
         positive = cols[None, :] == rows[:, None] + positive_offset
-        g = tl.where(positive, -1.0 / (1.0 + tl.exp2(t)), g)
+        g = tl.where(positive, -1.0 / (1.0 + tl.exp(logits)), g)
     g = tl.where(valid, g, 0.0)
     tl.store(bias_partial_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g, axis=1), axis=0))
     out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
