@@ -2,12 +2,12 @@
 
 A primitive that walks the B_rows x B_cols similarity matrix in row chunks keeps a few
 (chunk x B_cols) fp32 buffers alive at a time. Their total is capped by ``workspace_bytes()``:
-256 MiB by default, changed with the environment variable ``FASTCLIP_WORKSPACE_MB`` (read at call
+128 MiB by default (DESIGN caps the default at 256), changed with the environment variable ``FASTCLIP_WORKSPACE_MB`` (read at call
 time, so a script can set it before the first loss call).
 """
 import os
 
-DEFAULT_WORKSPACE_MB = 256
+DEFAULT_WORKSPACE_MB = 128
 
 
 def workspace_bytes() -> int:
