@@ -65,7 +65,8 @@ def _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
 def _log1p(u):
     """log(1 + u) for u >= 0, accurate when 1 + u rounds to 1 (Goldberg's correction)."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    rounded = w - 1.0
+    return tl.where(rounded == 0.0, u, tl.log(w) * (u / tl.where(rounded == 0.0, 1.0, rounded)))
 
 
 # Merge kernel block: a 1-D pass over O(B) statistics; 1024 lanes keep it bandwidth-bound and short.
