@@ -73,7 +73,8 @@ def _clip_loss(image_features, text_features, logit_scale, logit_bias, *, normal
 
     return distributed_clip_loss(image_features, text_features, scale, bias, chosen, normalize=normalize,
                                  reduction=reduction, rank=rank, world_size=world_size, group=process_group,
-                                 dist_impl=dist_impl, local_loss=local_loss, gather_with_grad=gather_with_grad)
+                                 dist_impl=dist_impl, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                                 deterministic=deterministic)
 
 
 def _siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend, rank, world_size,

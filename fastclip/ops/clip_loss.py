@@ -18,6 +18,11 @@ Saved for backward: the (normalised) inputs, the O(B) row/column log-sum-exp and
 
     S = scale * I @ T.T + bias; labels = torch.arange(B)
     loss = (F.cross_entropy(S, labels) + F.cross_entropy(S.T, labels)) / 2
+
+Across ranks (``distributed`` set, see ``fastclip.distributed``) the same Function runs with the
+columns (texts) of every rank: ``distributed.forward`` returns the loss value from the merged
+statistics and ``distributed.backward`` the local gradients, both built from the per-pair helpers
+below, so one process and many share one formula.
 """
 from __future__ import annotations
 
@@ -30,10 +35,43 @@ from fastclip.ops.normalize import normalize_rows, normalize_rows_backward
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def pair_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """S_ii - bias = scale * I_i . T_i for the (b,) local pairs, in the accumulation dtype."""
+    accumulate = accumulate_dtype(image)
+    return (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale
+
+
+def pair_losses(row_lse: torch.Tensor, col_lse: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """loss_i = 1/2 [(row_lse_i - S_ii) + (col_lse_i - S_ii)]  (b,): pair i's row and column CE."""
+    return 0.5 * ((row_lse - diagonal) + (col_lse - diagonal))
+
+
+def reduce_pairs(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_pair.mean()
+    if reduction == "sum":
+        return per_pair.sum()
+    return per_pair
+
+
+def pair_weights(grad_output: torch.Tensor, reduction: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """g_i = d(grad_output . reduced value)/d loss_i for the n pairs this call reduced  (n,)."""
+    weights = grad_output.to(dtype).expand(n) if reduction != "none" else grad_output.to(dtype)
+    if reduction == "mean":
+        weights = weights / n
+    return weights
+
+
+def scale_grad_from_rows(image: torch.Tensor, grad_image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum_ij G_ij x_ij over these rows = sum_i I_i . dI_i / scale (dI = scale * G @ T)."""
+    return (image.to(grad_image.dtype) * grad_image).sum() / scale
+
+
 class ClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, bias, backend: LossBackend, normalize: bool, reduction: str,
-                deterministic: bool = False):
+                deterministic: bool = False, distributed=None):
+        """distributed: None for one process, else a ``fastclip.distributed.clip.DistributedClip``."""
         op = backend.op("clip_loss")
         image_norms = text_norms = None
         if normalize:
@@ -43,38 +81,42 @@ class ClipLossFunction(torch.autograd.Function):
         # A shared bias cancels exactly in both cross-entropies, so it never enters the computation
         # (adding and removing it would only cost fp32 rounding on large logits).
         bias_value = torch.zeros((), dtype=scale_value.dtype, device=image.device)
-        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
-        accumulate = row_lse.dtype
-        diagonal = (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale_value
-        per_pair = 0.5 * ((row_lse - diagonal) + (col_lse - diagonal))
-        ctx.save_for_backward(image, text, scale_value, bias_value, row_lse, col_lse, image_norms, text_norms)
         ctx.backend, ctx.normalize, ctx.reduction, ctx.deterministic = backend, normalize, reduction, deterministic
         ctx.scale_meta = (scale.shape, scale.dtype)
         ctx.bias_meta = (bias.shape, bias.dtype)
-        if reduction == "mean":
-            return per_pair.mean()
-        if reduction == "sum":
-            return per_pair.sum()
-        return per_pair
+        ctx.distributed = distributed
+        if distributed is not None:
+            value, saved = distributed.forward(op, image, text, scale_value, bias_value, reduction,
+                                               ctx.needs_input_grad[2], deterministic)
+            ctx.save_for_backward(image, text, scale_value, bias_value, image_norms, text_norms, *saved)
+            return value
+        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
+        per_pair = pair_losses(row_lse, col_lse, pair_logits(image, text, scale_value))
+        ctx.save_for_backward(image, text, scale_value, bias_value, image_norms, text_norms, row_lse, col_lse)
+        return reduce_pairs(per_pair, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
-        image, text, scale_value, bias_value, row_lse, col_lse, image_norms, text_norms = ctx.saved_tensors
-        n = image.shape[0]
-        grad_per_pair = grad_output.to(row_lse.dtype).expand(n) if ctx.reduction != "none" else grad_output.to(row_lse.dtype)
-        if ctx.reduction == "mean":
-            grad_per_pair = grad_per_pair / n
-        coef = 0.5 * grad_per_pair
+        image, text, scale_value, bias_value, image_norms, text_norms, *saved = ctx.saved_tensors
         op = ctx.backend.op("clip_loss")
-        grad_image, grad_text = op.clip_loss_bwd(image, text, scale_value, bias_value, row_lse, col_lse,
-                                                 coef, coef, 0, ctx.deterministic)
-        grad_scale = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_scale = (image.to(grad_image.dtype) * grad_image).sum() / scale_value
+        want_scale, want_text = ctx.needs_input_grad[2], ctx.needs_input_grad[1]
+        if ctx.distributed is not None:
+            grad_image, grad_text, grad_scale = ctx.distributed.backward(
+                op, image, text, scale_value, bias_value, saved, grad_output, ctx.reduction, want_scale, want_text,
+                ctx.deterministic)
+        else:
+            row_lse, col_lse = saved
+            coef = 0.5 * pair_weights(grad_output, ctx.reduction, image.shape[0], row_lse.dtype)
+            grad_image, grad_text = op.clip_loss_bwd(image, text, scale_value, bias_value, row_lse, col_lse,
+                                                     coef, coef, 0, ctx.deterministic)
+            grad_scale = scale_grad_from_rows(image, grad_image, scale_value) if want_scale else None
+        grad_bias = None
+        if grad_scale is not None:
             grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
         if ctx.needs_input_grad[3]:
             grad_bias = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=image.device)
         if ctx.normalize:
             grad_image = normalize_rows_backward(grad_image, image, image_norms)
-            grad_text = normalize_rows_backward(grad_text, text, text_norms)
-        return (grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None, None, None, None)
+            grad_text = normalize_rows_backward(grad_text, text, text_norms) if grad_text is not None else None
+        grad_text = grad_text.to(text.dtype) if grad_text is not None else None
+        return (grad_image.to(image.dtype), grad_text, grad_scale, grad_bias, None, None, None, None, None)

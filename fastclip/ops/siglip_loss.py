@@ -11,6 +11,11 @@ Saved for backward: the inputs only. Equivalent plain PyTorch (materialising S):
 
     S = scale * I @ T.T + bias; y = 2 * torch.eye(B) - 1
     loss = -torch.nn.functional.logsigmoid(y * S).sum() / B
+
+Across ranks (``distributed`` set, see ``fastclip.distributed``) the rows stay local and the columns
+are every rank's texts (positives only in the rank's own block, as open_clip's exchange does): the
+same division by the local batch, the same scale and bias gradients from the local rows, and the
+text gradients routed back to the ranks that own the texts.
 """
 from __future__ import annotations
 
@@ -18,30 +23,42 @@ import torch
 
 from fastclip.backends import LossBackend
 from fastclip.ops.chunking import accumulate_dtype
+from fastclip.ops.clip_loss import scale_grad_from_rows
 
 
 class SigLipLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, backend: LossBackend, deterministic: bool = False):
+    def forward(ctx, image, text, scale, bias, backend: LossBackend, deterministic: bool = False,
+                distributed=None):
+        """distributed: None for one process, else a ``fastclip.distributed.siglip.DistributedSigLip``."""
         op = backend.op("siglip_loss")
         scale_value = scale.detach().reshape(()).to(accumulate_dtype(image))
         bias_value = bias.detach().reshape(()).to(accumulate_dtype(image))
-        loss_sum = op.siglip_loss_fwd(image, text, scale_value, bias_value, 0, deterministic)
-        ctx.save_for_backward(image, text, scale_value, bias_value)
-        ctx.backend, ctx.deterministic = backend, deterministic
+        if distributed is None:
+            loss_sum, saved = op.siglip_loss_fwd(image, text, scale_value, bias_value, 0, deterministic), ()
+        else:
+            loss_sum, saved = distributed.forward(op, image, text, scale_value, bias_value, deterministic)
+        ctx.save_for_backward(image, text, scale_value, bias_value, *saved)
+        ctx.backend, ctx.deterministic, ctx.distributed = backend, deterministic, distributed
         ctx.scale_meta, ctx.bias_meta = (scale.shape, scale.dtype), (bias.shape, bias.dtype)
         return loss_sum / image.shape[0]
 
     @staticmethod
     def backward(ctx, grad_output):
-        image, text, scale_value, bias_value = ctx.saved_tensors
+        image, text, scale_value, bias_value, *saved = ctx.saved_tensors
         op = ctx.backend.op("siglip_loss")
         grad_coef = grad_output.reshape(()).to(accumulate_dtype(image)) / image.shape[0]
-        grad_image, grad_text, grad_bias = op.siglip_loss_bwd(image, text, scale_value, bias_value, 0, grad_coef,
-                                                                 ctx.deterministic)
+        if ctx.distributed is None:
+            grad_image, grad_text, grad_bias = op.siglip_loss_bwd(image, text, scale_value, bias_value, 0,
+                                                                     grad_coef, ctx.deterministic)
+        else:
+            grad_image, grad_text, grad_bias = ctx.distributed.backward(
+                op, image, text, scale_value, bias_value, saved, grad_coef, ctx.needs_input_grad[1],
+                ctx.deterministic)
         grad_scale = None
         if ctx.needs_input_grad[2]:
-            grad_scale = (image.to(grad_image.dtype) * grad_image).sum() / scale_value
+            grad_scale = scale_grad_from_rows(image, grad_image, scale_value)
             grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
         grad_bias = grad_bias.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if ctx.needs_input_grad[3] else None
-        return grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale, grad_bias, None, None
+        grad_text = grad_text.to(text.dtype) if grad_text is not None else None
+        return grad_image.to(image.dtype), grad_text, grad_scale, grad_bias, None, None, None

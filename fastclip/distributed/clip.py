@@ -1,0 +1,101 @@
+"""open_clip's four ``local_loss`` x ``gather_with_grad`` conventions on top of an exchange.
+
+Notation on rank r (b local pairs, B = W b, g_r = the upstream gradient of rank r's returned loss):
+loss_i = 1/2 [(row_lse_i - S_ii) + (col_lse_i - S_ii)] with global log-sum-exps; L = mean over all
+B pairs (the global-batch loss); L_r = mean over r's b pairs (open_clip's local loss).
+
+Value on rank r
+    local_loss=False: L  ("global objective": a sum over every rank's pairs)
+    local_loss=True:  L_r ("local objective"); reduction="none" is the local objective too: the (b,)
+                      per-pair losses of this rank, with global statistics.
+
+Gradients on rank r, exactly what open_clip's autograd produces:
+    gather_with_grad=True  (all_gather backward sums every rank's gradient into the owner)
+        features: sum_r' g_r' d(loss of r')/dX_r   (= W dL/dX_r when every g = 1, either local_loss)
+        scale:    g_r d(loss of r)/ds              (not communicated: dL/ds, or dL_r/ds)
+    gather_with_grad=False, local_loss=False (the gathered copies carry no grad; the local slot does)
+        features: g_r dL/dX_r                      (1/W of the above), scale: g_r dL/ds
+    gather_with_grad=False, local_loss=True (no slot replaced: X_r only reaches its own logits)
+        images:   g_r dL_r/dI_r through S[r rows, :] only (the row cross-entropies)
+        texts:    g_r dL_r/dT_r through S[:, r columns] only (the column cross-entropies, all rows)
+        scale:    g_r dL_r/ds (full)
+
+How: the global objective runs one sweep with G0 = (kappa/2)(P + Q - 2[pos]) (kappa = 1/B for mean,
+1 for sum), then one 2-float all-reduce gives sum_r g_r and the scale gradient
+sum_ij G0_ij x_ij (each rank's rows contribute sum_i I_i . dI0_i / s); gradients are scaled after.
+The local objective weights pair i by c_i = g / b (or g_i for "none"): row_coef = c_i / 2 on the
+local rows and col_coef_j = c_j / 2 on column j, delivered from its owner by the exchange; its scale
+gradient needs the expectations E^row_i = sum_j P_ij x_ij and E^col_j = sum_i Q_ij x_ij, which the
+forward computes with the statistics (d loss_i / ds = 1/2 [(E^row_i - x_ii) + (E^col_i - x_ii)]).
+CLIP's gradient w.r.t. a shared bias is exactly 0 (softmax is shift invariant).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastclip.distributed.comm import World, all_reduce_
+from fastclip.distributed.exchange import GradientPass
+from fastclip.ops.chunking import accumulate_dtype
+from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs, scale_grad_from_rows
+
+
+class DistributedClip:
+    """Forward and backward of ``ClipLossFunction`` across ranks (see the module docstring)."""
+
+    def __init__(self, world: World, exchange, local_loss: bool, gather_with_grad: bool):
+        self.world, self.exchange = world, exchange
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+
+    def global_objective(self, reduction: str) -> bool:
+        return not self.local_loss and reduction != "none"
+
+    def forward(self, op, image, text, scale, bias, reduction, want_scale_grad, deterministic):
+        """(value, tensors to save): the loss on this rank and what backward needs (O(b) vectors + exchange's)."""
+        global_objective = self.global_objective(reduction)
+        with_expectations = want_scale_grad and not global_objective
+        diagonal = pair_logits(image, text, scale)
+        stats = self.exchange.clip_columns(op, image, text, scale, bias, diagonal if global_objective else None,
+                                           with_expectations, deterministic)
+        if global_objective:
+            total = stats.pair_loss_total
+            value = total / (image.shape[0] * self.world.size) if reduction == "mean" else total
+        else:
+            value = reduce_pairs(pair_losses(stats.row_lse, stats.col_lse, diagonal), reduction)
+        pair_scale_grad = None
+        if with_expectations:
+            products = diagonal / scale  # x_ii = I_i . T_i
+            pair_scale_grad = 0.5 * ((stats.row_expect - products) + (stats.col_expect - products))
+        return value, (stats.row_lse, pair_scale_grad, *stats.saved)
+
+    def backward(self, op, image, text, scale, bias, saved, grad_output, reduction, want_scale, want_text,
+                 deterministic):
+        """(grad_image, grad_text or None, grad_scale or None), fp32, for this rank's features."""
+        row_lse, pair_scale_grad, *exchange_saved = saved
+        b, accumulate = image.shape[0], accumulate_dtype(image)
+        run = lambda passes: self.exchange.clip_gradients(  # noqa: E731
+            op, image, text, scale, bias, row_lse, exchange_saved, passes, want_text, deterministic)
+        if self.global_objective(reduction):
+            kappa = 1.0 / (b * self.world.size) if reduction == "mean" else 1.0
+            half = torch.full((), 0.5 * kappa, dtype=accumulate, device=image.device)
+            grad_image, grad_text = run([GradientPass(half.expand(b).contiguous(), half, image=True, text=True)])
+            upstream = grad_output.reshape(()).to(accumulate)
+            partial_scale = scale_grad_from_rows(image, grad_image, scale) if want_scale else torch.zeros_like(upstream)
+            sums = None
+            if self.gather_with_grad or want_scale:  # [sum_r g_r, sum_ij G0_ij x_ij]
+                sums = all_reduce_(self.world, torch.stack([upstream, partial_scale]))
+            factor = sums[0] if self.gather_with_grad else upstream
+            grad_image = grad_image * factor
+            grad_text = grad_text * factor if grad_text is not None else None
+            return grad_image, grad_text, upstream * sums[1] if want_scale else None
+        weights = pair_weights(grad_output, reduction, b, accumulate)  # c_i for this rank's pairs
+        if self.gather_with_grad:
+            grad_image, grad_text = run([GradientPass(0.5 * weights, 0.5 * weights, image=True, text=True)])
+        else:
+            zero, half = (torch.full((), value, dtype=accumulate, device=image.device) for value in (0.0, 0.5))
+            passes = [GradientPass(0.5 * weights, zero, image=True, text=False)]
+            if want_text:  # the column cross-entropies of this rank's texts, against every rank's rows
+                passes.append(GradientPass(torch.zeros_like(weights), half, image=False, text=True))
+            grad_image, grad_text = run(passes)
+            grad_text = grad_text * weights[:, None] if grad_text is not None else None
+        grad_scale = (weights * pair_scale_grad).sum() if want_scale else None
+        return grad_image, grad_text, grad_scale

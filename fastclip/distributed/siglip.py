@@ -1,0 +1,35 @@
+"""open_clip's distributed SigLIP on top of an exchange.
+
+Rank r's loss is open_clip's: its b images against every rank's texts, positives only in its own
+block (pair i with text i of the same rank), the sum divided by b:
+
+    loss_r = (1/b) sum_{i in r} sum_{j all} softplus(-y_ij S_ij)
+
+open_clip passes the texts round with ``NeighbourExchange`` (or an all-reduce / all-gather) *with*
+grad, so the gradient of T_r sums every rank's loss: dT_r = sum_r' g_r' d loss_r'/dT_r, while
+images, ``logit_scale`` and ``logit_bias`` get g_r d loss_r only (they are never exchanged). Every
+exchange name it accepts ("bidir", "shift", "reduce", "gather") gives those same values and
+gradients; fastclip runs "gather" and "reduce" as the gather exchange and "bidir", "shift" and
+"ring" as the overlapped ring, whose per-rank memory does not grow with the world size.
+"""
+from __future__ import annotations
+
+from fastclip.distributed.comm import World
+
+SIGLIP_EXCHANGE_OF = {"gather": "gather", "reduce": "gather", "bidir": "ring", "shift": "ring", "ring": "ring"}
+
+
+class DistributedSigLip:
+    """Forward and backward of ``SigLipLossFunction`` across ranks (see the module docstring)."""
+
+    def __init__(self, world: World, exchange):
+        self.world, self.exchange = world, exchange
+
+    def forward(self, op, image, text, scale, bias, deterministic):
+        """(sum over this rank's rows of the per-entry losses against every text, tensors to save)."""
+        return self.exchange.siglip_sum(op, image, text, scale, bias, deterministic)
+
+    def backward(self, op, image, text, scale, bias, saved, grad_coef, want_text, deterministic):
+        """(grad_image, grad_text or None, grad_bias), fp32; grad_coef = g_r / b."""
+        return self.exchange.siglip_gradients(op, image, text, scale, bias, saved, grad_coef, want_text,
+                                              deterministic)
