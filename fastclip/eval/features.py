@@ -1,0 +1,37 @@
+"""Frozen-model features for evaluation: images from a loader, texts in batches."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from fastclip.data.collate import trim_padding
+from fastclip.train.precision import autocast
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"):
+    """L2-normalised image features (N, E) float32 on CPU, for every ``(images, ...)`` batch."""
+    model.eval()
+    features = []
+    for batch in batches:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        with autocast(precision, device):
+            encoded = model.encode_image(images.to(device), normalize=True)
+        features.append(encoded.float().cpu())
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callable, device: torch.device,
+                 precision: str = "fp32", batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text features (N, E) float32 on CPU."""
+    model.eval()
+    features = []
+    for start in range(0, len(texts), batch_size):
+        tokens = trim_padding(tokenizer(list(texts[start:start + batch_size])))
+        with autocast(precision, device):
+            encoded = model.encode_text(tokens.to(device), normalize=True)
+        features.append(encoded.float().cpu())
+    return torch.cat(features)
+

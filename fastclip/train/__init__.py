@@ -1,0 +1,1 @@
+"""The trainer: ``fastclip train`` / ``python -m fastclip.train`` (see ``fastclip.train.main``)."""

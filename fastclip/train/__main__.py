@@ -1,0 +1,5 @@
+import sys
+
+from fastclip.train.main import main
+
+sys.exit(main())

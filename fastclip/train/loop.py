@@ -1,0 +1,184 @@
+"""The training loop: steps, the guarded optimiser update, checkpoints and periodic evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fastclip.train.accumulation import forward_backward
+from fastclip.train.checkpoint import capture_rng_state, save_checkpoint
+from fastclip.train.optim import clamp_logit_scale
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many non-finite steps in a row: the run is diverging, not hitting a one-off bad batch."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (plain ints)."""
+
+    step: int = 0                # steps taken, skipped ones included (the schedule follows this)
+    epoch: int = 0
+    batch_in_epoch: int = 0      # next batch of ``epoch`` to train on
+    samples_seen: int = 0        # global samples trained on
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    skipped_images: int = 0      # unreadable images replaced (this rank)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainParts:
+    """Everything one step needs. ``model`` may be DDP-wrapped; ``unwrapped`` is the bare model."""
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    scaler: object
+    logit_scale: torch.nn.Parameter | None
+    ctx: object                  # DistributedContext
+    precision: str
+    accum_freq: int = 1
+    grad_clip_norm: float | None = None
+    max_nonfinite_steps: int = 20
+    ranges: Callable | None = None
+    trainable: list = field(default_factory=list)
+
+
+def _gradient_norm(parameters: list, max_norm: float | None) -> torch.Tensor:
+    """Total L2 norm of the gradients (clipping them to ``max_norm`` when given)."""
+    grads = [p for p in parameters if p.grad is not None]
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False)
+    return torch.nn.utils.get_total_norm([p.grad for p in grads], error_if_nonfinite=False)
+
+
+def optimizer_update(parts: TrainParts, loss: torch.Tensor) -> tuple[bool, float]:
+    """Unscale, check, clip and apply the gradients. Returns (applied, gradient norm).
+
+    A step whose loss or gradient norm is not finite (on any rank) is skipped: the gradients are
+    dropped, the parameters and optimiser state stay as they were (with ``amp`` the GradScaler also
+    lowers its scale).
+    """
+    if parts.scaler is not None:
+        parts.scaler.unscale_(parts.optimizer)
+    grad_norm = _gradient_norm(parts.trainable, parts.grad_clip_norm)
+    finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(grad_norm).item())
+    finite = not parts.ctx.any_true(not finite)
+    if parts.scaler is not None:
+        parts.scaler.step(parts.optimizer)  # skips the update itself when it found inf/NaN
+        parts.scaler.update()
+    elif finite:
+        parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if finite:
+        clamp_logit_scale(parts.logit_scale)
+    return finite, float(grad_norm)
+
+
+def train_step(parts: TrainParts, state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """One step on this rank's batch: forward/backward, guarded update, bookkeeping. Returns metrics."""
+    lr = parts.schedule.apply(parts.optimizer, state.step)
+    loss = forward_backward(parts.model, parts.loss_fn, images, tokens, precision=parts.precision,
+                            device=parts.ctx.device, accum_freq=parts.accum_freq, scaler=parts.scaler,
+                            ranges=parts.ranges)
+    ranges = parts.ranges or (lambda name: __import__("contextlib").nullcontext())
+    with ranges("optimizer"):
+        applied, grad_norm = optimizer_update(parts, loss)
+    state.step += 1
+    state.samples_seen += images.shape[0] * parts.ctx.world_size
+    if applied:
+        state.nonfinite_in_row = 0
+    else:
+        state.nonfinite_total += 1
+        state.nonfinite_in_row += 1
+        if state.nonfinite_in_row >= parts.max_nonfinite_steps:
+            raise NonFiniteAbort(
+                f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last loss "
+                f"{loss.item()}, gradient norm {grad_norm}) at step {state.step}; training is diverging. "
+                "Lower --lr, raise --warmup, set --grad-clip-norm 1.0, or use --precision amp_bf16/fp32 "
+                "instead of fp16; --max-nonfinite-steps sets this limit.")
+    scale = parts.logit_scale.detach().exp().item() if parts.logit_scale is not None else float("nan")
+    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "logit_scale": scale,
+            "skipped_step": int(not applied)}
+
+
+def checkpoint_state(parts: TrainParts, state: TrainState) -> dict:
+    """The non-weight part of a checkpoint. Collective: every rank must call it (RNG gather)."""
+    rng_states = parts.ctx.gather_objects(capture_rng_state(parts.ctx.device))
+    return {
+        "train": state.to_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else {},
+        "schedule": parts.schedule.state_dict(),
+        "rng": rng_states,
+        "world_size": parts.ctx.world_size,
+    }
+
+
+def save(parts: TrainParts, state: TrainState, args) -> None:
+    """Save a checkpoint of the current step (rank 0 writes; all ranks take part)."""
+    payload = checkpoint_state(parts, state)
+    if parts.ctx.is_main:
+        save_checkpoint(args.output_dir, state.step, parts.unwrapped, payload, model_name=args.model,
+                        keep_last=args.keep_last)
+    parts.ctx.barrier()
+
+
+def run_epochs(parts: TrainParts, state: TrainState, data, args, *, total_steps: int, metrics,
+               profiler=None, on_epoch_end: Callable[[int], None] | None = None) -> dict:
+    """Train from ``state`` until ``total_steps`` or the last epoch. Returns timing totals."""
+    ranges = parts.ranges or (lambda name: __import__("contextlib").nullcontext())
+    parts.model.train()
+    train_seconds, trained_samples = 0.0, 0
+    last_saved = state.step
+    while state.epoch < args.epochs and state.step < total_steps:
+        batches = data.epoch(state.epoch, start_batch=state.batch_in_epoch)
+        while state.step < total_steps:
+            start = time.perf_counter()
+            with ranges("data"):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                images, tokens, skipped = batch
+                images = images.to(parts.ctx.device, non_blocking=True)
+                tokens = tokens.to(parts.ctx.device, non_blocking=True)
+            data_seconds = time.perf_counter() - start
+            values = train_step(parts, state, images, tokens)
+            state.batch_in_epoch += 1
+            state.skipped_images += skipped
+            seconds = time.perf_counter() - start
+            train_seconds += seconds
+            trained_samples += images.shape[0] * parts.ctx.world_size
+            if profiler is not None:
+                profiler.step()
+            if state.step % args.log_every_n_steps == 0 or state.step == total_steps:
+                values.update(epoch=state.epoch, data_time=data_seconds, step_time=seconds,
+                              samples_per_second=images.shape[0] * parts.ctx.world_size / seconds,
+                              nonfinite_total=state.nonfinite_total, skipped_images=state.skipped_images)
+                metrics.log(state.step, values)
+            metrics.progress(1, loss=values["loss"], samples_s=images.shape[0] * parts.ctx.world_size / seconds)
+            if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
+                save(parts, state, args)
+                last_saved = state.step
+        if state.batch_in_epoch >= data.num_batches:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if args.save_frequency and state.epoch % args.save_frequency == 0 and last_saved != state.step:
+                save(parts, state, args)
+                last_saved = state.step
+            if on_epoch_end is not None:
+                on_epoch_end(state.epoch)
+    if last_saved != state.step and (args.save_frequency or args.save_every_n_steps):
+        save(parts, state, args)
+    rate = trained_samples / train_seconds if train_seconds > 0 else math.nan
+    return {"train_seconds": train_seconds, "trained_samples": trained_samples, "samples_per_second": rate}
