@@ -29,12 +29,14 @@ CLIP_FWD_CONFIGS = {
              TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 3)),
     "interpreter": (TileConfig(64, 64, 128, 4, 1),),
 }
+# Sizes and offsets change from call to call (do_not_specialize): one compiled kernel per dtype and
+# flag set, not one per batch size. Strides and D stay specialised (16-divisibility -> vector loads).
 # The backward tile does one dot per D slice and two exp + a store per element, like the forward.
 CLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
 
 
 @triton.heuristics({"EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "cols_per_split"])
 def _clip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr,
         row_max_ptr, row_sum_ptr, row_wsum_ptr,
@@ -112,7 +114,7 @@ def _clip_loss_fwd_kernel(
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "positive_offset"])
 def _clip_loss_bwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr,
         grad_multiplier_ptr, grad_logits_ptr,

@@ -73,7 +73,7 @@ def _log1p(u):
 MERGE_BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_parts", "length", "stride_part"])
 def _lse_merge_kernel(part_max_ptr, part_sum_ptr, part_wsum_ptr, n_parts, length, stride_part,
                       run_max_ptr, run_sum_ptr, run_wsum_ptr, lse_ptr, expect_ptr,
                       HAS_RUNNING: tl.constexpr, FINALIZE: tl.constexpr, HAS_EXPECTATIONS: tl.constexpr,

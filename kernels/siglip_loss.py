@@ -26,7 +26,7 @@ SIGLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "positive_offset", "cols_per_split"])
 def _siglip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr, partial_ptr,
         n_rows, n_cols, dim, positive_offset, cols_per_split,
@@ -71,7 +71,7 @@ def _siglip_loss_fwd_kernel(
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "positive_offset"])
 def _siglip_loss_bwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr, grad_multiplier_ptr, grad_logits_ptr, bias_partial_ptr,
         n_rows, n_cols, dim, positive_offset,

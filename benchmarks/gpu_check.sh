@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One call on a fresh GPU machine: the Triton loss tests on CUDA (awkward shapes + @gpu real sizes),
+# then the GPU loss benchmark, all within ~8 minutes. Installs nothing and needs no network: fastclip
+# is imported from this source tree through a throw-away folder of symlinks (kernels/ appears as
+# fastclip.kernels, as the wheel ships it). open_clip, Inf-CL, pytest, matplotlib are used when
+# importable; missing ones are skipped and listed in OUT/environment.txt.
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]     # default OUT_DIR: benchmarks/results/gpu_check
+#
+# OUT_DIR gets: environment.txt, nvidia-smi.txt, gpu_tests.log (+ .xml), bench.log,
+# clip_loss_gpu.csv/json, clip_loss_gpu_D*.png, clip_loss_gpu_summary.txt (the issue's targets).
+# Exit status: 0 when the tests passed (or pytest is absent, said in the log) and the benchmark ran.
+set -u -o pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:-$REPO/benchmarks/results/gpu_check}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PYTHON="${PYTHON:-python3}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-210}"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-170}"   # no new benchmark case starts after this
+BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-240}"
+
+SRC="$(mktemp -d)"
+trap 'rm -rf "$SRC"' EXIT
+mkdir -p "$SRC/fastclip"
+for entry in "$REPO"/fastclip/* "$REPO"/fastclip/.[!.]*; do
+    [ -e "$entry" ] && ln -s "$entry" "$SRC/fastclip/$(basename "$entry")"
+done
+ln -s "$REPO/kernels" "$SRC/fastclip/kernels"
+ln -s "$REPO/tests" "$SRC/tests"
+export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+cd "$SRC"
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi not available" > "$OUT/nvidia-smi.txt"
+"$PYTHON" - > "$OUT/environment.txt" 2>&1 <<'EOF'
+import importlib, platform
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
+for name in ("triton", "pytest", "open_clip", "inf_cl", "matplotlib", "pytest_benchmark"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name}: {getattr(module, '__version__', 'importable')}")
+    except Exception as error:  # noqa: BLE001 - report any import failure, never stop here
+        print(f"{name}: NOT importable ({type(error).__name__}: {error}) -> skipped where needed")
+import fastclip.kernels, fastclip.ops.clip_loss_triton
+print("fastclip from", fastclip.__file__, "| kernels from", fastclip.kernels.__file__)
+EOF
+env_status=$?
+cat "$OUT/environment.txt"
+if [ $env_status -ne 0 ]; then
+    echo "environment check failed (see above): fastclip or its Triton launchers do not import"
+    exit 1
+fi
+
+tests_status=0
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    # addopts from pyproject are replaced: pytest-benchmark may be absent on the GPU machine.
+    timeout "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -q -o addopts="-ra" -p no:cacheprovider \
+        -c "$REPO/pyproject.toml" --rootdir "$REPO" --junitxml "$OUT/gpu_tests.xml" \
+        "$REPO/tests/test_clip_loss_triton.py" "$REPO/tests/test_siglip_loss_triton.py" 2>&1 | tee "$OUT/gpu_tests.log"
+    tests_status=$?
+    [ $tests_status -eq 124 ] && echo "GPU tests stopped at the ${TEST_TIMEOUT_S}s limit" | tee -a "$OUT/gpu_tests.log"
+else
+    echo "pytest is not importable here: GPU tests skipped (benchmark only)" | tee "$OUT/gpu_tests.log"
+fi
+
+bench_mode=()
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: the benchmark runs as a --dry-run (CPU, Triton interpreter, tiny sizes) to check the plumbing"
+    bench_mode=(--dry-run)
+fi
+timeout "$BENCH_TIMEOUT_S" "$PYTHON" "$REPO/benchmarks/bench_clip_loss_gpu.py" "$OUT" --modes fwd+bwd \
+    --repeats 3 --budget-s "$BENCH_BUDGET_S" "${bench_mode[@]}" 2>&1 | tee "$OUT/bench.log"
+bench_status=$?
+[ $bench_status -eq 124 ] && echo "benchmark stopped at the ${BENCH_TIMEOUT_S}s limit" | tee -a "$OUT/bench.log"
+
+echo "tests exit status: $tests_status, benchmark exit status: $bench_status; results in $OUT"
+[ $tests_status -eq 0 ] && [ $bench_status -eq 0 ]
