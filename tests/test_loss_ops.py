@@ -1,0 +1,56 @@
+"""The torch backend's primitives are registered custom ops: opcheck them (schema, fake kernel, autograd)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastclip.ops import clip_loss_torch, siglip_loss_torch
+from tests.loss_utils import clip_like_features
+from tests.numerics import assert_matches_reference
+
+
+def _block(rows: int, cols: int, dim: int, seed: int):
+    image, _ = clip_like_features(rows, dim, seed=seed)
+    _, text = clip_like_features(cols, dim, seed=seed + 1)
+    return image, text, torch.tensor(9.0), torch.tensor(-1.5)
+
+
+@pytest.mark.parametrize("with_expectations", [False, True])
+def test_clip_loss_fwd_torch_opcheck_and_values(with_expectations):
+    image, text, scale, bias = _block(37, 53, 20, seed=1)
+    arguments = (image, text, scale, bias, with_expectations, False)
+    torch.library.opcheck(clip_loss_torch.clip_loss_fwd, arguments)
+    row_lse, col_lse, row_expect, col_expect = clip_loss_torch.clip_loss_fwd(*arguments)
+    logits = (scale * image.double() @ text.double().T + bias)
+    torch.testing.assert_close(row_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(col_lse.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-5)
+    if with_expectations:
+        x = image.double() @ text.double().T
+        torch.testing.assert_close(row_expect.double(), (logits.softmax(1) * x).sum(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(col_expect.double(), (logits.softmax(0) * x).sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positive_offset", [0, 16, -5, 500])
+def test_clip_loss_bwd_torch_opcheck_and_values(positive_offset):
+    image, text, scale, bias = _block(37, 53, 20, seed=2)
+    logits = (scale * image.double() @ text.double().T + bias)
+    row_lse, col_lse = logits.logsumexp(1).float(), logits.logsumexp(0).float()
+    generator = torch.Generator().manual_seed(100 + positive_offset)
+    row_coef, col_coef = torch.rand(37, generator=generator), torch.rand(53, generator=generator)
+    arguments = (image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, False)
+    torch.library.opcheck(clip_loss_torch.clip_loss_bwd, arguments)
+    grad_image, grad_text = clip_loss_torch.clip_loss_bwd(*arguments)
+    positives = torch.zeros_like(logits)
+    rows = torch.arange(37)
+    valid = (rows + positive_offset >= 0) & (rows + positive_offset < 53)
+    positives[rows[valid], rows[valid] + positive_offset] = 1
+    grad_logits = (row_coef.double()[:, None] * (logits.softmax(1) - positives)
+                   + col_coef.double()[None, :] * (logits.softmax(0) - positives))
+    assert_matches_reference(grad_image, 9.0 * grad_logits @ text.double(), name="grad_image")
+    assert_matches_reference(grad_text, 9.0 * grad_logits.T @ image.double(), name="grad_text")
+
+
+def test_siglip_loss_torch_ops_opcheck():
+    image, text, scale, bias = _block(37, 53, 20, seed=3)
+    torch.library.opcheck(siglip_loss_torch.siglip_loss_fwd, (image, text, scale, bias, 3, False))
+    torch.library.opcheck(siglip_loss_torch.siglip_loss_bwd, (image, text, scale, bias, 3, torch.tensor(0.5), False))
