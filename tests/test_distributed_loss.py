@@ -21,7 +21,7 @@ from fastclip.distributed import count_communication
 from fastclip.loss import ClipLoss, SigLipLoss, clip_loss
 from tests.distributed_utils import (Checks, global_batch, local_rows, loss_and_grads, open_clip_loss_module,
                                      run_in_world, saved_tensor_bytes)
-from tests.numerics import assert_matches_reference
+from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 _open_clip_loss = open_clip_loss_module()  # the reference: open_clip's own loss.py
 OpenClipLoss, OpenSigLipLoss = _open_clip_loss.ClipLoss, _open_clip_loss.SigLipLoss
@@ -83,6 +83,27 @@ def _reference_reductions(image, text, scale, reduction):
     per_pair = 0.5 * (F.cross_entropy(logits, labels, reduction="none")
                       + F.cross_entropy(logits.T, labels, reduction="none"))
     return per_pair.chunk(world_size)[rank] if reduction == "none" else per_pair.sum()
+
+
+def _low_precision(checks, rank, world_size, local_batch):
+    """bf16 / fp16 features (gathered and reduce-scattered in that dtype): error against open_clip in
+    fp64 bounded by open_clip's own error in the same dtype (tests/numerics.py)."""
+    image, text = (local_rows(t, rank, world_size) for t in global_batch(world_size, local_batch, DIM, seed=7,
+                                                                         dtype=torch.float64))
+    truth = loss_and_grads(OpenClipLoss(True, True, rank=rank, world_size=world_size), image, text, CLIP_SCALE,
+                           None, _upstream(rank))
+    for dtype in (torch.bfloat16, torch.float16):
+        low = image.to(dtype), text.to(dtype)
+        baseline = loss_and_grads(OpenClipLoss(True, True, rank=rank, world_size=world_size), *low, CLIP_SCALE,
+                                  None, _upstream(rank))
+        for impl in CLIP_IMPLS:
+            with checks(f"clip/{impl}/{str(dtype).replace('torch.', '')}"):
+                ours = loss_and_grads(ClipLoss(True, True, dist_impl=impl), *low, CLIP_SCALE, None, _upstream(rank))
+                assert_close_to_truth(ours["loss"], baseline["loss"], truth["loss"], dtype=dtype, kind="fwd",
+                                      name="loss")
+                for name in ("image", "text", "logit_scale"):
+                    assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind="bwd",
+                                          name=f"grad {name}")
 
 
 def _functional_reductions(checks, rank, world_size, image, text):
@@ -227,6 +248,8 @@ def world_suite(rank: int, world_size: int) -> dict:
     _clip_parity(checks, rank, world_size, image, text)
     _siglip_parity(checks, rank, world_size, image, text)
     _ddp_matches_single_process(checks, rank, world_size, local_batch)
+    if world_size == 2:
+        _low_precision(checks, rank, world_size, local_batch)
     if world_size == 3:
         _functional_reductions(checks, rank, world_size, image, text)
         _bad_inputs(checks, rank, world_size, image, text)
@@ -281,6 +304,12 @@ def test_siglip_matches_open_clip(world_size, impl):
                          + ["siglip/bidir", "siglip/gather"])
 def test_ddp_averaged_gradient_equals_single_process_full_batch(world_size, case):
     assert_passed_on_every_rank(world_size, f"ddp/{case}")
+
+
+@pytest.mark.parametrize("impl", CLIP_IMPLS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_within_open_clips_own_error(impl, dtype):
+    assert_passed_on_every_rank(2, f"clip/{impl}/{dtype}")
 
 
 @pytest.mark.parametrize("impl", CLIP_IMPLS)
