@@ -100,7 +100,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, no
     image_features, text_features: (B, D) float32/float16/bfloat16, the local batch (pair i is positive).
     logit_scale: float or one-element tensor, already exponentiated (> 0). logit_bias: optional scalar.
     normalize: L2-normalise both inputs inside the op (gradient included).
-    reduction: "mean" (open_clip's value), "sum", or "none" (the (B,) per-pair losses, single process).
+    reduction: "mean" (open_clip's value), "sum", or "none" (the (B,) per-pair losses; across ranks,
+    this rank's (b,) pairs with global statistics).
     Under torch.distributed with more than one rank this is the global-batch loss (``local_loss=False``,
     ``gather_with_grad=True``), whose DDP-averaged gradient equals the single-process one.
     """

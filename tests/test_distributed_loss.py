@@ -199,6 +199,26 @@ def _communication_and_memory(checks, rank, world_size, image, text):
         checks.measurements["saved_bytes"] = saved
 
 
+def _frozen_text_tower(checks, rank, world_size, image, text):
+    """LiT-style: texts and temperature without grad (a float scale); image grads still open_clip's."""
+    for local_loss, gather_with_grad in FLAG_COMBOS:
+        reference_image = image.clone().requires_grad_()
+        OpenClipLoss(local_loss, gather_with_grad, rank=rank, world_size=world_size)(
+            reference_image, text, CLIP_SCALE).backward()
+        for impl in CLIP_IMPLS:
+            with checks(f"frozen text/clip/{impl}/local_loss={local_loss}/gather_with_grad={gather_with_grad}"):
+                ours_image = image.clone().requires_grad_()
+                ClipLoss(local_loss, gather_with_grad, dist_impl=impl)(ours_image, text, CLIP_SCALE).backward()
+                assert_matches_reference(ours_image.grad, reference_image.grad, name="grad image")
+    reference_image = image.clone().requires_grad_()
+    OpenSigLipLoss(rank=rank, world_size=world_size)(reference_image, text, SIGLIP_SCALE, SIGLIP_BIAS).backward()
+    for impl in ("bidir", "gather"):
+        with checks(f"frozen text/siglip/{impl}"):
+            ours_image = image.clone().requires_grad_()
+            SigLipLoss(dist_impl=impl)(ours_image, text, SIGLIP_SCALE, SIGLIP_BIAS).backward()
+            assert_matches_reference(ours_image.grad, reference_image.grad, name="grad image")
+
+
 def _bad_inputs(checks, rank, world_size, image, text):
     for problem in BAD_INPUTS:
         with checks(f"bad input/{problem}"):
@@ -252,6 +272,7 @@ def world_suite(rank: int, world_size: int) -> dict:
         _low_precision(checks, rank, world_size, local_batch)
     if world_size == 3:
         _functional_reductions(checks, rank, world_size, image, text)
+        _frozen_text_tower(checks, rank, world_size, image, text)
         _bad_inputs(checks, rank, world_size, image, text)
     else:
         _communication_and_memory(checks, rank, world_size, image, text)
@@ -316,6 +337,12 @@ def test_low_precision_within_open_clips_own_error(impl, dtype):
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_functional_reductions_match_gathered_reference(impl, reduction):
     assert_passed_on_every_rank(3, f"clip/{impl}/reduction={reduction}")
+
+
+@pytest.mark.parametrize("case", [f"clip/{impl}/local_loss={ll}/gather_with_grad={gwg}" for impl in CLIP_IMPLS
+                                  for ll, gwg in FLAG_COMBOS] + ["siglip/bidir", "siglip/gather"])
+def test_frozen_text_tower_without_grad(case):
+    assert_passed_on_every_rank(3, f"frozen text/{case}")
 
 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
