@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         if rows is None:
             return 0
     elif args.device.startswith("cuda"):
-        parser.error("--device cuda runs under torchrun: torchrun --nproc_per_node=<GPUs> " + __file__ + " --device cuda")
+        parser.error(f"--device cuda runs under torchrun: torchrun --nproc_per_node=<GPUs> {__file__} --device cuda")
     else:
         rows = _run_local_worlds(args, dtype)
     ok = [row for row in rows if row.get("status") == "ok"]

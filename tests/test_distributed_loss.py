@@ -106,6 +106,34 @@ def _low_precision(checks, rank, world_size, local_batch):
                                           name=f"grad {name}")
 
 
+def _triton_unavailable_reasons() -> list[str]:
+    from fastclip.backends import BACKENDS, LossInputs
+
+    return BACKENDS["triton"].not_supported_reasons(LossInputs(torch.device("cpu"), torch.float32))
+
+
+def _triton_backend(checks, rank, world_size, image, text):
+    """The Triton kernels (CPU interpreter here) through the same exchanges: open_clip's results again."""
+    upstream = _upstream(rank)
+    for local_loss, gather_with_grad in ((False, True), (True, False)):
+        reference = loss_and_grads(OpenClipLoss(local_loss, gather_with_grad, rank=rank, world_size=world_size),
+                                   image, text, CLIP_SCALE, None, upstream)
+        for impl in CLIP_IMPLS:
+            with checks(f"triton/clip/{impl}/local_loss={local_loss}/gather_with_grad={gather_with_grad}"):
+                loss = ClipLoss(local_loss, gather_with_grad, dist_impl=impl, backend="triton")
+                ours = loss_and_grads(loss, image, text, CLIP_SCALE, None, upstream)
+                for name in ("loss", "image", "text", "logit_scale"):
+                    floor = 1.0 if name == "loss" else 1e-6
+                    assert_matches_reference(ours[name], reference[name], name=name, floor=floor)
+    reference = loss_and_grads(OpenSigLipLoss(rank=rank, world_size=world_size), image, text, SIGLIP_SCALE,
+                               SIGLIP_BIAS, upstream)
+    for impl in ("bidir", "gather"):
+        with checks(f"triton/siglip/{impl}"):
+            ours = loss_and_grads(SigLipLoss(dist_impl=impl, backend="triton"), image, text, SIGLIP_SCALE,
+                                  SIGLIP_BIAS, upstream)
+            _assert_same(ours, reference, f"rank {rank}", bias_floor=1e-6)
+
+
 def _functional_reductions(checks, rank, world_size, image, text):
     weights = torch.linspace(0.5, 1.5, image.shape[0]) * _upstream(rank)  # a different g_i per pair
     for impl in CLIP_IMPLS:
@@ -145,8 +173,8 @@ class _Towers(torch.nn.Module):
         self.logit_bias = torch.nn.Parameter(torch.tensor(-2.0)) if with_bias else None
 
     def forward(self, image_inputs, text_inputs):
-        outputs = [F.normalize(image_inputs @ self.image_proj, dim=-1), F.normalize(text_inputs @ self.text_proj, dim=-1),
-                   self.logit_scale.exp()]
+        outputs = [F.normalize(image_inputs @ self.image_proj, dim=-1),
+                   F.normalize(text_inputs @ self.text_proj, dim=-1), self.logit_scale.exp()]
         return outputs + ([self.logit_bias] if self.logit_bias is not None else [])
 
 
@@ -270,6 +298,8 @@ def world_suite(rank: int, world_size: int) -> dict:
     _ddp_matches_single_process(checks, rank, world_size, local_batch)
     if world_size == 2:
         _low_precision(checks, rank, world_size, local_batch)
+        if not _triton_unavailable_reasons():
+            _triton_backend(checks, rank, world_size, image, text)
     if world_size == 3:
         _functional_reductions(checks, rank, world_size, image, text)
         _frozen_text_tower(checks, rank, world_size, image, text)
@@ -327,6 +357,15 @@ def test_ddp_averaged_gradient_equals_single_process_full_batch(world_size, case
     assert_passed_on_every_rank(world_size, f"ddp/{case}")
 
 
+@pytest.mark.parametrize("case", [f"clip/{impl}/local_loss={ll}/gather_with_grad={gwg}" for impl in CLIP_IMPLS
+                                  for ll, gwg in ((False, True), (True, False))] + ["siglip/bidir", "siglip/gather"])
+def test_triton_backend_through_the_same_exchanges(case):
+    reasons = _triton_unavailable_reasons()
+    if reasons:
+        pytest.skip("triton backend unavailable here: " + "; ".join(reasons))
+    assert_passed_on_every_rank(2, f"triton/{case}")
+
+
 @pytest.mark.parametrize("impl", CLIP_IMPLS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_within_open_clips_own_error(impl, dtype):
@@ -370,7 +409,8 @@ def test_gather_mode_moves_one_tower_each_way_half_of_open_clip(world_size):
             assert step["forward"] <= one_tower + statistics, (rank, name, step)
             assert step["backward"] <= one_tower + statistics, (rank, name, step)
             open_clip = measured["open_clip-local_loss"]
-            ours_total, open_clip_total = step["forward"] + step["backward"], open_clip["forward"] + open_clip["backward"]
+            ours_total = step["forward"] + step["backward"]
+            open_clip_total = open_clip["forward"] + open_clip["backward"]
             assert ours_total <= 0.5 * open_clip_total + 2 * statistics, (rank, name, step, open_clip)
 
 
