@@ -17,22 +17,35 @@ import triton.language as tl
 
 from .common import MERGE_BLOCK, TileConfig, _lse_merge_kernel, _similarity_tile  # noqa: F401
 
-# Tile configurations, default first. 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
-# thread at 8 warps, leaving room for the two exp tiles (row and column softmax); BLOCK_D = 64 on
-# sm90 (228 KB shared memory) and 32 on the sm80 family (sm86/89 have ~100 KB) with 3-4 stages keeps
-# the D loop fed. The interpreter config is large: its cost is per tile op, not per element.
+# Tile configurations, default first; block_d counts 16-bit elements (fp32 uses half: same bytes).
+# 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
+# thread at 8 warps, leaving room for the exp tiles of the row and column softmax; ptxas (Triton 3.8)
+# reports no spills for any listed config. Forward defaults use BLOCK_D = 32 with 4 stages: on sm90
+# that is 175 registers/thread against 255 for BLOCK_D = 64; the backward keeps 64 (239 vs 238).
+# Shared memory stays under the ~100 KB of sm86/89 for the sm80 list (stages x (BM + BN) x BD x 2 B).
+# The interpreter config is large: its cost is per tile operation, not per element.
 # FASTCLIP_AUTOTUNE=1 times every config of the GPU's list once per shape and keeps the fastest.
 CLIP_FWD_CONFIGS = {
-    "sm90": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), TileConfig(64, 128, 64, 4, 4),
-             TileConfig(128, 128, 32, 8, 4), TileConfig(64, 64, 64, 4, 3)),
+    "sm90": (TileConfig(128, 128, 32, 8, 4), TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4),
+             TileConfig(64, 128, 64, 4, 4), TileConfig(64, 64, 64, 4, 3)),
     "sm80": (TileConfig(128, 128, 32, 8, 4), TileConfig(128, 64, 32, 4, 4), TileConfig(64, 128, 32, 4, 4),
              TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 3)),
     "interpreter": (TileConfig(64, 64, 128, 4, 1),),
 }
+# With expectations the x tile stays live beside the logits: 128-wide tiles spill on sm80, so the
+# 64 x 64 tile (216 registers sm80, 168 sm90, no spill) leads that list.
+CLIP_FWD_EXPECTATION_CONFIGS = {
+    arch: (TileConfig(64, 64, 64, 4, 3),) + tuple(c for c in configs if c != TileConfig(64, 64, 64, 4, 3))
+    for arch, configs in CLIP_FWD_CONFIGS.items() if arch != "interpreter"}
+CLIP_FWD_EXPECTATION_CONFIGS["interpreter"] = CLIP_FWD_CONFIGS["interpreter"]
+CLIP_BWD_CONFIGS = {
+    "sm90": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 32, 8, 4), TileConfig(128, 64, 64, 4, 4),
+             TileConfig(64, 128, 64, 4, 4), TileConfig(64, 64, 64, 4, 3)),
+    "sm80": CLIP_FWD_CONFIGS["sm80"],
+    "interpreter": CLIP_FWD_CONFIGS["interpreter"],
+}
 # Sizes and offsets change from call to call (do_not_specialize): one compiled kernel per dtype and
 # flag set, not one per batch size. Strides and D stay specialised (16-divisibility -> vector loads).
-# The backward tile does one dot per D slice and two exp + a store per element, like the forward.
-CLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
 
 
 @triton.heuristics({"EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0})

@@ -12,13 +12,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .clip_loss import CLIP_FWD_CONFIGS
+from .clip_loss import CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS
 from .common import _log1p, _similarity_tile
 
 # One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile, so
 # the same tile shapes are GEMM-bound too. Declared per architecture like the CLIP configs.
 SIGLIP_FWD_CONFIGS = CLIP_FWD_CONFIGS
-SIGLIP_BWD_CONFIGS = CLIP_FWD_CONFIGS
+SIGLIP_BWD_CONFIGS = CLIP_BWD_CONFIGS
 
 
 @triton.heuristics({
@@ -38,8 +38,8 @@ def _siglip_loss_fwd_kernel(
 
     Math: z = -y S; softplus(z) = max(z, 0) + log1p(exp(-|z|)), exact for large |z| of either sign.
     Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits); program (pid_m, pid_s) walks the columns
-    [pid_s * cols_per_split, +cols_per_split) in BLOCK_N tiles, accumulating element-wise in an fp32
-    tile and reducing it once at the end.
+    [pid_s * cols_per_split, +cols_per_split) in BLOCK_N tiles, summing each tile into per-row fp32
+    totals (a second (BLOCK_M, BLOCK_N) accumulator beside the dot's would spill registers).
     Saved: one fp32 partial per program at partial[pid_m * n_splits + pid_s]; the launcher sums them
     in a fixed order (bitwise repeatable).
     """
@@ -49,7 +49,7 @@ def _siglip_loss_fwd_kernel(
     row_valid = rows < n_rows
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    row_totals = tl.zeros((BLOCK_M,), tl.float32)
     col_begin = pid_s * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, n_cols)
     for col_start in range(col_begin, col_end, BLOCK_N):
@@ -62,8 +62,8 @@ def _siglip_loss_fwd_kernel(
         if HAS_POSITIVES:
             z = tl.where(cols[None, :] == rows[:, None] + positive_offset, -z, z)
         softplus = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
-        total += tl.where(row_valid[:, None] & col_valid[None, :], softplus, 0.0)
-    tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_s, tl.sum(tl.sum(total, axis=1), axis=0))
+        row_totals += tl.sum(tl.where(row_valid[:, None] & col_valid[None, :], softplus, 0.0), axis=1)
+    tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_s, tl.sum(row_totals, axis=0))
 
 
 @triton.heuristics({

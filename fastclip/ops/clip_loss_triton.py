@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.kernels.clip_loss import CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS, _clip_loss_bwd_kernel, _clip_loss_fwd_kernel
+from fastclip.kernels.clip_loss import (CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS, CLIP_FWD_EXPECTATION_CONFIGS,
+                                        _clip_loss_bwd_kernel, _clip_loss_fwd_kernel)
 from fastclip.kernels.common import MERGE_BLOCK, _lse_merge_kernel
 from fastclip.ops import triton_common as common
 
@@ -49,7 +50,8 @@ def _shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
 
 def _launch_options(config, dtype: torch.dtype, dim: int) -> dict:
     return {"DOT_PRECISION": common.dot_precision(dtype), "UPCAST_DOT": common.upcast_dot(dtype),
-            "BLOCK_D": common.block_d(config, dim), **config.launch_options()}
+            "BLOCK_D": common.block_d(config, dim, torch.finfo(dtype).bits // 8),
+            **config.launch_options()}
 
 
 def _forward(image, text, scale, bias, with_expectations: bool, config):
@@ -136,7 +138,8 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     """image: (b, D), text: (n, D) fp32/fp16/bf16; scale, bias: 0-dim fp32 -> four fp32 vectors."""
     _check_inputs(image, text, scale, bias)
     key = (_shape_key(image, text), with_expectations)
-    config = common.choose_config("clip_loss_fwd", CLIP_FWD_CONFIGS, image.device, key,
+    configs = CLIP_FWD_EXPECTATION_CONFIGS if with_expectations else CLIP_FWD_CONFIGS
+    config = common.choose_config("clip_loss_fwd", configs, image.device, key,
                                   lambda cfg: _forward(image, text, scale, bias, with_expectations, cfg))
     return _forward(image, text, scale, bias, with_expectations, config)
 

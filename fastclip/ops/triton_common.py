@@ -63,9 +63,10 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def block_d(config, dim: int) -> int:
-    """The D slice: the config's, shrunk to the next power of two of a small D (>= 16 for tl.dot)."""
-    return min(config.block_d, max(16, triton_next_power_of_2(dim)))
+def block_d(config, dim: int, element_size: int = 2) -> int:
+    """The D slice: the config's (counted in 16-bit elements, so fp32 slices are half as long and
+    use the same shared memory), shrunk to the next power of two of a small D; >= 16 for tl.dot."""
+    return max(16, min(config.block_d * 2 // element_size, triton_next_power_of_2(dim)))
 
 
 def triton_next_power_of_2(value: int) -> int:
