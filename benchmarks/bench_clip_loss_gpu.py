@@ -11,6 +11,8 @@ Peers (each skipped, with the reason in the CSV, when it cannot run here):
     floor      four torch.matmul of the loss's shapes: S = I T^T (fwd), then S again, S T and S^T I
                (what any fused backward recomputes and multiplies) - 8 B^2 D FLOP for fwd+bwd
     triton     fastclip.loss.ClipLoss(backend="triton")
+    triton_ws1g  the same with a 1 GiB workspace (FASTCLIP_WORKSPACE_MB=1024, default 256): fewer
+               backward chunks, so less fp32 re-reading of grad_text - what a larger bound buys
     torch      fastclip.loss.ClipLoss(backend="torch") (chunked PyTorch)
     open_clip  open_clip.loss.ClipLoss (materialises B x B logits)
     inf_cl     Inf-CL's cal_inf_loss, symmetric = mean of the two directions (D must be a multiple of 256)
@@ -33,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PEERS = ("floor", "triton", "torch", "open_clip", "inf_cl")
+PEERS = ("floor", "triton", "triton_ws1g", "torch", "open_clip", "inf_cl")
+LARGE_WORKSPACE_MB = "1024"  # triton_ws1g: the triton backend with FASTCLIP_WORKSPACE_MB=1024
 GEMMS = {"fwd": 1, "fwd+bwd": 4}
 WORKSPACE_BYTES = 256 * 2**20
 SLOW_CALL_MS = 1500.0  # a peer slower than this per call is not run at the next (4x costlier) B
@@ -71,10 +74,10 @@ def peer_unavailable(peer: str, dim: int, device: str) -> str | None:
 
 def loss_function(peer: str):
     """(image, text, scale) -> scalar symmetric CLIP loss, for the loss peers."""
-    if peer in ("triton", "torch"):
+    if peer in ("triton", "triton_ws1g", "torch"):
         from fastclip.loss import ClipLoss
 
-        return ClipLoss(backend=peer)
+        return ClipLoss(backend="triton" if peer.startswith("triton") else peer)
     if peer == "open_clip":
         from open_clip.loss import ClipLoss
 
@@ -103,15 +106,28 @@ def make_step(peer: str, tensors, mode: str):
                 torch.matmul(logits.T, image, out=grad_text)
         return floor_step
     loss_fn = loss_function(peer)
+    workspace_mb = LARGE_WORKSPACE_MB if peer == "triton_ws1g" else os.environ.get("FASTCLIP_WORKSPACE_MB")
 
     def loss_step():
         for tensor in tensors:
             tensor.grad = None
-        loss = loss_fn(image, text, scale)
-        if mode == "fwd+bwd":
-            loss.backward()
+        previous = os.environ.get("FASTCLIP_WORKSPACE_MB")
+        _set_env("FASTCLIP_WORKSPACE_MB", workspace_mb)
+        try:
+            loss = loss_fn(image, text, scale)
+            if mode == "fwd+bwd":
+                loss.backward()
+        finally:
+            _set_env("FASTCLIP_WORKSPACE_MB", previous)
         return loss
     return loss_step
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def measure(peer: str, batch: int, dim: int, mode: str, device: str, dtype, repeats: int) -> dict:
@@ -139,10 +155,11 @@ def measure(peer: str, batch: int, dim: int, mode: str, device: str, dtype, repe
         if device == "cuda":
             torch.cuda.empty_cache()
     flops = 2.0 * GEMMS[mode] * batch * batch * dim
+    workspace = int(LARGE_WORKSPACE_MB) * 2**20 if peer == "triton_ws1g" else WORKSPACE_BYTES
     element = tensors[0].element_size()
     return {**row, **timing, "status": "ok", "tflops": flops / (timing["ms_median"] * 1e-3) / 1e12,
             "extra_peak_mb": extra / 2**20,
-            "memory_bound_mb": (2 * batch * dim * element + WORKSPACE_BYTES + 64 * batch) / 2**20,
+            "memory_bound_mb": (2 * batch * dim * element + workspace + 64 * batch) / 2**20,
             "loss": float(first.detach()) if first is not None else float("nan")}
 
 
@@ -185,13 +202,13 @@ def run(output: Path, dims, batches, modes, device: str, dtype, repeats: int, bu
                     print(_format(row), flush=True)
                 add_ratios(rows)
                 all_rows += rows
-    path = _common.append_results("clip_loss_gpu", all_rows, results_dir=output)
+                path = _common.append_results("clip_loss_gpu", rows, results_dir=output)  # kept if killed later
     for dim in dims:
         _common.plot_results([r for r in all_rows if r["D"] == dim and r.get("mode") == "fwd+bwd"], x="B",
                              series="peer", panels=[("ms_median", "fwd+bwd ms"), ("tflops", "TFLOP/s (8 B^2 D)"),
                                                     ("extra_peak_mb", "extra peak MiB")],
                              title=f"CLIP loss fwd+bwd, {device}, D={dim}", output=output / f"clip_loss_gpu_D{dim}.png")
-    print(f"wrote {path}")
+    print(f"wrote {output / 'clip_loss_gpu.csv'}")
     print(summarize(all_rows, output))
     return all_rows
 

@@ -127,16 +127,24 @@ def gemm_operand(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.device.type == "cpu" else tensor
 
 
-def _has_mm_out_dtype() -> bool:
-    return hasattr(torch.ops.aten.mm, "dtype")
+_MM_OUT_DTYPE_FAILED: set = set()  # (device index, dtype) where torch.mm(out_dtype=) raised once
 
 
 def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right as fp32, accumulated in fp32 (cuBLAS out_dtype for fp16/bf16 when torch has it)."""
+    """left @ right as fp32, accumulated in fp32.
+
+    fp16/bf16 on CUDA use cuBLAS with an fp32 output (torch.mm out_dtype, torch >= 2.8) so a chunk's
+    product is not rounded to 16 bits before it is summed; older torch falls back to a 16-bit
+    product upcast, the torch backend's precision.
+    """
     if left.dtype == torch.float32:
         return torch.mm(left, right)
-    if left.device.type == "cuda" and _has_mm_out_dtype():
-        return torch.mm(left, right, out_dtype=torch.float32)
+    key = (left.device.index, left.dtype)
+    if left.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and key not in _MM_OUT_DTYPE_FAILED:
+        try:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE_FAILED.add(key)
     return torch.mm(left, right).float()
 
 
@@ -150,6 +158,8 @@ def grad_products(grad_logits: torch.Tensor, image_rows: torch.Tensor, text: tor
     if grad_logits.dtype != text.dtype:
         grad_logits = grad_logits.to(text.dtype)
     grad_image_rows = matmul_fp32(grad_logits, text)
+    # grad_text is re-read and re-written once per chunk (8-16 bytes per element of (n, D)): the price
+    # of the bounded G workspace; a larger FASTCLIP_WORKSPACE_MB means fewer chunks.
     if grad_text is None:
         return grad_image_rows, matmul_fp32(grad_logits.t(), image_rows)
     if grad_logits.dtype == torch.float32:
