@@ -225,3 +225,15 @@ def test_gpu_deterministic_at_scale_and_chunked():
     second = run_triton(*inputs, 0, deterministic=True)
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two deterministic runs"
+
+
+@pytest.mark.gpu
+def test_gpu_autotuning_picks_a_config_that_gives_the_same_result(monkeypatch):
+    inputs = random_block(4096, 4096, 512, torch.bfloat16, seed=91)
+    default = run_triton(*inputs, 0)
+    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(triton_common, "_TUNED_CONFIGS", {})
+    tuned = run_triton(*inputs, 0)
+    assert len(triton_common._TUNED_CONFIGS) == 2, "one tuned config for the forward, one for the backward"
+    for name in default:
+        assert_matches_reference(tuned[name], default[name], name=f"autotuned {name}", rtol=1e-2)

@@ -45,7 +45,7 @@ def _check_inputs(image: torch.Tensor, text: torch.Tensor, *scalars: torch.Tenso
 
 def _shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
     bucket = common.triton_next_power_of_2
-    return bucket(image.shape[0]), bucket(text.shape[0]), image.shape[1], image.dtype
+    return bucket(image.shape[0]), bucket(text.shape[0]), image.shape[1], image.dtype, common.dot_precision(image.dtype)
 
 
 def _launch_options(config, dtype: torch.dtype, dim: int) -> dict:
@@ -134,7 +134,8 @@ def _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, po
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_triton", mutates_args=())
 def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  with_expectations: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  with_expectations: bool,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """image: (b, D), text: (n, D) fp32/fp16/bf16; scale, bias: 0-dim fp32 -> four fp32 vectors."""
     _check_inputs(image, text, scale, bias)
     key = (_shape_key(image, text), with_expectations)
