@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -68,8 +69,12 @@ class LossBackend:
         return reasons
 
     def op(self, op_name: str):
-        """The module ``fastclip.ops.<op_name>_<backend>`` (imported on first use) with ``<op_name>_fwd/_bwd``."""
-        return importlib.import_module(f"fastclip.ops.{op_name}_{self.name}")
+        """The module ``fastclip.ops.<op_name>_<backend>`` (imported on first use) with ``<op_name>_fwd/_bwd``.
+
+        An already imported module comes from ``sys.modules`` so torch.compile can trace the lookup.
+        """
+        name = f"fastclip.ops.{op_name}_{self.name}"
+        return sys.modules.get(name) or importlib.import_module(name)
 
 
 def triton_interpret_mode() -> bool:

@@ -175,8 +175,6 @@ def test_custom_ops_pass_opcheck():
                           (image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, 3, False))
 
 
-@pytest.mark.xfail(strict=True, reason="fastclip/backends.py LossBackend.op calls importlib.import_module, "
-                   "which dynamo refuses to trace; fix requested: look the module up in sys.modules first")
 def test_compiled_model_and_loss_have_no_graph_break():
     torch.manual_seed(61)
     model = torch.nn.Linear(16, 32).to(DEVICE)

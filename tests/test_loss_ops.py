@@ -54,3 +54,19 @@ def test_siglip_loss_torch_ops_opcheck():
     image, text, scale, bias = _block(37, 53, 20, seed=3)
     torch.library.opcheck(siglip_loss_torch.siglip_loss_fwd, (image, text, scale, bias, 3, False))
     torch.library.opcheck(siglip_loss_torch.siglip_loss_bwd, (image, text, scale, bias, 3, torch.tensor(0.5), False))
+
+
+def test_compiled_model_and_torch_backend_loss_have_no_graph_break():
+    from fastclip.loss import ClipLoss
+
+    torch.manual_seed(5)
+    model = torch.nn.Linear(16, 32)
+    loss_fn = ClipLoss(backend="torch")
+    step = lambda i, t, s: loss_fn(model(i), model(t), s)  # noqa: E731
+    image, text = torch.randn(37, 16), torch.randn(37, 16)
+    scale = torch.tensor(14.0, requires_grad=True)
+    eager = step(image, text, scale)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(image, text, scale)
+    compiled.backward()
+    assert_matches_reference(compiled, eager, name="compiled loss", floor=1.0)
+    assert scale.grad is not None and torch.isfinite(scale.grad)
