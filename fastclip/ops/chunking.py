@@ -62,6 +62,17 @@ def add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
         out.add_(torch.mm(left, right).to(out.dtype))
 
 
+def feature_grads_of_chunk(grad_logits: torch.Tensor, image_chunk: torch.Tensor, text: torch.Tensor,
+                           grad_image_chunk: torch.Tensor, grad_text: torch.Tensor) -> None:
+    """grad_image_chunk = G @ text and grad_text += G.T @ image_chunk (unscaled), GEMMs in the inputs' dtype."""
+    grad_gemm = grad_logits if grad_logits.dtype == image_chunk.dtype else grad_logits.to(image_chunk.dtype)
+    if grad_gemm.dtype == grad_image_chunk.dtype:
+        torch.mm(grad_gemm, text, out=grad_image_chunk)
+    else:
+        grad_image_chunk.copy_(torch.mm(grad_gemm, text))
+    add_product(grad_text, grad_gemm.t(), image_chunk)
+
+
 def uniform_value(row_coef: torch.Tensor, col_coef: torch.Tensor):
     """The common value when every row and column coefficient is the same (the "mean"/"sum" case), else None."""
     first = row_coef[:1]

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, add_product, gemm_dtype, positive_entries,
-                                   scaled_logits_into, uniform_value)
+from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype,
+                                   positive_entries, scaled_logits_into, uniform_value)
 
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
 
@@ -125,12 +125,7 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
         else:
             grad_logits.add_(logits)
             grad_logits[rows, cols] -= 2.0
-        grad_gemm = grad_logits if grad_logits.dtype == image_gemm.dtype else grad_logits.to(image_gemm.dtype)
-        if grad_gemm.dtype == accumulate:
-            torch.mm(grad_gemm, text_gemm, out=grad_image[start:stop])
-        else:
-            grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
-        add_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+        feature_grads_of_chunk(grad_logits, image_gemm[start:stop], text_gemm, grad_image[start:stop], grad_text)
     if common is not None:
         scale = scale * common
     return grad_image.mul_(scale), grad_text.mul_(scale)

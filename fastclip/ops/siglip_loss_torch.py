@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, add_product, gemm_dtype, positive_entries,
-                                   scaled_logits_into)
+from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype,
+                                   positive_entries, scaled_logits_into)
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd_torch", mutates_args=())
@@ -64,12 +64,7 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
         grad_logits.sigmoid_()
         grad_logits[rows, cols] = -torch.sigmoid(-positive_logits)  # sigmoid(S) - 1, without cancellation
         grad_bias += grad_logits.sum()
-        grad_gemm = grad_logits if grad_logits.dtype == image_gemm.dtype else grad_logits.to(image_gemm.dtype)
-        if grad_gemm.dtype == accumulate:
-            torch.mm(grad_gemm, text_gemm, out=grad_image[start:stop])
-        else:
-            grad_image[start:stop] = torch.mm(grad_gemm, text_gemm)
-        add_product(grad_text, grad_gemm.t(), image_gemm[start:stop])
+        feature_grads_of_chunk(grad_logits, image_gemm[start:stop], text_gemm, grad_image[start:stop], grad_text)
     scale = scale * grad_coef  # G = grad_coef * (sigmoid(S) - [pos]): the coefficient goes on the outputs
     grad_bias = grad_bias * grad_coef
     return grad_image.mul_(scale), grad_text.mul_(scale), grad_bias
