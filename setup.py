@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     packages=packages,
     package_dir={"fastclip.kernels": "kernels"},
-    package_data={"fastclip": ["data/assets/*"]},
+    package_data={"fastclip": ["assets/*"]},  # the CLIP BPE vocabulary and its licence
     install_requires=[
         "torch>=2.4",
         "numpy",
