@@ -27,19 +27,30 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def seeded_transform(transform: Callable, image, seed: int, epoch: int, index: int):
+    """``transform(image)`` with torch's RNG seeded from (seed, epoch, index), the caller's RNG untouched.
+
+    A worker's RNG stream otherwise depends on which samples it drew before, which differs between
+    an uninterrupted epoch and one resumed in the middle.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        return transform(image)
+
+
 class CsvDataset(Dataset):
     """Image-caption pairs listed in a CSV, decoded lazily (works in DataLoader workers).
 
     ``dataset[i]`` returns ``(image, tokens, skipped)``: image (3, H, W) float from ``transform``,
     tokens (context_length,) int64 from ``tokenizer``, and ``skipped`` = how many unreadable images were
     passed over to produce this sample (see :func:`first_readable`). Relative image paths are resolved
-    against the CSV's folder. With ``seeded_transform=True`` random augmentations draw from a generator
+    against the CSV's folder. With ``seed_augmentation=True`` random augmentations draw from a generator
     seeded by (seed, epoch, index), so a resumed run sees the same pixels as an uninterrupted one.
     """
 
     def __init__(self, csv_path: str | Path, transform: Callable, tokenizer: Callable, *,
                  img_key: str = "filepath", caption_key: str = "title", separator: str = "\t",
-                 seed: int = 0, seeded_transform: bool = False):
+                 seed: int = 0, seed_augmentation: bool = False):
         rows = read_csv_rows(csv_path, separator)
         if not rows:
             raise ValueError(f"{csv_path} has no rows")
@@ -54,7 +65,7 @@ class CsvDataset(Dataset):
         self.transform = transform
         self.tokenizer = tokenizer
         self.seed = seed
-        self.seeded_transform = seeded_transform
+        self.seed_augmentation = seed_augmentation
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -68,10 +79,8 @@ class CsvDataset(Dataset):
 
     def __getitem__(self, index: int):
         image, index, skipped = first_readable(index, len(self), self._load)
-        if self.seeded_transform:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-                pixels = self.transform(image)
+        if self.seed_augmentation:
+            pixels = seeded_transform(self.transform, image, self.seed, self.epoch, index)
         else:
             pixels = self.transform(image)
         return pixels, self.tokenizer([self.captions[index]])[0], skipped

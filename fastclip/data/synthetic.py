@@ -12,6 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fastclip.data import shapes
+from fastclip.data.csv_dataset import seeded_transform
 
 
 class SyntheticShapesDataset(Dataset):
@@ -19,7 +20,7 @@ class SyntheticShapesDataset(Dataset):
 
     ``dataset[i]`` returns ``(image, tokens, 0)`` like :class:`~fastclip.data.csv_dataset.CsvDataset`:
     image (3, H, W) float from ``transform`` (applied to a PIL image of ``image_size``), tokens
-    (context_length,) int64.
+    (context_length,) int64. Random augmentations draw from a (seed, epoch, index)-seeded generator.
     """
 
     def __init__(self, num_samples: int, transform: Callable, tokenizer: Callable, *, image_size: int = 64,
@@ -42,7 +43,7 @@ class SyntheticShapesDataset(Dataset):
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # the images do not change between epochs; kept for the loader's interface
+        self.epoch = epoch  # the drawings stay, the random augmentation of each changes per epoch
 
     def example(self, index: int):
         """(PIL image, caption, label) of sample ``index``."""
@@ -58,5 +59,6 @@ class SyntheticShapesDataset(Dataset):
 
     def __getitem__(self, index: int):
         image, caption, _ = self.example(index)
-        return self.transform(image), self.tokenizer([caption])[0], 0
+        pixels = seeded_transform(self.transform, image, self.seed, self.epoch, index)
+        return pixels, self.tokenizer([caption])[0], 0
 

@@ -22,8 +22,6 @@ EMBEDDED_PRESET = {
     "wd": 0.1,
     "warmup": 40,
     "workers": 1,
-    "embedded_train_size": 12800,
-    "embedded_val_size": 512,
 }
 #: Defaults for flags the preset does not set (open_clip's values where it has the flag).
 GENERIC_DEFAULTS = {
@@ -34,8 +32,6 @@ GENERIC_DEFAULTS = {
     "wd": 0.2,
     "warmup": 10000,
     "workers": 4,
-    "embedded_train_size": 24000,
-    "embedded_val_size": 1024,
 }
 
 
@@ -62,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "captions name positions that a random crop would move)")
     data.add_argument("--cache-dir", default=None,
                       help="where the embedded set is generated (default $FASTCLIP_CACHE or ~/.cache/fastclip)")
-    data.add_argument("--embedded-train-size", type=int, default=None, help="images in the embedded train split")
+    data.add_argument("--embedded-train-size", type=int, default=None,
+                      help="images in the embedded train split (default: ShapesConfig's)")
     data.add_argument("--embedded-val-size", type=int, default=None,
-                      help="images in each embedded held-out split (seen; shifted; unseen gets half)")
+                      help="images in the seen and shifted held-out splits; unseen gets half")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None, help="a fastclip model name")
     model.add_argument("--pretrained", default=None, help="local path of weights to start from")
+    model.add_argument("--force-image-size", type=int, default=None,
+                       help="train at this image size instead of the config's (position embeddings resized)")
     model.add_argument("--attn-impl", default="auto", choices=("auto", "sdpa", "xformers", "math"))
     model.add_argument("--grad-checkpointing", action="store_true")
     model.add_argument("--patch-dropout", type=float, default=0.0)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -46,7 +47,8 @@ def build_model(args, ctx: DistributedContext):
 
     model = fastclip.create_model(args.model, pretrained=args.pretrained, attn_impl=args.attn_impl,
                                   grad_checkpointing=args.grad_checkpointing, patch_dropout=args.patch_dropout,
-                                  device=ctx.device, dtype=parameter_dtype(args.precision))
+                                  device=ctx.device, dtype=parameter_dtype(args.precision),
+                                  image_size=args.force_image_size)
     image_size = model.config.vision.image_size
     return model, image_size, model.context_length
 
@@ -79,7 +81,7 @@ def build_train_data(args, ctx: DistributedContext, image_size: int, context_len
 
         dataset = CsvDataset(args.train_data, train_transform, tokenizer, img_key=args.csv_img_key,
                              caption_key=args.csv_caption_key, separator=args.csv_separator, seed=args.seed,
-                             seeded_transform=augment)
+                             seed_augmentation=augment)
     elif args.dataset_type == "synthetic":
         from fastclip.data.synthetic import SyntheticShapesDataset
 
@@ -99,9 +101,13 @@ def build_train_data(args, ctx: DistributedContext, image_size: int, context_len
 def prepare_embedded_set(args, ctx: DistributedContext, image_size: int) -> Path:
     from fastclip.data.shapes import ShapesConfig, ensure_shapes_dataset
 
-    val = args.embedded_val_size
-    config = ShapesConfig(image_size=image_size, train_size=args.embedded_train_size, val_seen_size=val,
-                          val_unseen_size=max(64, val // 2), val_shifted_size=val)
+    config = ShapesConfig(image_size=image_size)
+    if args.embedded_train_size:
+        config = dataclasses.replace(config, train_size=args.embedded_train_size)
+    if args.embedded_val_size:
+        val = args.embedded_val_size
+        config = dataclasses.replace(config, val_seen_size=val, val_unseen_size=max(64, val // 2),
+                                     val_shifted_size=val)
     root = None
     if ctx.is_main:
         root = ensure_shapes_dataset(config, args.cache_dir, log=lambda message: _say(ctx, message))
@@ -153,7 +159,7 @@ def run(args, ctx: DistributedContext) -> dict:
     ddp_model = model
     if ctx.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     optimizer, optimizer_name = build_optimizer(model, lr=args.lr, weight_decay=args.wd,
                                                 betas=(args.beta1, args.beta2), eps=args.eps)
     total_steps = args.epochs * data.num_batches

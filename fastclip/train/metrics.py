@@ -41,7 +41,7 @@ class MetricsLogger:
                              desc="train")
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps the resumed run will redo (atomic rewrite)."""
+        """On resume from ``step``, drop lines of later steps: the resumed run redoes them (atomic rewrite)."""
         if not self.path.exists():
             return
         kept = []
@@ -50,7 +50,7 @@ class MetricsLogger:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill
-            if record.get("step", -1) < step or record.get("kind") == "event":
+            if record.get("step", -1) <= step:
                 kept.append(line)
         descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.")
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:

@@ -1,0 +1,154 @@
+"""``fastclip eval --task zeroshot|retrieval|linear-probe``: evaluate a checkpoint.
+
+    fastclip eval --task zeroshot --checkpoint runs/x/checkpoints/step_00000200          # embedded set
+    fastclip eval --task zeroshot --checkpoint model.safetensors --data val.csv \\
+        --classnames classes.txt --label-key label --templates imagenet
+    fastclip eval --task retrieval --checkpoint model.safetensors --data pairs.csv
+    fastclip eval --task linear-probe --checkpoint ckpt --train-data train.csv --data test.csv --shots 16
+
+Without ``--data`` the embedded shapes set is used (generated if missing): zero-shot prints the same
+table as ``fastclip train``; retrieval uses its seen split; the linear probe trains on its train split.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+TASKS = ("zeroshot", "retrieval", "linear-probe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastclip eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a trainer checkpoint folder, or a weights file (.safetensors/.pt/.bin)")
+    parser.add_argument("--model", default=None, help="config name (default: read from the checkpoint)")
+    parser.add_argument("--data", default=None, help="evaluation CSV or shards (default: the embedded set)")
+    parser.add_argument("--train-data", default=None, help="linear probe: the CSV to fit on")
+    parser.add_argument("--dataset-type", choices=("csv", "webdataset"), default="csv")
+    parser.add_argument("--num-samples", type=int, default=None, help="webdataset: samples to read")
+    parser.add_argument("--csv-img-key", default="filepath")
+    parser.add_argument("--csv-caption-key", default="title")
+    parser.add_argument("--csv-separator", default="\t")
+    parser.add_argument("--label-key", default="label", help="CSV column with integer class labels")
+    parser.add_argument("--classnames", default=None, help="text file, one class name per line (label order)")
+    parser.add_argument("--templates", default=None,
+                        help="imagenet | shapes | single | a file with one '{}' template per line")
+    parser.add_argument("--shots", type=int, default=None, help="linear probe: k examples per class")
+    parser.add_argument("--weight-decay", type=float, default=1e-3, help="linear probe L2 strength")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cache-dir", default=None, help="embedded set location")
+    parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    return parser
+
+
+def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.device, precision: str):
+    """The model of a trainer checkpoint folder or a weights file, in eval mode."""
+    import fastclip
+    from fastclip.train.checkpoint import MODEL_FILE, load_checkpoint
+    from fastclip.train.precision import parameter_dtype
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        load_checkpoint(path)  # verifies the checksums; raises CorruptCheckpointError
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {checkpoint!r} is neither a checkpoint folder nor a weights file")
+    model = fastclip.model_from_state_dict(str(path), name=model_name)
+    return model.to(device=device, dtype=parameter_dtype(precision)).eval()
+
+
+def _csv_features(model, csv_path, args, transform, tokenizer, device):
+    from fastclip.data.collate import collate_pairs
+    from fastclip.data.csv_dataset import CsvDataset
+    from fastclip.eval.features import encode_images
+
+    dataset = CsvDataset(csv_path, transform, tokenizer, img_key=args.csv_img_key,
+                         caption_key=args.csv_caption_key, separator=args.csv_separator)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=collate_pairs)
+    return dataset, encode_images(model, loader, device, args.precision)
+
+
+def _labels(dataset, key: str) -> torch.Tensor:
+    if key not in dataset.rows[0]:
+        raise ValueError(f"the CSV has no label column {key!r} (columns: {list(dataset.rows[0])}); set --label-key")
+    return torch.tensor([int(row[key]) for row in dataset.rows])
+
+
+def run(args) -> dict:
+    import fastclip
+    from fastclip.eval.features import encode_texts
+    from fastclip.eval.linear_probe import linear_probe
+    from fastclip.eval.retrieval import caption_groups, retrieval_recall
+    from fastclip.eval.templates import load_templates
+    from fastclip.eval.zeroshot import build_zero_shot_classifier, zero_shot_accuracy
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model_for_eval(args.checkpoint, args.model, device, args.precision)
+    transform = fastclip.image_transform(model.config.vision.image_size, train=False)
+    tokenizer = functools.partial(fastclip.tokenize, context_length=model.context_length, truncate=True)
+
+    if args.data is None:
+        from fastclip.data.shapes import ShapesConfig, ensure_shapes_dataset
+
+        root = ensure_shapes_dataset(ShapesConfig(image_size=model.config.vision.image_size), args.cache_dir)
+        if args.task == "zeroshot":
+            from fastclip.eval.embedded import evaluate_embedded, format_report
+
+            results = evaluate_embedded(model, root, transform=transform, tokenizer=tokenizer, device=device,
+                                        precision=args.precision, batch_size=args.batch_size,
+                                        workers=args.workers)
+            print(format_report(results))
+            return results
+        args.data = str(root / "val_seen.csv")
+        args.train_data = args.train_data or str(root / "train.csv")
+    if args.dataset_type != "csv":
+        raise ValueError("fastclip eval reads CSV files; convert shards with the webdataset tools first")
+
+    dataset, image_features = _csv_features(model, args.data, args, transform, tokenizer, device)
+    if args.task == "zeroshot":
+        if args.classnames is None:
+            raise ValueError("--task zeroshot on your own data needs --classnames (one name per line)")
+        classnames = [line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()]
+        templates = load_templates(args.templates or "imagenet")
+        classifier = build_zero_shot_classifier(model, classnames, templates, tokenizer, device, args.precision)
+        results = zero_shot_accuracy(image_features, classifier, _labels(dataset, args.label_key))
+        results.update(classes=len(classnames), templates=len(templates), images=len(dataset))
+    elif args.task == "retrieval":
+        text_features = encode_texts(model, dataset.captions, tokenizer, device, args.precision)
+        results = retrieval_recall(image_features, text_features, groups=caption_groups(dataset.captions))
+        results["pairs"] = len(dataset)
+    else:
+        if args.train_data is None:
+            raise ValueError("--task linear-probe needs --train-data (the CSV to fit the probe on)")
+        train_set, train_features = _csv_features(model, args.train_data, args, transform, tokenizer, device)
+        results = linear_probe(train_features, _labels(train_set, args.label_key), image_features,
+                               _labels(dataset, args.label_key), shots=args.shots, weight_decay=args.weight_decay)
+        results.update(shots=args.shots or "all", train_images=len(train_features), test_images=len(dataset))
+    print(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastclip eval``; returns the exit status."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        results = run(args)
+    except ValueError as error:
+        print(f"fastclip eval: {error}", file=sys.stderr)
+        return 2
+    if args.output:
+        from fastclip.train.main import _atomic_write_json
+
+        _atomic_write_json(Path(args.output), results)
+    return 0
