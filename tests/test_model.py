@@ -324,7 +324,7 @@ def test_compile_traces_one_graph_with_autograd(tiny):
 
 @pytest.mark.slow
 def test_compile_inductor_trains():
-    """The default backend (inductor, C++ codegen on CPU): ~3 min on 2 cores, hence slow."""
+    """The default backend (inductor, C++ codegen on CPU): ~3 min on 2 cores with a cold inductor cache."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_model("fastclip-tiny")
