@@ -240,8 +240,9 @@ class Attention(nn.Module):
     def forward_rows(self, x: torch.Tensor, index: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
         """The attention output at one query row per sample: x (B, L, D), index (B,) -> (B, D).
 
-        Keys and values come from every row; with ``causal`` row ``index[b]`` sees rows ``<= index[b]``.
-        Equal to ``forward(x, causal=causal)[arange(B), index]`` at 1/L of the query and output cost.
+        Keys and values come from every row; with ``causal`` row ``index[b]`` sees rows ``<= index[b]``
+        (a (B, L) key mask: one query row needs no L x L mask either). Equal to
+        ``forward(x, causal=causal)[arange(B), index]`` at 1/L of the query and output cost.
         """
         batch, length, width = x.shape
         rows = x[torch.arange(batch, device=x.device), index]
