@@ -52,7 +52,14 @@ def test_ddp_with_local_loss_and_accumulation_equals_one_process_on_the_global_b
     distributed = load_file(str(checkpoint.list_checkpoints(output_dir)[-1] / "model.safetensors"))
     single = load_file(str(checkpoint.list_checkpoints(tmp_path)[-1] / "model.safetensors"))
     for name, expected in single.items():
-        torch.testing.assert_close(distributed[name], expected, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        actual = distributed[name]
+        if name.endswith("attn.in_proj_bias"):
+            # The key bias has an identically zero gradient (softmax is shift invariant), so AdamW turns
+            # the two runs' different rounding noise into updates of size lr: compare the q and v parts.
+            width = expected.shape[0] // 3
+            actual = torch.cat([actual[:width], actual[2 * width:]])
+            expected = torch.cat([expected[:width], expected[2 * width:]])
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
     torch.manual_seed(5)  # the trainer's seeded initialisation: training really moved the weights
     initial = fastclip.create_model("fastclip-tiny", image_size=32).state_dict()
     moved = max((single[name] - initial[name]).abs().max().item() for name in single)
