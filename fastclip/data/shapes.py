@@ -1,9 +1,9 @@
 """The embedded procedural image-caption set: coloured shapes on backgrounds, written as PNG + CSV.
 
 Each image shows one shape. Its **class** is the (colour, shape) combination, e.g. "red star": 8 shapes x
-8 colours = 64 classes. Size, position, background, a small rotation and a colour jitter are nuisance
-attributes that the captions describe but the class ignores, so the model has to learn *which words go
-with which pixels*, as CLIP does on the web.
+8 colours = 64 classes. Size, position, background, a colour jitter and pixel noise are nuisance
+attributes (the captions describe the first three) that the class ignores, so the model has to learn
+*which words go with which pixels*, as CLIP does on the web.
 
 Splits (one CSV each, open_clip's layout: tab-separated ``filepath`` and ``title`` columns plus attribute
 columns that evaluation uses):
@@ -16,8 +16,10 @@ columns that evaluation uses):
   appear in training: a distribution shift, as the CLIP paper's robustness tables report.
 
 Why 64 colour-shape classes: colour alone is trivial and shape alone (8 classes) gives a weak
-zero-shot test of text; 64 combinations give a chance level of 1/64 and a compositional held-out split,
-yet a 4-layer ViT at 64x64 learns them in a few CPU minutes.
+zero-shot test of text; 64 combinations give a chance level of 1/64 and a compositional held-out split.
+Colour is learnt within ~50 steps; shape is the hard part (measured: a small ViT stays at chance on
+shape for 400 steps, a small ResNet reaches ~80 % in 400 steps at 32 px), which is why the default
+run trains ``RN-Tiny`` at 32 px and why the shapes fill a good part of the image.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ COLOURS = {
 }
 PLAIN_BACKGROUNDS = {"black": (12, 12, 12), "white": (242, 242, 242), "gray": (128, 128, 128)}
 SHIFTED_BACKGROUNDS = ("striped", "checkered", "noisy")
-SIZES = {"small": (0.11, 0.16), "large": (0.22, 0.30)}  # radius as a fraction of the image side
+# radius as a fraction of the image side: large enough that 8 shapes stay distinct at 32 px
+SIZES = {"small": (0.20, 0.25), "large": (0.30, 0.38)}
 POSITIONS = {  # centre region (x0, x1, y0, y1) as fractions of the side
     "top left": (0.0, 0.45, 0.0, 0.45),
     "top right": (0.55, 1.0, 0.0, 0.45),
@@ -84,13 +87,13 @@ def held_out_combinations() -> set[tuple[str, str]]:
 class ShapesConfig:
     """Sizes of the generated splits; ``version`` is part of the cache key."""
 
-    image_size: int = 64
-    train_size: int = 24000
+    image_size: int = 32
+    train_size: int = 16000
     val_seen_size: int = 1024
     val_unseen_size: int = 512
     val_shifted_size: int = 1024
     seed: int = 0
-    version: int = 1
+    version: int = 2
 
     def cache_name(self) -> str:
         return (f"shapes-v{self.version}-s{self.image_size}-n{self.train_size}-{self.val_seen_size}-"
@@ -196,7 +199,7 @@ def render_example(rng: np.random.Generator, size_px: int, colour: str, shape: s
     low_y, high_y = max(margin, y0 * size_px), min(size_px - margin, y1 * size_px)
     cx = rng.uniform(low_x, max(low_x, high_x))
     cy = rng.uniform(low_y, max(low_y, high_y))
-    angle = rng.uniform(-0.3, 0.3)
+    angle = 0.0  # upright: a rotated square reads as a diamond at 32 px
     mask = np.asarray(draw_shape_mask(shape, size_px, cx, cy, radius, angle), np.float32)[..., None] / 255.0
     tint = np.clip(np.array(COLOURS[colour], np.float32) + rng.uniform(-18, 18, size=3), 0, 255)
     pixels = _background(background, size_px, rng) * (1 - mask) + tint * mask

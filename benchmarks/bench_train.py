@@ -1,0 +1,269 @@
+"""Benchmark: one full training step of fastclip's trainer vs open_clip's, samples/s and peak memory.
+
+    python benchmarks/bench_train.py --quick           # CPU, a few minutes: CSV/JSON/PNG in results/
+    python benchmarks/bench_train.py --device cuda --configs ViT-B-32:256 ViT-B-16:128 --precision amp_bf16
+
+A step is what each trainer does per batch: ``zero_grad -> model(image, text) -> contrastive loss ->
+backward -> AdamW step -> clamp logit_scale``.
+
+- fastclip: ``fastclip.create_model`` + ``fastclip.loss.ClipLoss`` + the trainer's own step
+  (``fastclip.train.accumulation.forward_backward`` and ``loop.optimizer_update``: fused AdamW where
+  torch has it, non-finite guard, tokens trimmed to the batch's longest caption as the loader does).
+- open_clip: ``open_clip`` model of the same config (same weights) + ``open_clip.ClipLoss`` + the
+  step of ``open_clip_train/train.py`` (``torch.optim.AdamW`` with its default implementation, 77-token
+  inputs as open_clip's tokenizer gives).
+
+Same config, batch, precision and captions; with and without gradient checkpointing. Step times come
+from one process per case that runs the two libraries round-robin (same machine load for both: CPU
+machines here are shared; one thread per process by default, as in bench_model.py); peak memory from
+a fresh process per variant (CUDA: max_memory_allocated; CPU: peak-RSS growth over one step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import RESULTS_DIR, append_results, plot_results, run_case_in_subprocess, time_function  # noqa: E402
+
+NAME = "bench_train"
+QUICK_CPU = [("fastclip-tiny", 64), ("RN-Tiny", 128)]
+FULL_CPU = QUICK_CPU + [("ViT-B-32", 16)]
+LIBRARIES = ("fastclip", "open_clip")
+
+
+def _captions(count: int) -> list[str]:
+    rng = random.Random(0)
+    words = "a photo of red blue small large circle square star on the gray white background in top left".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) for _ in range(count)]
+
+
+class TrainStep:
+    """One library's model, loss and optimiser on fixed inputs; ``__call__`` runs one training step."""
+
+    def __init__(self, case: dict, library: str):
+        import torch
+
+        import fastclip
+        from fastclip.data.collate import trim_padding
+        from fastclip.model import CONFIGS
+
+        self.case, self.library = case, library
+        self.device = torch.device(case["device"])
+        config = CONFIGS[case["config"]]
+        torch.manual_seed(0)
+        reference = fastclip.create_model(case["config"], grad_checkpointing=case["grad_checkpointing"])
+        size = config.vision.image_size
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(case["batch"], 3, size, size, generator=generator).to(self.device)
+        tokens = fastclip.tokenize(_captions(case["batch"]))
+        if library == "fastclip":
+            from fastclip.loss import ClipLoss
+            from fastclip.train.optim import build_optimizer
+
+            self.model = reference.to(self.device)
+            self.loss = ClipLoss()
+            self.optimizer, _ = build_optimizer(self.model, lr=1e-4, weight_decay=0.2)
+            self.tokens = trim_padding(tokens).to(self.device)
+        else:
+            import open_clip
+
+            model = open_clip.model.CLIP(**config.to_open_clip(), output_dict=True)
+            model.load_state_dict(reference.state_dict())
+            model.set_grad_checkpointing(case["grad_checkpointing"])
+            self.model = model.to(self.device)
+            self.loss = open_clip.ClipLoss()
+            decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+            other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+            self.optimizer = torch.optim.AdamW([{"params": other, "weight_decay": 0.0},
+                                                {"params": decay, "weight_decay": 0.2}], lr=1e-4)
+            self.tokens = tokens.to(self.device)
+        self.model.train()
+        self.scaler = torch.amp.GradScaler(self.device.type) if case["precision"] == "amp" else None
+
+    def __call__(self) -> None:
+        import math
+
+        import torch
+
+        from fastclip.train.precision import autocast
+
+        if self.library == "fastclip":
+            from types import SimpleNamespace
+
+            from fastclip.train.accumulation import forward_backward
+            from fastclip.train.loop import optimizer_update
+            from fastclip.train.optim import find_parameter
+
+            loss = forward_backward(self.model, self.loss, self.images, self.tokens, precision=self.case["precision"],
+                                    device=self.device, scaler=self.scaler)
+            parts = SimpleNamespace(scaler=self.scaler, optimizer=self.optimizer, grad_clip_norm=None,
+                                    trainable=list(self.model.parameters()), ctx=_SingleProcess(),
+                                    logit_scale=find_parameter(self.model, "logit_scale"))
+            optimizer_update(parts, loss)
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.case["precision"], self.device):
+            output = self.model(self.images, self.tokens)
+            loss = self.loss(output["image_features"], output["text_features"], output["logit_scale"])
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+
+class _SingleProcess:
+    @staticmethod
+    def any_true(flag: bool) -> bool:
+        return bool(flag)
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_memory(case: dict) -> dict:
+    """Child process: peak memory of one step (after a warm-up step) above the state before it."""
+    import torch
+
+    step = TrainStep(case, case["library"])
+    step()
+    _synchronize(step.device)
+    if step.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        from bench_model import _peak_rss, _reset_peak_rss
+
+        base = _reset_peak_rss()
+        step()
+        peak = _peak_rss() - base
+    return {**case, "peak_mb": peak / 2**20, "status": "ok"}
+
+
+def measure_time(case: dict) -> list[dict]:
+    """Child process: both libraries built side by side, timed round-robin. One row per library."""
+    steps = {library: TrainStep(case, library) for library in LIBRARIES}
+    samples = {library: [] for library in LIBRARIES}
+    for library in LIBRARIES:
+        steps[library]()  # warm-up (allocator, lazy init, autotuning)
+    for _ in range(case["repeats"]):
+        for library in LIBRARIES:
+            samples[library].append(time_function(steps[library], device=case["device"], warmup=0, repeats=1))
+    rows = []
+    for library in LIBRARIES:
+        medians = sorted(sample["ms_median"] for sample in samples[library])
+        middle = medians[len(medians) // 2]
+        rows.append({**case, "library": library, "ms_median": middle, "ms_p20": medians[int(0.2 * (len(medians) - 1))],
+                     "ms_p80": medians[int(round(0.8 * (len(medians) - 1)))],
+                     "samples_per_s": case["batch"] / (middle / 1e3), "status": "ok"})
+    return rows
+
+
+def _child(case: dict) -> None:
+    threads = case.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if case["what"] == "memory":
+        print(json.dumps(measure_memory(case)))
+    else:
+        print(json.dumps({"rows": measure_time(case), **case}))
+
+
+def run(configs, *, device: str, precision: str, repeats: int, threads: int | None) -> list[dict]:
+    script = Path(__file__).resolve()
+    rows = []
+    for config, batch in configs:
+        for checkpointing in (False, True):
+            case = {"config": config, "batch": batch, "device": device, "precision": precision,
+                    "grad_checkpointing": checkpointing, "repeats": repeats, "threads": threads}
+            timing = run_case_in_subprocess(script, {**case, "what": "time"})
+            if "rows" not in timing:
+                print(f"{config} ckpt={checkpointing}: {timing.get('status')}")
+                continue
+            for row in timing["rows"]:
+                memory = run_case_in_subprocess(script, {**case, "what": "memory", "library": row["library"]})
+                row = {key: value for key, value in row.items() if key not in ("what", "rows")}
+                row["peak_mb"] = memory.get("peak_mb")
+                rows.append(row)
+            fast, ref = timing["rows"]
+            print(f"{config:<14} B={batch:<4} ckpt={str(checkpointing):<5} fastclip {fast['samples_per_s']:8.1f} /s  "
+                  f"open_clip {ref['samples_per_s']:8.1f} /s  ratio {fast['samples_per_s'] / ref['samples_per_s']:.2f}x  "
+                  f"peak MB {rows[-2]['peak_mb']:.0f} vs {rows[-1]['peak_mb']:.0f}", flush=True)
+    for index in range(0, len(rows) - 1, 2):
+        rows[index]["speedup_vs_open_clip"] = rows[index]["samples_per_s"] / rows[index + 1]["samples_per_s"]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="small CPU configs, few repeats")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"))
+    parser.add_argument("--configs", nargs="*", default=None, help="NAME:BATCH ...")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU default 1)")
+    args = parser.parse_args(argv)
+    if args.case:
+        _child(json.loads(args.case))
+        return 0
+    if args.configs:
+        configs = [(item.split(":")[0], int(item.split(":")[1])) for item in args.configs]
+    else:
+        configs = QUICK_CPU if args.quick or args.device == "cpu" else [("ViT-B-32", 256), ("ViT-B-16", 128)]
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    repeats = args.repeats or (5 if args.quick else 9)
+    rows = run(configs, device=args.device, precision=args.precision, repeats=repeats, threads=threads)
+    if not rows:
+        return 1
+    append_results(NAME, rows)
+    suffix = "cpu" if args.device == "cpu" else "gpu"
+    for row in rows:
+        row["variant"] = f"{row['library']}{' +ckpt' if row['grad_checkpointing'] else ''}"
+        row["model_index"] = [config for config, _ in configs].index(row["config"]) + 1
+    plot_results(rows, x="model_index", series="variant", log_x=False, output=RESULTS_DIR / f"{NAME}_{suffix}.png",
+                 panels=[("samples_per_s", "training samples / s"), ("peak_mb", "peak memory of a step (MB)")],
+                 title=f"training step, {args.precision}, {args.device}: "
+                       + ", ".join(f"{i + 1}={c}:B{b}" for i, (c, b) in enumerate(configs)))
+    return 0
+
+
+# ------------------------------------------------------------------------------- pytest-benchmark
+
+
+def _pytest_step(library: str):
+    case = {"config": "fastclip-tiny", "batch": 32, "device": "cpu", "precision": "fp32",
+            "grad_checkpointing": False}
+    return TrainStep(case, library)
+
+
+def test_train_step_fastclip(benchmark):
+    benchmark(_pytest_step("fastclip"))
+
+
+def test_train_step_open_clip(benchmark):
+    benchmark(_pytest_step("open_clip"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
