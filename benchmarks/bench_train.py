@@ -16,7 +16,8 @@ backward -> AdamW step -> clamp logit_scale``.
 Same config, batch, precision and captions; with and without gradient checkpointing. Step times come
 from one process per case that runs the two libraries round-robin (same machine load for both: CPU
 machines here are shared; one thread per process by default, as in bench_model.py); peak memory from
-a fresh process per variant (CUDA: max_memory_allocated; CPU: peak-RSS growth over one step).
+a fresh process per variant (CUDA: max_memory_allocated; CPU: peak-RSS growth over one step, with
+glibc's mmap threshold pinned low so freed tensors leave the RSS, as in bench_model.py).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from _common import RESULTS_DIR, append_results, plot_results, run_case_in_subpr
 NAME = "bench_train"
 QUICK_CPU = [("fastclip-tiny", 64), ("RN-Tiny", 128)]
 FULL_CPU = QUICK_CPU + [("ViT-B-32", 16)]
-LIBRARIES = ("fastclip", "open_clip")
+LIBRARIES = ("fastclip", "fastclip-77tok", "open_clip")  # fastclip-77tok: same step on untrimmed tokens
 
 
 def _captions(count: int) -> list[str]:
@@ -63,14 +64,14 @@ class TrainStep:
         generator = torch.Generator().manual_seed(0)
         self.images = torch.randn(case["batch"], 3, size, size, generator=generator).to(self.device)
         tokens = fastclip.tokenize(_captions(case["batch"]))
-        if library == "fastclip":
+        if library.startswith("fastclip"):
             from fastclip.loss import ClipLoss
             from fastclip.train.optim import build_optimizer
 
             self.model = reference.to(self.device)
             self.loss = ClipLoss()
             self.optimizer, _ = build_optimizer(self.model, lr=1e-4, weight_decay=0.2)
-            self.tokens = trim_padding(tokens).to(self.device)
+            self.tokens = (tokens if library == "fastclip-77tok" else trim_padding(tokens)).to(self.device)
         else:
             import open_clip
 
@@ -94,7 +95,7 @@ class TrainStep:
 
         from fastclip.train.precision import autocast
 
-        if self.library == "fastclip":
+        if self.library.startswith("fastclip"):
             from types import SimpleNamespace
 
             from fastclip.train.accumulation import forward_backward
@@ -140,8 +141,12 @@ def measure_memory(case: dict) -> dict:
     """Child process: peak memory of one step (after a warm-up step) above the state before it."""
     import torch
 
+    import gc
+
     step = TrainStep(case, case["library"])
-    step()
+    step()  # warm-up: optimizer state, lazy inits
+    step.model.zero_grad(set_to_none=True)
+    gc.collect()
     _synchronize(step.device)
     if step.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -149,7 +154,7 @@ def measure_memory(case: dict) -> dict:
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-    else:
+    else:  # the parent pins MALLOC_MMAP_THRESHOLD_ so freed tensors leave the RSS at once
         from bench_model import _peak_rss, _reset_peak_rss
 
         base = _reset_peak_rss()
@@ -201,16 +206,23 @@ def run(configs, *, device: str, precision: str, repeats: int, threads: int | No
                 print(f"{config} ckpt={checkpointing}: {timing.get('status')}")
                 continue
             for row in timing["rows"]:
-                memory = run_case_in_subprocess(script, {**case, "what": "memory", "library": row["library"]})
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # glibc: freed blocks leave the RSS
+                try:
+                    memory = run_case_in_subprocess(script, {**case, "what": "memory", "library": row["library"]})
+                finally:
+                    del os.environ["MALLOC_MMAP_THRESHOLD_"]
                 row = {key: value for key, value in row.items() if key not in ("what", "rows")}
                 row["peak_mb"] = memory.get("peak_mb")
                 rows.append(row)
-            fast, ref = timing["rows"]
-            print(f"{config:<14} B={batch:<4} ckpt={str(checkpointing):<5} fastclip {fast['samples_per_s']:8.1f} /s  "
-                  f"open_clip {ref['samples_per_s']:8.1f} /s  ratio {fast['samples_per_s'] / ref['samples_per_s']:.2f}x  "
-                  f"peak MB {rows[-2]['peak_mb']:.0f} vs {rows[-1]['peak_mb']:.0f}", flush=True)
-    for index in range(0, len(rows) - 1, 2):
-        rows[index]["speedup_vs_open_clip"] = rows[index]["samples_per_s"] / rows[index + 1]["samples_per_s"]
+            group = rows[-len(LIBRARIES):]
+            reference = group[-1]
+            for row in group:
+                row["speedup_vs_open_clip"] = row["samples_per_s"] / reference["samples_per_s"]
+                row["memory_vs_open_clip"] = (row["peak_mb"] / reference["peak_mb"]
+                                              if row["peak_mb"] and reference["peak_mb"] else None)
+            print(f"{config:<14} B={batch:<4} ckpt={str(checkpointing):<5} " + "  ".join(
+                f"{row['library']} {row['samples_per_s']:6.1f}/s ({row['speedup_vs_open_clip']:.2f}x) "
+                f"{row['peak_mb'] or float('nan'):5.0f} MB" for row in group), flush=True)
     return rows
 
 

@@ -1,6 +1,7 @@
 """The training loop: steps, the guarded optimiser update, checkpoints and periodic evaluation."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -54,6 +55,10 @@ class TrainParts:
     trainable: list = field(default_factory=list)
 
 
+def _no_ranges(name: str):
+    return contextlib.nullcontext()
+
+
 def _gradient_norm(parameters: list, max_norm: float | None) -> torch.Tensor:
     """Total L2 norm of the gradients (clipping them to ``max_norm`` when given)."""
     grads = [p for p in parameters if p.grad is not None]
@@ -91,7 +96,7 @@ def train_step(parts: TrainParts, state: TrainState, images: torch.Tensor, token
     loss = forward_backward(parts.model, parts.loss_fn, images, tokens, precision=parts.precision,
                             device=parts.ctx.device, accum_freq=parts.accum_freq, scaler=parts.scaler,
                             ranges=parts.ranges)
-    ranges = parts.ranges or (lambda name: __import__("contextlib").nullcontext())
+    ranges = parts.ranges or _no_ranges
     with ranges("optimizer"):
         applied, grad_norm = optimizer_update(parts, loss)
     state.step += 1
@@ -137,7 +142,7 @@ def save(parts: TrainParts, state: TrainState, args) -> None:
 def run_epochs(parts: TrainParts, state: TrainState, data, args, *, total_steps: int, metrics,
                profiler=None, on_epoch_end: Callable[[int], None] | None = None) -> dict:
     """Train from ``state`` until ``total_steps`` or the last epoch. Returns timing totals."""
-    ranges = parts.ranges or (lambda name: __import__("contextlib").nullcontext())
+    ranges = parts.ranges or _no_ranges
     parts.model.train()
     train_seconds, trained_samples = 0.0, 0
     last_saved = state.step
