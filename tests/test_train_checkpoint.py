@@ -108,6 +108,16 @@ def test_resume_from_a_corrupt_checkpoint_trains_on_from_the_previous_one(uninte
     assert _losses(tmp_path / "run")[9] == _losses(uninterrupted)[9]
 
 
+def test_resume_from_an_explicit_corrupt_path_falls_back_to_its_older_sibling(uninterrupted, tmp_path):
+    older, newest = _copy_run(uninterrupted, tmp_path / "run")
+    (newest / "state.pt").write_bytes(b"junk")
+    messages = []
+    assert checkpoint.find_resume_checkpoint(str(newest), "ignored", log=messages.append).path == older
+    assert messages and "corrupt" in messages[0]
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        checkpoint.find_resume_checkpoint(str(tmp_path / "nothing"), "ignored")
+
+
 def test_every_checkpoint_corrupt_is_an_error_naming_them(uninterrupted, tmp_path):
     for path in _copy_run(uninterrupted, tmp_path / "run"):
         (path / "state.pt").write_bytes(b"junk")

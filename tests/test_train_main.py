@@ -99,6 +99,30 @@ def test_eval_cli_reproduces_the_trainer_zero_shot_numbers_and_runs_every_task(t
     assert json.loads(probe.read_text())["top1"] > 5 * CHANCE
 
 
+def test_eval_without_data_uses_the_cached_embedded_set_and_prints_the_same_table(trained, tmp_path, capsys):
+    root, printed, results = trained
+    checkpoint = root / "run" / "checkpoints" / f"step_{results['steps']:08d}"
+    capsys.readouterr()
+    assert eval_main(["--task", "zeroshot", "--checkpoint", str(checkpoint), "--cache-dir", str(root / "cache"),
+                      "--workers", "0", "--output", str(tmp_path / "table.json")]) == 0
+    table = capsys.readouterr().out
+    assert table.strip() in printed  # the trainer printed exactly this table
+    evaluation = json.loads((tmp_path / "table.json").read_text())
+    assert evaluation == pytest.approx(results["evaluation"], abs=1e-6)
+
+
+def test_training_on_a_user_csv_reports_validation_retrieval(trained, tmp_path, capsys):
+    root, _, _ = trained
+    data = _dataset_root(root)
+    argv = ["--train-data", str(data / "train.csv"), "--val-data", str(data / "val_seen.csv"), "--model", "RN-Tiny",
+            "--force-image-size", "32", "--batch-size", "16", "--max-steps", "3", "--workers", "1",
+            "--output-dir", str(tmp_path), "--no-progress"]
+    assert train_main(argv) == 0
+    evaluation = json.loads((tmp_path / "results.json").read_text())["evaluation"]
+    assert set(evaluation) == {f"val/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert "validation retrieval" in capsys.readouterr().out
+
+
 def test_module_entry_point_and_cli_router_show_the_flags():
     for command in ([sys.executable, "-m", "fastclip.train", "--help"], [sys.executable, "-m", "fastclip", "train",
                                                                           "--help"]):
@@ -114,3 +138,7 @@ def test_bad_flags_are_reported_with_the_fix(capsys):
     assert "not divisible by --accum-freq" in capsys.readouterr().err
     assert train_main(["--dataset-type", "webdataset", "--train-data", "x.tar"]) == 2
     assert "--train-num-samples" in capsys.readouterr().err
+    assert train_main(["--dataset-type", "synthetic", "--model", "no-such-model", "--output-dir", "/nonexistent/x"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert train_main(["--dataset-type", "synthetic", "--siglip", "--force-image-size", "32"]) == 2
+    assert "logit_bias" in capsys.readouterr().err

@@ -260,6 +260,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "fastclip"
 
 
+def find_cached_shapes_dataset(image_size: int, cache_dir: str | Path | None = None) -> Path | None:
+    """The most recently generated complete set of ``image_size`` in the cache (any split sizes), or None."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    prefix = f"shapes-v{ShapesConfig.version}-s{image_size}-"
+    found = [path for path in cache_dir.glob(prefix + "*") if (path / "COMPLETE").exists()] if cache_dir.is_dir() else []
+    return max(found, key=lambda path: (path / "COMPLETE").stat().st_mtime) if found else None
+
+
 def ensure_shapes_dataset(config: ShapesConfig = ShapesConfig(), cache_dir: str | Path | None = None,
                           log=print) -> Path:
     """Generate the set once (cached) and return its folder with ``<split>.csv`` files.

@@ -6,8 +6,9 @@
     fastclip eval --task retrieval --checkpoint model.safetensors --data pairs.csv
     fastclip eval --task linear-probe --checkpoint ckpt --train-data train.csv --data test.csv --shots 16
 
-Without ``--data`` the embedded shapes set is used (generated if missing): zero-shot prints the same
-table as ``fastclip train``; retrieval uses its seen split; the linear probe trains on its train split.
+Without ``--data`` the embedded shapes set is used (the newest one generated at the model's image size
+in the cache, else a fresh default one): zero-shot prints the same table as ``fastclip train``;
+retrieval uses its seen split; the linear probe trains on its train split.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"))
     parser.add_argument("--device", default=None)
-    parser.add_argument("--cache-dir", default=None, help="embedded set location")
+    parser.add_argument("--cache-dir", default=None, help="where the embedded set is cached (as for train)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     return parser
 
@@ -99,9 +100,11 @@ def run(args) -> dict:
     tokenizer = functools.partial(fastclip.tokenize, context_length=model.context_length, truncate=True)
 
     if args.data is None:
-        from fastclip.data.shapes import ShapesConfig, ensure_shapes_dataset
+        from fastclip.data.shapes import ShapesConfig, ensure_shapes_dataset, find_cached_shapes_dataset
 
-        root = ensure_shapes_dataset(ShapesConfig(image_size=model.config.vision.image_size), args.cache_dir)
+        size = model.config.vision.image_size
+        root = find_cached_shapes_dataset(size, args.cache_dir) or ensure_shapes_dataset(ShapesConfig(image_size=size),
+                                                                                          args.cache_dir)
         if args.task == "zeroshot":
             from fastclip.eval.embedded import evaluate_embedded, format_report
 

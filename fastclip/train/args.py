@@ -25,6 +25,7 @@ EMBEDDED_PRESET = {
     "wd": 0.1,
     "warmup": 20,
     "workers": 1,
+    "keep_last": 1,
 }
 #: Defaults for flags the preset does not set (open_clip's values where it has the flag).
 GENERIC_DEFAULTS = {
@@ -35,6 +36,7 @@ GENERIC_DEFAULTS = {
     "wd": 0.2,
     "warmup": 10000,
     "workers": 4,
+    "keep_last": 3,
 }
 
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", default=None, help="CSV file, or webdataset shards "
                       "('shards-{0000..0099}.tar'); omit for the embedded shapes set")
-    data.add_argument("--val-data", default=None, help="CSV/shards for validation loss and retrieval")
+    data.add_argument("--val-data", default=None, help="CSV of held-out pairs: image<->text recall@k at the end")
     data.add_argument("--dataset-type", choices=DATASET_TYPES, default=None,
                       help="default: csv (webdataset when --train-data ends in .tar)")
     data.add_argument("--train-num-samples", type=int, default=None,
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     out.add_argument("--save-frequency", type=int, default=1, help="save every N epochs (0: never)")
     out.add_argument("--save-every-n-steps", type=int, default=0, help="also save every N steps")
-    out.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
+    out.add_argument("--keep-last", type=int, default=None, help="checkpoints kept (0: all; default 3, 1 for "
+                     "the embedded run)")
     out.add_argument("--zeroshot-frequency", type=int, default=1,
                      help="zero-shot evaluation every N epochs on the embedded set (0: only at the end)")
     out.add_argument("--report-to", default="", help="'tensorboard' or '' (metrics.jsonl is always written)")
@@ -153,5 +156,7 @@ def _validate(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--report-to {unknown} is not supported; use 'tensorboard' (metrics.jsonl is "
                          "always written)")
+    if args.val_data and not str(args.val_data).endswith((".csv", ".tsv")):
+        raise ValueError("--val-data takes a CSV/TSV file (same columns as --train-data)")
     if args.gather_with_grad and not args.local_loss and args.siglip:
         raise ValueError("--gather-with-grad applies to the CLIP loss; drop it with --siglip")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from fastclip.train.args import parse_args
-from fastclip.train.checkpoint import find_resume_checkpoint, load_weights_into, restore_rng_state
+from fastclip.train.checkpoint import (CorruptCheckpointError, find_resume_checkpoint, load_weights_into,
+                                      restore_rng_state)
 from fastclip.train.distributed import DistributedContext, init_distributed, shutdown_distributed
 from fastclip.train.loop import NonFiniteAbort, TrainParts, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger
@@ -53,10 +54,13 @@ def build_model(args, ctx: DistributedContext):
     return model, image_size, model.context_length
 
 
-def build_loss(args, ctx: DistributedContext):
+def build_loss(args, ctx: DistributedContext, model):
     from fastclip.loss import ClipLoss, SigLipLoss
 
     if args.siglip:
+        if not hasattr(model, "logit_bias") or model.logit_bias is None:
+            raise ValueError(f"--siglip needs a model with a learned logit_bias; {args.model} has none "
+                             "(use e.g. --model fastclip-tiny-siglip)")
         return SigLipLoss(rank=ctx.rank, world_size=ctx.world_size)
     return ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                     rank=ctx.rank, world_size=ctx.world_size)
@@ -165,7 +169,7 @@ def run(args, ctx: DistributedContext) -> dict:
     total_steps = args.epochs * data.num_batches
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    parts = TrainParts(model=ddp_model, unwrapped=model, loss_fn=build_loss(args, ctx), optimizer=optimizer,
+    parts = TrainParts(model=ddp_model, unwrapped=model, loss_fn=build_loss(args, ctx, model), optimizer=optimizer,
                        schedule=LearningRateSchedule(args.lr, args.warmup, total_steps, args.lr_scheduler),
                        scaler=make_grad_scaler(args.precision, ctx.device),
                        logit_scale=find_parameter(model, "logit_scale"), ctx=ctx, precision=args.precision,
@@ -198,6 +202,8 @@ def run(args, ctx: DistributedContext) -> dict:
             profiler.close()
         metrics.close()
     evaluation = evaluate() if embedded_root is not None else {}
+    if args.val_data and not args.embedded:
+        evaluation.update(_evaluate_val_data(args, ctx, model, eval_transform, tokenizer))
     results = {
         "zeroshot_top1": evaluation.get("val_seen/ensemble_top1"),
         "zeroshot_top5": evaluation.get("val_seen/ensemble_top5"),
@@ -215,7 +221,7 @@ def run(args, ctx: DistributedContext) -> dict:
     }
     if ctx.is_main:
         _atomic_write_json(Path(args.output_dir) / "results.json", results)
-        if evaluation:
+        if embedded_root is not None:
             from fastclip.eval.embedded import format_report
 
             print(format_report(evaluation), flush=True)
@@ -238,6 +244,30 @@ def _evaluate_embedded(args, ctx, model, root, transform, tokenizer) -> dict:
     return results
 
 
+def _evaluate_val_data(args, ctx, model, transform, tokenizer) -> dict:
+    """Image<->text recall@1/5/10 on the --val-data pairs (rank 0; identical captions count as one)."""
+    results = {}
+    if ctx.is_main:
+        from fastclip.data.collate import collate_pairs
+        from fastclip.data.csv_dataset import CsvDataset
+        from fastclip.eval.features import encode_images, encode_texts
+        from fastclip.eval.retrieval import caption_groups, retrieval_recall
+
+        dataset = CsvDataset(args.val_data, transform, tokenizer, img_key=args.csv_img_key,
+                             caption_key=args.csv_caption_key, separator=args.csv_separator)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=min(args.workers, 2),
+                                             collate_fn=collate_pairs)
+        image_features = encode_images(model, loader, ctx.device, args.precision)
+        text_features = encode_texts(model, dataset.captions, tokenizer, ctx.device, args.precision)
+        recalls = retrieval_recall(image_features, text_features, groups=caption_groups(dataset.captions))
+        results = {f"val/{key}": value for key, value in recalls.items()}
+        print("validation retrieval: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in recalls.items()),
+              flush=True)
+        model.train()
+    ctx.barrier()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastclip train`` / ``python -m fastclip.train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastclip train: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ctx = init_distributed(args.device, args.dist_backend)
     try:
-        run(args, ctx)
+        run(args, init_distributed(args.device, args.dist_backend))
         return 0
     except NonFiniteAbort as error:
         print(f"fastclip train: aborted: {error}", file=sys.stderr)
         return 3
+    except (ValueError, ImportError, CorruptCheckpointError) as error:  # user-fixable: say what to change
+        print(f"fastclip train: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
     finally:
         shutdown_distributed()
