@@ -169,6 +169,18 @@ def test_a_read_only_output_dir_is_refused(tmp_path):
         os.chmod(tmp_path / "ro", 0o755)
 
 
+def test_a_read_only_file_system_is_refused_with_its_reason(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # what a read-only mount answers, even to root
+    with pytest.raises(ValueError, match="cannot write in .*Read-only file system"):
+        check_output_dir(tmp_path, saves_checkpoints=True)
+
+
 def test_metrics_of_redone_steps_and_torn_lines_are_moved_aside_not_cut(tmp_path):
     lines = [json.dumps({"kind": "train", "step": step, "loss": step / 10}) for step in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "tr')
@@ -271,6 +283,25 @@ def test_eval_on_a_corrupt_checkpoint_exits_2_with_the_file(base_run, tmp_path, 
     weights.write_bytes((base_run / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes()[:5000])
     assert eval_main(["--task", "retrieval", "--checkpoint", str(weights), "--workers", "0"]) == 2
     assert "damaged or truncated" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_save_exits_2_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import fastclip.train.loop as loop
+
+    save_checkpoint = loop.save_checkpoint
+
+    def full_disk_at_step_4(output_dir, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output_dir))
+        return save_checkpoint(output_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", full_disk_at_step_4)
+    assert main(synthetic_run_args(tmp_path, "--max-steps", "4")) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert _names(tmp_path) == ["step_00000002"]
+    checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step_00000002")
 
 
 @pytest.mark.parametrize("flag", ["--keep-last", "--save-every-n-steps", "--save-frequency", "--workers"])

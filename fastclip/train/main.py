@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fastclip.io import atomic_write_json
+from fastclip.model.config import get_config
 from fastclip.train.args import parse_args
 from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, load_checkpoint, load_weights_into,
                                       read_weights, restore_rng_state)
@@ -202,6 +203,7 @@ def run(args, ctx: DistributedContext) -> dict:
     """Train as ``args`` says; returns the results dict (rank 0 also writes results.json)."""
     wall_start = time.perf_counter()
     check_precision_supported(args.precision, ctx.device)
+    get_config(args.model)  # an unknown --model: the list of names, before anything is written
     plan, loaded = _prepare_output(args, ctx)  # before anything slow: a refused folder costs nothing
     args.output_dir = plan.output_dir
     seed_everything(args.seed)  # identical initial weights on every rank
