@@ -360,6 +360,8 @@ def measure_loss_case(loss_fn: Callable, make_inputs: Callable[[int], Sequence],
         baseline = reset_peak_memory(device)
         timed()
         result["extra_peak_mb"] = max(0, peak_memory(device) - baseline) / 2**20
+        result["memory_method"] = ("max_memory_allocated" if is_cuda(device) else
+                                   f"peak RSS, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}")
     if measure in ("time", "both"):
         timing = time_function(timed, setup=prepare, device=device, warmup=int(measure == "time"),
                                repeats=case["repeats"])
@@ -378,7 +380,8 @@ def measure_in_two_processes(script: Path, case: dict) -> dict:
     timing = run_case_in_subprocess(script, {**case, "measure": "time"})
     if timing.get("status") != "ok":
         return timing
-    return {**timing, "extra_peak_mb": memory["extra_peak_mb"], "measure": "both"}
+    return {**timing, "extra_peak_mb": memory["extra_peak_mb"], "memory_method": memory["memory_method"],
+            "measure": "both"}
 
 
 def materialised_memory_skip(case: dict, machine_memory: int, square_tensors: int) -> str | None:

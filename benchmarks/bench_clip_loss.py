@@ -12,7 +12,8 @@ bench_clip_loss_<device>.png.
 
 Modes: fwd (forward with autograd on, as in training), bwd (backward alone), fwd+bwd.
 Columns: median / p20 / p80 ms, extra peak memory over the inputs during the first call (CPU: the
-process's peak RSS, reset just before via /proc/self/clear_refs; CUDA: max_memory_allocated), the
+peak RSS of a fresh process with glibc's mmap threshold pinned low, reset just before via
+/proc/self/clear_refs, while times come from a second process; CUDA: max_memory_allocated), the
 loss value, and TFLOP/s counting 2·B²·D per GEMM-equivalent (fwd 1, bwd 3, fwd+bwd 4: the 8·B²·D of
 the CLIP loss). open_clip materialises B x B logits several times over; where its estimated peak
 exceeds the machine's memory the case is recorded as skipped with the estimate instead of swapping.
