@@ -476,6 +476,15 @@ def _run_case_in_process(run_case: Callable[[dict], dict], case: dict) -> dict:
         torch.cuda.empty_cache()
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Exit with status 2 and the reason when ``device`` cannot run here (e.g. cuda on a CPU machine)."""
+    import torch
+
+    if is_cuda(device) and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}, "
+                     f"CUDA build {torch.version.cuda}); run on a GPU machine or use --device cpu")
+
+
 def run_loss_sweep(args: argparse.Namespace, *, name: str, script: Path, implementations: Sequence[str],
                    run_case: Callable[[dict], dict], skip_reason: Callable[[dict, int], str | None],
                    reference: str, title: str) -> Path:
@@ -514,7 +523,8 @@ def run_loss_sweep(args: argparse.Namespace, *, name: str, script: Path, impleme
             add_peer_ratios(group, reference)
     path = append_results(name, rows, out)
     plot_results([row for row in rows if row.get("status") == "ok" and row["mode"] == "fwd+bwd"], x="batch",
-                 series="implementation", title=f"{title}, D={args.dim}, {dtype}, {device}",
+                 series="implementation",
+                 title=f"{title}, D={args.dim}, {dtype}, {device}" + (f", {args.threads} thread(s)" if args.threads else ""),
                  panels=[("ms_median", "fwd+bwd time (ms)"), ("extra_peak_mb", "extra peak memory (MB)")],
                  output=out / f"{name}_{device.split(':')[0]}.png")
     print(f"results: {path}")

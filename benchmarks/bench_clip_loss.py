@@ -24,8 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common; fastclip comes from the install / PYTHONPATH
 import _common  # noqa: E402
 
 NAME = "bench_clip_loss"
@@ -76,10 +75,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
+    _common.check_device(parser, args.device)
     _common.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(),
                            implementations=args.implementations or IMPLEMENTATIONS, run_case=run_case,
                            skip_reason=skip_reason, reference="open_clip", title="CLIP loss")

@@ -34,8 +34,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common; fastclip comes from the install / PYTHONPATH
 import _common  # noqa: E402
 
 NAME = "bench_siglip_loss"
@@ -120,10 +119,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
+    _common.check_device(parser, args.device)
     implementations = args.implementations or DEFAULT_IMPLEMENTATIONS["cuda" if args.device.startswith("cuda")
                                                                       else "cpu"]
     reference = "open_clip" if importlib.util.find_spec("open_clip") else "materialised"
