@@ -81,7 +81,6 @@ struct SharedTiles {
   static constexpr int kScratchBytes = kStatsBytes > kFloatBytes ? kStatsBytes : kFloatBytes;
   alignas(128) unsigned char main[kMainBytes];  // operand slices, then the fp32 tile
   alignas(16) unsigned char scratch[kScratchBytes];
-  float warp_totals[kThreads / 32];
 };
 
 // Blocks per SM the kernels are compiled for (__launch_bounds__): two 256-thread blocks leave 128 registers
@@ -286,20 +285,6 @@ class DeviceBlock {
   __device__ SoftmaxStats* stats_scratch() { return reinterpret_cast<SoftmaxStats*>(shared_.scratch); }
   __device__ float* float_scratch() { return reinterpret_cast<float*>(shared_.scratch); }
   __device__ void store_grad(index_t offset, float value) { grad_[offset] = from_float<Grad>(value); }
-
-  // Butterfly within each warp, then warp 0's thread 0 adds the 8 warp totals in order: bitwise repeatable.
-  __device__ float block_sum(float value) {
-    FASTCLIP_UNROLL
-    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-    if ((threadIdx.x & 31u) == 0u) shared_.warp_totals[threadIdx.x / 32u] = value;
-    __syncthreads();
-    float total = 0.f;
-    if (threadIdx.x == 0u) {
-      for (int w = 0; w < kThreads / 32; ++w) total += shared_.warp_totals[w];
-    }
-    __syncthreads();
-    return total;
-  }
 
   __device__ void multiply_tile(index_t row0, index_t col0) {
     E* image_slice = reinterpret_cast<E*>(shared_.main);

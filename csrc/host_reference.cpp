@@ -25,23 +25,23 @@ class HostBlock {
   const float* tile() const { return tile_.data(); }
   SoftmaxStats* stats_scratch() { return stats_.data(); }
   float* float_scratch() { return floats_.data(); }
-  float block_sum(float value) { return value; }
   void store_grad(index_t offset, float value) { grad_[offset] = value; }
 
-  // fp32 products accumulated in fp32 along D, zeros outside the matrices (as the device's masked loads).
+  // Products accumulated in fp64 and rounded once (the device's tensor cores accumulate in fp32, in their
+  // own order), zeros outside the matrices as the device's masked loads.
   void multiply_tile(index_t row0, index_t col0) {
     const float* image = static_cast<const float*>(image_.data);
     const float* text = static_cast<const float*>(text_.data);
     for (int r = 0; r < kBlockRows; ++r) {
       for (int c = 0; c < kBlockCols; ++c) {
-        float product = 0.f;
+        double product = 0.0;
         if (row0 + r < image_.rows && col0 + c < text_.rows) {
           for (index_t d = 0; d < dim_; ++d) {
             product += image[element_offset(row0 + r, d, image_.stride_row, image_.stride_dim)] *
                        text[element_offset(col0 + c, d, text_.stride_row, text_.stride_dim)];
           }
         }
-        tile_[r * kTileLd + c] = product;
+        tile_[r * kTileLd + c] = static_cast<float>(product);
       }
     }
   }
@@ -105,7 +105,7 @@ struct HostForwardOps {
 };
 
 // Backward shared by both losses: G chunk from a block program, then the two GEMMs
-// grad_image[chunk] = G @ text and grad_text += G.T @ image[chunk], accumulated in fp32.
+// grad_image[chunk] = G @ text and grad_text += G.T @ image[chunk] (stand-ins for cuBLAS, fp64 accumulation).
 template <class GradBlocks>
 struct HostGradOps {
   FeatureMatrix image, text;
@@ -123,21 +123,21 @@ struct HostGradOps {
     const index_t n_cols = text.rows;
     for (index_t r = 0; r < chunk.rows; ++r) {
       for (index_t d = 0; d < dim; ++d) {
-        float sum = 0.f;
+        double sum = 0.0;
         for (index_t c = 0; c < n_cols; ++c) {
           sum += workspace[r * n_cols + c] * text_data[element_offset(c, d, text.stride_row, text.stride_dim)];
         }
-        grad_image[(chunk.start + r) * dim + d] = sum;
+        grad_image[(chunk.start + r) * dim + d] = static_cast<float>(sum);
       }
     }
     for (index_t c = 0; c < n_cols; ++c) {
       for (index_t d = 0; d < dim; ++d) {
-        float sum = 0.f;
+        double sum = 0.0;
         for (index_t r = 0; r < chunk.rows; ++r) {
           sum += workspace[r * n_cols + c] *
                  image_data[element_offset(chunk.start + r, d, image.stride_row, image.stride_dim)];
         }
-        grad_text[c * dim + d] += sum;
+        grad_text[c * dim + d] += static_cast<float>(sum);
       }
     }
   }

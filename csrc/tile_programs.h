@@ -9,10 +9,11 @@
 //                                            tile() (fp32, pitch kTileLd), zeros outside the matrices;
 //                                            starts and ends with a barrier
 //   SoftmaxStats* stats_scratch(), float* float_scratch()   block-shared scratch (kStatsScratch / kFloatScratch)
-//   float block_sum(float)                   sum over the block's threads in a fixed order (valid in thread 0)
 //   void store_grad(offset, value)           G workspace store, converting to its dtype
 // Items (a row segment, a column segment, an element) are dealt to threads as item = thread + k * threads,
-// so the host build runs every item of the same code in order.
+// so the host build runs every item of the same code in order. Sums over a tile go through kThreads
+// "lanes" (lane = thread on the device) and a fixed pairwise tree (tree_sum): the host build adds in
+// exactly the device's order.
 #pragma once
 
 #include "tile_math.h"
@@ -47,6 +48,20 @@ FASTCLIP_HD bool vector_loads_ok(const void* data, index_t stride_row, index_t s
   return stride_dim == 1 && (stride_row * element_bytes) % bytes_per_vector == 0 &&
          (dim * element_bytes) % bytes_per_vector == 0 &&
          reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(bytes_per_vector) == 0;
+}
+
+// Sum of lanes[0 : kThreads) by a fixed pairwise tree; every thread of the block must call it.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <class Block>
+FASTCLIP_HD float tree_sum(Block& block, float* lanes) {
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    block.sync();
+    for (int lane = block.thread(); lane < stride; lane += block.threads()) lanes[lane] += lanes[lane + stride];
+  }
+  block.sync();
+  return lanes[0];
 }
 
 // ---- CLIP forward --------------------------------------------------------------------------------
@@ -208,22 +223,27 @@ FASTCLIP_HD void siglip_forward_block(const SiglipForwardArgs& a, Block& block, 
   const int valid_rows = static_cast<int>(min_index(kBlockRows, a.n_rows - row0));
   const index_t col_begin = split * a.cols_per_split;
   const index_t col_end = min_index(col_begin + a.cols_per_split, a.n_cols);
-  float total = 0.f;
+  float* lanes = block.float_scratch();  // lane l sums the tile elements l, l + kThreads, ... of every tile
+  for (int lane = block.thread(); lane < kThreads; lane += block.threads()) lanes[lane] = 0.f;
   for (index_t col0 = col_begin; col0 < col_end; col0 += kBlockCols) {
     const int valid_cols = static_cast<int>(min_index(kBlockCols, col_end - col0));
     block.multiply_tile(row0, col0);
     const float* tile = block.tile();
-    FASTCLIP_NO_UNROLL
-  for (int item = block.thread(); item < kBlockRows * kBlockCols; item += block.threads()) {
-      const int r = item / kBlockCols;
-      const int c = item % kBlockCols;
-      if (r < valid_rows && c < valid_cols) {
-        const float logit = scale * tile[r * kTileLd + c] + bias;
-        total += siglip_loss_term(logit, is_positive(row0 + r, col0 + c, a.positive_offset));
+    for (int lane = block.thread(); lane < kThreads; lane += block.threads()) {
+      float total = lanes[lane];
+      FASTCLIP_NO_UNROLL
+      for (int item = lane; item < kBlockRows * kBlockCols; item += kThreads) {
+        const int r = item / kBlockCols;
+        const int c = item % kBlockCols;
+        if (r < valid_rows && c < valid_cols) {
+          const float logit = scale * tile[r * kTileLd + c] + bias;
+          total += siglip_loss_term(logit, is_positive(row0 + r, col0 + c, a.positive_offset));
+        }
       }
+      lanes[lane] = total;
     }
   }
-  const float block_total = block.block_sum(total);
+  const float block_total = tree_sum(block, lanes);
   if (block.thread() == 0) a.partials[block_row * a.n_splits + split] = block_total;
 }
 
@@ -260,19 +280,23 @@ FASTCLIP_HD void siglip_grad_block(const SiglipGradArgs& a, Block& block, index_
   const int valid_cols = static_cast<int>(min_index(kBlockCols, a.n_cols - col0));
   block.multiply_tile(row0, col0);
   const float* tile = block.tile();
-  float total = 0.f;
-  FASTCLIP_NO_UNROLL
-  for (int item = block.thread(); item < kBlockRows * kBlockCols; item += block.threads()) {
-    const int r = item / kBlockCols;
-    const int c = item % kBlockCols;
-    if (r < valid_rows && c < valid_cols) {
-      const float logit = scale * tile[r * kTileLd + c] + bias;
-      const float grad = siglip_grad_value(logit, is_positive(row0 + r, col0 + c, a.positive_offset));
-      total += grad;
-      block.store_grad(element_offset(row0 + r, col0 + c, a.grad_stride, 1), grad * a.multiplier);
+  float* lanes = block.float_scratch();
+  for (int lane = block.thread(); lane < kThreads; lane += block.threads()) {
+    float total = 0.f;
+    FASTCLIP_NO_UNROLL
+    for (int item = lane; item < kBlockRows * kBlockCols; item += kThreads) {
+      const int r = item / kBlockCols;
+      const int c = item % kBlockCols;
+      if (r < valid_rows && c < valid_cols) {
+        const float logit = scale * tile[r * kTileLd + c] + bias;
+        const float grad = siglip_grad_value(logit, is_positive(row0 + r, col0 + c, a.positive_offset));
+        total += grad;
+        block.store_grad(element_offset(row0 + r, col0 + c, a.grad_stride, 1), grad * a.multiplier);
+      }
     }
+    lanes[lane] = total;
   }
-  const float block_total = block.block_sum(total);
+  const float block_total = tree_sum(block, lanes);
   if (block.thread() == 0) a.bias_partials[block_row * a.col_tiles + block_col] = block_total;
 }
 

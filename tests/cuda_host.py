@@ -153,39 +153,51 @@ class HostBackend:
 
 
 # ---- fp64 truths (materialising S) and inputs ------------------------------------------------------------
-def positives(n_rows: int, n_cols: int, positive_offset: int, dtype=torch.float64) -> torch.Tensor:
+def positives(n_rows: int, n_cols: int, positive_offset: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
     """The (n_rows, n_cols) indicator of the positive pairs j = i + positive_offset."""
-    rows = torch.arange(n_rows)
-    mask = torch.zeros(n_rows, n_cols, dtype=dtype)
+    rows = torch.arange(n_rows, device=device)
+    mask = torch.zeros(n_rows, n_cols, dtype=dtype, device=device)
     valid = (rows + positive_offset >= 0) & (rows + positive_offset < n_cols)
     mask[rows[valid], rows[valid] + positive_offset] = 1
     return mask
 
 
-def clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset) -> dict:
-    """Every output of the CLIP primitives, in fp64 from the dense S."""
-    image, text = image.double(), text.double()
+def clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset, grad_dtype=None) -> dict:
+    """Every output of the CLIP primitives from the dense S: in fp64 the truth; with grad_dtype, fp32 with
+    G rounded to that dtype before the GEMMs (what a same-dtype PyTorch backward does on a GPU: the baseline)."""
+    compute = torch.float64 if grad_dtype is None else torch.float32
+    image, text = image.to(compute), text.to(compute)
     x = image @ text.T
     logits = float(scale) * x + float(bias)
     row_lse, col_lse = logits.logsumexp(1), logits.logsumexp(0)
     row_softmax, col_softmax = (logits - row_lse[:, None]).exp(), (logits - col_lse).exp()
-    positive = positives(*logits.shape, positive_offset)
-    grad = row_coef.double()[:, None] * (row_softmax - positive) + col_coef.double() * (col_softmax - positive)
+    positive = positives(*logits.shape, positive_offset, compute, logits.device)
+    row_coef, col_coef = row_coef.to(logits.device, compute), col_coef.to(logits.device, compute)
+    grad = row_coef[:, None] * (row_softmax - positive) + col_coef * (col_softmax - positive)
+    if grad_dtype is not None:
+        grad = grad.to(grad_dtype).to(compute)
     return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * x).sum(1),
             "col_expect": (col_softmax * x).sum(0), "grad_image": float(scale) * grad @ text,
             "grad_text": float(scale) * grad.T @ image}
 
 
-def siglip_truth(image, text, scale, bias, positive_offset, grad_coef) -> dict:
-    image, text = image.double(), text.double()
+def siglip_truth(image, text, scale, bias, positive_offset, grad_coef, grad_dtype=None) -> dict:
+    """The SigLIP primitives' outputs from the dense S (fp64 truth, or the same-dtype baseline as above)."""
+    compute = torch.float64 if grad_dtype is None else torch.float32
+    image, text = image.to(compute), text.to(compute)
     logits = float(scale) * image @ text.T + float(bias)
-    signs = 2 * positives(*logits.shape, positive_offset) - 1
-    grad = float(grad_coef) * (torch.sigmoid(logits) - (signs + 1) / 2)
-    return {"loss_sum": -torch.nn.functional.logsigmoid(signs * logits).sum(), "grad_image": float(scale) * grad @ text,
-            "grad_text": float(scale) * grad.T @ image, "grad_bias": grad.sum()}
+    positive = positives(*logits.shape, positive_offset, compute, logits.device)
+    grad = torch.sigmoid(logits) - positive
+    if grad_dtype is not None:
+        grad = grad.to(grad_dtype).to(compute)
+    grad = float(grad_coef) * grad
+    return {"loss_sum": -torch.nn.functional.logsigmoid((2 * positive - 1) * logits).sum(),
+            "grad_image": float(scale) * grad @ text, "grad_text": float(scale) * grad.T @ image,
+            "grad_bias": grad.sum()}
 
 
-def random_block(n_rows: int, n_cols: int, dim: int, seed: int, *, with_bias: bool = True, dtype=torch.float32):
+def random_block(n_rows: int, n_cols: int, dim: int, seed: int, *, with_bias: bool = True, dtype=torch.float32,
+                 device="cpu"):
     """Unit-norm rows/columns with aligned pairs, a scale in [5, 50], a bias in [-5, 5] (or 0) and
     positive per-row/per-column coefficients ~1/b, 1/n."""
     generator = torch.Generator().manual_seed(seed)
@@ -196,4 +208,5 @@ def random_block(n_rows: int, n_cols: int, dim: int, seed: int, *, with_bias: bo
     bias = torch.tensor(float(torch.empty(()).uniform_(-5, 5, generator=generator)) if with_bias else 0.0)
     row_coef = torch.rand(n_rows, generator=generator) / n_rows
     col_coef = torch.rand(n_cols, generator=generator) / n_cols
-    return image.to(dtype), text.to(dtype), scale, bias, row_coef, col_coef
+    return (image.to(device, dtype), text.to(device, dtype), scale.to(device), bias.to(device), row_coef.to(device),
+            col_coef.to(device))

@@ -218,3 +218,158 @@ def test_direct_call_without_a_gpu_raises_an_error_naming_the_fix():
         clip_loss_cuda.clip_loss_fwd(image, image, zero, zero, False, False)
     with pytest.raises(TypeError, match="backend='torch'"):
         clip_loss_cuda.clip_loss_fwd(image.double(), image.double(), zero, zero, False, False)
+
+
+# ---- On a GPU ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def gpu_kernels(monkeypatch):
+    """The built kernels on this GPU, with exact fp32 products (fp32 parity with open_clip needs them;
+    TF32 has its own test). Skips when the extension is not built for this GPU."""
+    reasons = cuda_common.install_reasons()
+    if not reasons:
+        reasons = cuda_common.arch_reasons(torch.cuda.get_device_capability())
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")
+    from fastclip.ops import clip_loss_cuda
+
+    return clip_loss_cuda
+
+
+def run_cuda(op, image, text, scale, bias, row_coef, col_coef, positive_offset) -> dict:
+    outputs = dict(zip(FORWARD, op.clip_loss_fwd(image, text, scale, bias, True, True)))
+    grads = op.clip_loss_bwd(image, text, scale, bias, outputs["row_lse"], outputs["col_lse"], row_coef, col_coef,
+                             positive_offset, True)
+    return {**outputs, **dict(zip(BACKWARD, grads))}
+
+
+def gpu_case(op, dtype, n_rows, n_cols, dim, offset, seed=0):
+    inputs = cuda_host.random_block(n_rows, n_cols, dim, seed=seed or n_rows + n_cols + dim, dtype=dtype, device="cuda")
+    ours = run_cuda(op, *inputs, offset)
+    forward = clip_loss_torch.clip_loss_fwd(*inputs[:4], True, False)
+    baseline = {**dict(zip(FORWARD, forward)), **cuda_host.clip_truth(*inputs, offset, grad_dtype=dtype)}
+    for name in FORWARD + BACKWARD:
+        assert ours[name].dtype == torch.float32
+    assert_primitives_match_truth(ours, inputs, offset, dtype=dtype, baseline=baseline)
+
+
+GPU_CASES = [  # awkward sizes, D not a multiple of the 16-byte vector (repacked), b != n with offsets
+    (torch.float32, 37, 37, 200, 0), (torch.bfloat16, 37, 37, 257, 0), (torch.float16, 37, 37, 3, 0),
+    (torch.float32, 1, 1, 3, 0), (torch.bfloat16, 1, 1, 200, 0), (torch.float32, 70, 300, 257, 140),
+    (torch.float16, 70, 100, 64, 1000), (torch.float32, 300, 37, 64, -5), (torch.bfloat16, 300, 300, 200, 0),
+    (torch.float16, 1000, 1000, 768, 0), (torch.bfloat16, 4096, 16384, 512, 8192), (torch.float16, 8192, 8192, 1024, 0),
+    (torch.float32, 3001, 3001, 1280, 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,n_rows,n_cols,dim,offset", GPU_CASES)
+def test_gpu_primitives_match_the_fp64_truth(gpu_kernels, dtype, n_rows, n_cols, dim, offset):
+    gpu_case(gpu_kernels, dtype, n_rows, n_cols, dim, offset)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize,logit_bias", [(False, None), (True, -2.5)])
+def test_gpu_loss_matches_open_clip_in_fp32(gpu_kernels, normalize, logit_bias):
+    image, text = clip_like_features(1000, 200, seed=11 + normalize)
+    image, text = (3 * image).cuda(), (0.5 * text).cuda()
+    ours = loss_and_grads(ClipLoss(backend="cuda", normalize=normalize), image, text, LOGIT_SCALE, logit_bias)
+    prepare = (lambda f: F.normalize(f, dim=-1)) if normalize else (lambda f: f)
+    reference = loss_and_grads(lambda i, t, *rest: open_clip_loss()(prepare(i), prepare(t), *rest),
+                               image, text, LOGIT_SCALE, logit_bias)
+    assert_matches_reference(ours["loss"], reference["loss"], name="loss", floor=1.0)
+    for name in ("image", "text", "logit_scale"):
+        assert_matches_reference(ours[name], reference[name], name=f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_loss_is_as_accurate_as_torch_in_that_dtype(gpu_kernels, dtype):
+    image, text = clip_like_features(4096, 512, dtype, seed=21)
+    image, text = image.cuda(), text.cuda()
+    ours = loss_and_grads(ClipLoss(backend="cuda"), image, text, LOGIT_SCALE)
+    baseline = loss_and_grads(ClipLoss(backend="torch"), image, text, LOGIT_SCALE)
+    truth = loss_and_grads(ClipLoss(backend="torch"), image.double(), text.double(), LOGIT_SCALE)
+    assert_close_to_truth(ours["loss"], baseline["loss"], truth["loss"], dtype=dtype, kind="fwd", name="loss")
+    for name in ("image", "text", "logit_scale"):
+        assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind="bwd", name=f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_default_is_as_accurate_as_fp16_products(gpu_kernels, monkeypatch):
+    monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "tf32")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 needs sm80: fp32 runs as exact FMA here (covered by the fp32 cases)")
+    inputs = cuda_host.random_block(4096, 4096, 512, seed=71, device="cuda")
+    ours = run_cuda(gpu_kernels, *inputs, 0)
+    truth = cuda_host.clip_truth(*inputs, 0)
+    half = tuple(t.half() if t.dim() == 2 else t for t in inputs)
+    baseline = cuda_host.clip_truth(*half, 0, grad_dtype=torch.float32)
+    for name in ("row_lse", "col_lse", "grad_image", "grad_text"):
+        kind = "bwd" if name.startswith("grad") else "fwd"
+        assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=torch.float16, kind=kind, name=name)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_is_bitwise_repeatable_at_scale(gpu_kernels, monkeypatch):
+    monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "64")  # several backward chunks at B = 16384
+    image, text = clip_like_features(16384, 512, torch.bfloat16, seed=31)
+    image, text = image.cuda(), text.cuda()
+    first = loss_and_grads(ClipLoss(backend="cuda", deterministic=True), image, text, LOGIT_SCALE)
+    second = loss_and_grads(ClipLoss(backend="cuda", deterministic=True), image, text, LOGIT_SCALE)
+    for name in ("loss", "image", "text", "logit_scale"):
+        assert torch.equal(first[name], second[name]), f"{name} differs between two deterministic runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_every_element_is_written_with_chunked_workspaces(gpu_kernels, monkeypatch, dtype):
+    """Outputs and workspaces start as NaN; one row block per chunk forward and backward."""
+    monkeypatch.setattr(cuda_common, "POISON_BUFFERS", True)
+    monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "0.001")
+    gpu_case(gpu_kernels, dtype, 300, 200, 200, 30, seed=41)
+
+
+@pytest.mark.gpu
+def test_gpu_strided_inputs_are_read_correctly(gpu_kernels):
+    image, text, *rest = cuda_host.random_block(300, 200, 96, seed=43, dtype=torch.float16, device="cuda")
+    wide = torch.zeros(300, 192, dtype=torch.float16, device="cuda")
+    wide[:, ::2] = image
+    ours = run_cuda(gpu_kernels, wide[:, ::2], text.t().contiguous().t(), *rest, 0)
+    contiguous = run_cuda(gpu_kernels, image, text, *rest, 0)
+    for name in ours:
+        assert torch.equal(ours[name], contiguous[name]), f"{name}: strided inputs give another result"
+
+
+@pytest.mark.gpu
+def test_gpu_custom_ops_pass_opcheck(gpu_kernels):
+    image, text, scale, bias, row_coef, col_coef = cuda_host.random_block(37, 45, 20, seed=51, device="cuda")
+    torch.library.opcheck(gpu_kernels.clip_loss_fwd, (image, text, scale, bias, True, False))
+    row_lse, col_lse, _, _ = gpu_kernels.clip_loss_fwd(image, text, scale, bias, False, False)
+    torch.library.opcheck(gpu_kernels.clip_loss_bwd,
+                          (image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, 3, False))
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_and_loss_have_no_graph_break(gpu_kernels):
+    torch.manual_seed(61)
+    model = torch.nn.Linear(16, 32).cuda()
+    loss_fn = ClipLoss(backend="cuda")
+    step = lambda i, t, s: loss_fn(model(i), model(t), s)  # noqa: E731
+    image, text = torch.randn(37, 16, device="cuda"), torch.randn(37, 16, device="cuda")
+    scale = torch.tensor(LOGIT_SCALE, device="cuda", requires_grad=True)
+    eager = step(image, text, scale)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(image, text, scale)
+    compiled.backward()
+    assert_matches_reference(compiled, eager, name="compiled loss", floor=1.0)
+    assert scale.grad is not None and torch.isfinite(scale.grad)
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_auto_picks_cuda_on_sm7x_and_triton_on_sm80(gpu_kernels):
+    inputs = LossInputs(torch.device("cuda", torch.cuda.current_device()), torch.float16)
+    assert select_backend("cuda", inputs).name == "cuda", "backend='cuda' by name runs on any sm70+ GPU"
+    chosen = select_backend("auto", inputs).name
+    if torch.cuda.get_device_capability() < (8, 0):
+        assert chosen == "cuda"
+    elif not BACKENDS["triton"].not_supported_reasons(inputs):
+        assert chosen == "triton"
