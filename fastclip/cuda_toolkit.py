@@ -13,7 +13,7 @@ so setup.py can load this file before fastclip is installed.
     cuobjdump()             the Triton wheel's cuobjdump, else the toolkit's
     kernel_resources(lib)   registers, shared memory, local memory, HMMA and spill instructions per kernel
 
-Run as a script, ``--cmake-architectures`` prints the default arch list in CMake's syntax.
+Run as a script, ``--torch-arch-list`` prints that arch list for CMakeLists.txt.
 """
 from __future__ import annotations
 
@@ -262,19 +262,20 @@ def built_extension() -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
-def cmake_architectures() -> str:
-    """The default arch list (TORCH_CUDA_ARCH_LIST, else every supported arch) as CMAKE_CUDA_ARCHITECTURES."""
+def torch_arch_list() -> str:
+    """The archs setup.py builds (TORCH_CUDA_ARCH_LIST, else every supported arch, PTX on the newest) in
+    TORCH_CUDA_ARCH_LIST's own syntax, for CMakeLists.txt (torch's CMake config takes that variable)."""
     home = find_cuda_home()
     if home is None:
         raise ToolkitError("no CUDA toolkit found: set CUDA_HOME")
     archs = requested_archs(os.environ.get("TORCH_CUDA_ARCH_LIST"), supported_archs(home), nvcc_version(home))
-    return ";".join(f"{arch.number}{'' if arch.ptx else '-real'}" for arch in archs)
+    return ";".join(str(arch) for arch in archs)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--cmake-architectures"]:
+    if sys.argv[1:] == ["--torch-arch-list"]:
         try:
-            print(cmake_architectures(), end="")
+            print(torch_arch_list(), end="")
         except ToolkitError as error:
             print(error, file=sys.stderr)
             raise SystemExit(2)
