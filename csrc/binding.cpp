@@ -143,6 +143,37 @@ void matmul_fp32(at::Tensor out, const at::Tensor& left, const at::Tensor& right
 #endif
 }
 
+// What every op starts from: checked features on their device, the tile path for this GPU, the
+// vector-loadable operands, fp32 scale and bias on the device, and the current stream.
+struct OpContext {
+  c10::cuda::CUDAGuard guard;
+  TilePath path;
+  int64_t n_rows, n_cols, dim;
+  at::Tensor image_operand, text_operand, scale, bias;
+  FeatureMatrix image, text;
+  at::TensorOptions fp32;
+  cudaStream_t stream;
+
+  OpContext(const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& scale_value,
+            const at::Tensor& bias_value, bool allow_tf32)
+      : guard((check_features(image_features, text_features), image_features.device())) {
+    path = choose_path(code_arch(image_features), dtype_of(image_features), allow_tf32);
+    n_rows = image_features.size(0);
+    n_cols = text_features.size(0);
+    dim = padded_dim(image_features);
+    image_operand = vector_loadable(image_features, dim);
+    text_operand = vector_loadable(text_features, dim);
+    scale = scalar_fp32(scale_value, image_features);
+    bias = scalar_fp32(bias_value, image_features);
+    image = feature_matrix(image_operand);
+    text = feature_matrix(text_operand);
+    fp32 = image_features.options().dtype(at::kFloat);
+    stream = c10::cuda::getCurrentCUDAStream().stream();
+  }
+  const float* scale_data() const { return scale.data_ptr<float>(); }
+  const float* bias_data() const { return bias.data_ptr<float>(); }
+};
+
 // ---- CLIP forward -------------------------------------------------------------------------------------
 struct DeviceForwardOps {
   FeatureMatrix image, text;
@@ -182,22 +213,15 @@ struct DeviceForwardOps {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd(
     const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale, const at::Tensor& bias,
     bool with_expectations, bool allow_tf32, int64_t workspace_bytes, bool poison) {
-  check_features(image, text);
-  const c10::cuda::CUDAGuard guard(image.device());
-  const TilePath path = choose_path(code_arch(image), dtype_of(image), allow_tf32);
-  const int64_t n_rows = image.size(0), n_cols = text.size(0), dim = padded_dim(image);
-  const at::Tensor image_operand = vector_loadable(image, dim), text_operand = vector_loadable(text, dim);
-  const at::TensorOptions fp32 = image.options().dtype(at::kFloat);
-  const at::Tensor scale_value = scalar_fp32(scale, image), bias_value = scalar_fp32(bias, image);
-  at::Tensor row_lse = allocate({n_rows}, fp32, poison), col_lse = allocate({n_cols}, fp32, poison);
-  at::Tensor row_expect = allocate({with_expectations ? n_rows : 0}, fp32, poison);
-  at::Tensor col_expect = allocate({with_expectations ? n_cols : 0}, fp32, poison);
-  DeviceForwardOps ops{feature_matrix(image_operand), feature_matrix(text_operand), dim, path, with_expectations,
-                       poison, fp32, c10::cuda::getCurrentCUDAStream().stream(), multiprocessors(image), {}, {}, {}};
-  const ClipForwardProblem problem{n_rows, n_cols, with_expectations, workspace_bytes,
-                                   scale_value.data_ptr<float>(), bias_value.data_ptr<float>(),
-                                   row_lse.data_ptr<float>(), col_lse.data_ptr<float>(), fp32_data(row_expect),
-                                   fp32_data(col_expect)};
+  const OpContext op(image, text, scale, bias, allow_tf32);
+  at::Tensor row_lse = allocate({op.n_rows}, op.fp32, poison), col_lse = allocate({op.n_cols}, op.fp32, poison);
+  at::Tensor row_expect = allocate({with_expectations ? op.n_rows : 0}, op.fp32, poison);
+  at::Tensor col_expect = allocate({with_expectations ? op.n_cols : 0}, op.fp32, poison);
+  DeviceForwardOps ops{op.image, op.text, op.dim, op.path, with_expectations, poison, op.fp32, op.stream,
+                       multiprocessors(image), {}, {}, {}};
+  const ClipForwardProblem problem{op.n_rows, op.n_cols, with_expectations, workspace_bytes, op.scale_data(),
+                                   op.bias_data(), row_lse.data_ptr<float>(), col_lse.data_ptr<float>(),
+                                   fp32_data(row_expect), fp32_data(col_expect)};
   run_clip_forward(problem, ops);
   return {row_lse, col_lse, row_expect, col_expect};
 }
@@ -246,54 +270,41 @@ std::tuple<at::Tensor, at::Tensor> clip_loss_bwd(const at::Tensor& image, const 
                                                  const at::Tensor& row_coef, const at::Tensor& col_coef,
                                                  int64_t positive_offset, bool allow_tf32, int64_t workspace_bytes,
                                                  bool poison) {
-  check_features(image, text);
-  const c10::cuda::CUDAGuard guard(image.device());
-  const TilePath path = choose_path(code_arch(image), dtype_of(image), allow_tf32);
-  const int64_t n_rows = image.size(0), n_cols = text.size(0), dim = padded_dim(image);
-  const at::Tensor image_operand = vector_loadable(image, dim), text_operand = vector_loadable(text, dim);
+  const OpContext op(image, text, scale, bias, allow_tf32);
   const auto fp32_vector = [&](const at::Tensor& t) { return t.to(image.device(), at::kFloat).contiguous(); };
   const at::Tensor row_lse_value = fp32_vector(row_lse), col_lse_value = fp32_vector(col_lse);
   const at::Tensor row_coef_value = fp32_vector(row_coef), col_coef_value = fp32_vector(col_coef);
-  TORCH_CHECK(row_lse_value.numel() == n_rows && row_coef_value.numel() == n_rows && col_lse_value.numel() == n_cols &&
-                  col_coef_value.numel() == n_cols,
+  TORCH_CHECK(row_lse_value.numel() == op.n_rows && row_coef_value.numel() == op.n_rows &&
+                  col_lse_value.numel() == op.n_cols && col_coef_value.numel() == op.n_cols,
               "row_lse/row_coef must have one value per image row, col_lse/col_coef one per text row");
-  const at::Tensor scale_value = scalar_fp32(scale, image), bias_value = scalar_fp32(bias, image);
   const at::Tensor coef_norm =
       at::maximum(row_coef_value.abs().amax(), col_coef_value.abs().amax()).clamp_min(kMinCoefNorm).contiguous();
-  const float headroom = grad_headroom(image, path);
-  const ClipGradArgs whole{scale_value.data_ptr<float>(), bias_value.data_ptr<float>(), coef_norm.data_ptr<float>(),
-                           headroom, row_lse_value.data_ptr<float>(), col_lse_value.data_ptr<float>(),
+  const float headroom = grad_headroom(image, op.path);
+  const ClipGradArgs whole{op.scale_data(), op.bias_data(), coef_norm.data_ptr<float>(), headroom,
+                           row_lse_value.data_ptr<float>(), col_lse_value.data_ptr<float>(),
                            row_coef_value.data_ptr<float>(), col_coef_value.data_ptr<float>(),
-                           n_rows, n_cols, positive_offset, n_cols};
-  const FeatureMatrix image_matrix = feature_matrix(image_operand), text_matrix = feature_matrix(text_operand);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+                           op.n_rows, op.n_cols, positive_offset, op.n_cols};
   auto run_blocks = [&](const RowChunk& chunk, void* workspace) {
-    check_cuda(launch_clip_grad(path, clip_grad_args_for_chunk(whole, chunk), rows_of(image_matrix, chunk.start, chunk.rows),
-                                text_matrix, dim, workspace, chunk.row_blocks, stream),
+    check_cuda(launch_clip_grad(op.path, clip_grad_args_for_chunk(whole, chunk), rows_of(op.image, chunk.start, chunk.rows),
+                                op.text, op.dim, workspace, chunk.row_blocks, op.stream),
                "clip_loss_grad_kernel");
   };
-  auto ops = grad_ops(image, text, path, poison, run_blocks);
-  run_grad_chunks(n_rows, n_cols, c10::elementSize(ops.grad_dtype), workspace_bytes, ops);
-  const at::Tensor undo = grad_undo_factor(scale_value, coef_norm, headroom);
+  auto ops = grad_ops(image, text, op.path, poison, run_blocks);
+  run_grad_chunks(op.n_rows, op.n_cols, c10::elementSize(ops.grad_dtype), workspace_bytes, ops);
+  const at::Tensor undo = grad_undo_factor(op.scale, coef_norm, headroom);
   return {ops.grad_image.mul_(undo), ops.grad_text.mul_(undo)};
 }
 
 // ---- SigLIP --------------------------------------------------------------------------------------------
 at::Tensor siglip_loss_fwd(const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale,
                            const at::Tensor& bias, int64_t positive_offset, bool allow_tf32, bool poison) {
-  check_features(image, text);
-  const c10::cuda::CUDAGuard guard(image.device());
-  const TilePath path = choose_path(code_arch(image), dtype_of(image), allow_tf32);
-  const int64_t n_rows = image.size(0), n_cols = text.size(0), dim = padded_dim(image);
-  const at::Tensor image_operand = vector_loadable(image, dim), text_operand = vector_loadable(text, dim);
-  const at::Tensor scale_value = scalar_fp32(scale, image), bias_value = scalar_fp32(bias, image);
-  const index_t row_blocks = ceil_div(n_rows, kBlockRows);
-  const SplitPlan splits = plan_column_splits(row_blocks, n_cols, 2 * multiprocessors(image));
-  at::Tensor partials = allocate({row_blocks * splits.count}, image.options().dtype(at::kFloat), poison);
-  const SiglipForwardArgs args{scale_value.data_ptr<float>(), bias_value.data_ptr<float>(), n_rows, n_cols,
-                               positive_offset, splits.cols_per_split, splits.count, partials.data_ptr<float>()};
-  check_cuda(launch_siglip_forward(path, args, feature_matrix(image_operand), feature_matrix(text_operand), dim,
-                                   row_blocks, c10::cuda::getCurrentCUDAStream().stream()),
+  const OpContext op(image, text, scale, bias, allow_tf32);
+  const index_t row_blocks = ceil_div(op.n_rows, kBlockRows);
+  const SplitPlan splits = plan_column_splits(row_blocks, op.n_cols, 2 * multiprocessors(image));
+  at::Tensor partials = allocate({row_blocks * splits.count}, op.fp32, poison);
+  const SiglipForwardArgs args{op.scale_data(), op.bias_data(), op.n_rows, op.n_cols, positive_offset,
+                               splits.cols_per_split, splits.count, partials.data_ptr<float>()};
+  check_cuda(launch_siglip_forward(op.path, args, op.image, op.text, op.dim, row_blocks, op.stream),
              "siglip_loss_fwd_kernel");
   return partials.sum();
 }
@@ -302,30 +313,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd(const at::Tensor&
                                                                const at::Tensor& scale, const at::Tensor& bias,
                                                                int64_t positive_offset, const at::Tensor& grad_coef,
                                                                bool allow_tf32, int64_t workspace_bytes, bool poison) {
-  check_features(image, text);
-  const c10::cuda::CUDAGuard guard(image.device());
-  const TilePath path = choose_path(code_arch(image), dtype_of(image), allow_tf32);
-  const int64_t n_rows = image.size(0), n_cols = text.size(0), dim = padded_dim(image);
-  const at::Tensor image_operand = vector_loadable(image, dim), text_operand = vector_loadable(text, dim);
-  const at::Tensor scale_value = scalar_fp32(scale, image), bias_value = scalar_fp32(bias, image);
+  const OpContext op(image, text, scale, bias, allow_tf32);
   const at::Tensor coef = scalar_fp32(grad_coef, image);
-  const float headroom = grad_headroom(image, path);
-  const index_t col_tiles = ceil_div(n_cols, kBlockCols);
-  at::Tensor bias_partials =
-      allocate({ceil_div(n_rows, kBlockRows) * col_tiles}, image.options().dtype(at::kFloat), poison);
-  const SiglipGradArgs whole{scale_value.data_ptr<float>(), bias_value.data_ptr<float>(), headroom, n_rows, n_cols,
-                             positive_offset, n_cols, col_tiles, bias_partials.data_ptr<float>()};
-  const FeatureMatrix image_matrix = feature_matrix(image_operand), text_matrix = feature_matrix(text_operand);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const float headroom = grad_headroom(image, op.path);
+  const index_t col_tiles = ceil_div(op.n_cols, kBlockCols);
+  at::Tensor bias_partials = allocate({ceil_div(op.n_rows, kBlockRows) * col_tiles}, op.fp32, poison);
+  const SiglipGradArgs whole{op.scale_data(), op.bias_data(), headroom, op.n_rows, op.n_cols, positive_offset,
+                             op.n_cols, col_tiles, bias_partials.data_ptr<float>()};
   auto run_blocks = [&](const RowChunk& chunk, void* workspace) {
-    check_cuda(launch_siglip_grad(path, siglip_grad_args_for_chunk(whole, chunk),
-                                  rows_of(image_matrix, chunk.start, chunk.rows), text_matrix, dim, workspace,
-                                  chunk.row_blocks, stream),
+    check_cuda(launch_siglip_grad(op.path, siglip_grad_args_for_chunk(whole, chunk),
+                                  rows_of(op.image, chunk.start, chunk.rows), op.text, op.dim, workspace,
+                                  chunk.row_blocks, op.stream),
                "siglip_loss_grad_kernel");
   };
-  auto ops = grad_ops(image, text, path, poison, run_blocks);
-  run_grad_chunks(n_rows, n_cols, c10::elementSize(ops.grad_dtype), workspace_bytes, ops);
-  const at::Tensor undo = coef * scale_value / headroom;
+  auto ops = grad_ops(image, text, op.path, poison, run_blocks);
+  run_grad_chunks(op.n_rows, op.n_cols, c10::elementSize(ops.grad_dtype), workspace_bytes, ops);
+  const at::Tensor undo = coef * op.scale / headroom;
   return {ops.grad_image.mul_(undo), ops.grad_text.mul_(undo), bias_partials.sum() * coef};
 }
 

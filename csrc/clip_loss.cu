@@ -27,13 +27,8 @@ namespace {
 template <TilePath P, bool kExpectations>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
     clip_loss_fwd_kernel(ClipForwardArgs args, FeatureMatrix image, FeatureMatrix text, index_t dim) {
-  if constexpr (path_compiled(FASTCLIP_CODE_ARCH, P)) {
-    __shared__ SharedTiles<P> shared;
-    DeviceBlock<P> block(shared, image, text, dim, nullptr);
-    clip_forward_block<kExpectations>(args, block, blockIdx.x, blockIdx.y);
-  } else {
-    __trap();  // the launcher never picks a path this arch lacks (choose_path on the kernels' own arch)
-  }
+  run_block_program<P>(image, text, dim, nullptr,
+                       [&](auto& block) { clip_forward_block<kExpectations>(args, block, blockIdx.x, blockIdx.y); });
 }
 
 // stats_merge_kernel: lse = m + log l (and E[x] = w / l) from n_parts partials per index.
@@ -55,13 +50,7 @@ __global__ void __launch_bounds__(kThreads) stats_merge_kernel(MergeArgs args) {
 template <TilePath P>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
     clip_loss_grad_kernel(ClipGradArgs args, FeatureMatrix image, FeatureMatrix text, index_t dim, void* grad) {
-  if constexpr (path_compiled(FASTCLIP_CODE_ARCH, P)) {
-    __shared__ SharedTiles<P> shared;
-    DeviceBlock<P> block(shared, image, text, dim, grad);
-    clip_grad_block(args, block, blockIdx.y, blockIdx.x);
-  } else {
-    __trap();
-  }
+  run_block_program<P>(image, text, dim, grad, [&](auto& block) { clip_grad_block(args, block, blockIdx.y, blockIdx.x); });
 }
 
 }  // namespace

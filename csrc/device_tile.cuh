@@ -318,6 +318,20 @@ class DeviceBlock {
   Grad* grad_;
 };
 
+// Runs program(block) for the calling thread block with path P's tile product, or traps where this device
+// pass lacks P (the launcher never picks such a path: it chooses on the kernels' own arch).
+template <TilePath P, class Program>
+__device__ __forceinline__ void run_block_program(const FeatureMatrix& image, const FeatureMatrix& text, index_t dim,
+                                                  void* grad, Program&& program) {
+  if constexpr (path_compiled(FASTCLIP_CODE_ARCH, P)) {
+    __shared__ SharedTiles<P> shared;
+    DeviceBlock<P> block(shared, image, text, dim, grad);
+    program(block);
+  } else {
+    __trap();
+  }
+}
+
 // Calls fn(std::integral_constant<TilePath, P>) for the runtime path: one switch for every launcher.
 template <class Fn>
 cudaError_t with_path(TilePath path, Fn&& fn) {

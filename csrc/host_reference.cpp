@@ -151,9 +151,25 @@ void for_each_grad_block(const FeatureMatrix& image, const FeatureMatrix& text, 
   for (index_t block_row = 0; block_row < chunk.row_blocks; ++block_row) {
     for (index_t block_col = 0; block_col < col_tiles; ++block_col) {
       HostBlock block(rows, text, dim, workspace);
-      program(block, block_row, block_col);
+      program(block, block_row, block_col, chunk);
     }
   }
+}
+
+// Both losses' backward: G per chunk from program(block, row, col, chunk), the GEMMs, then both feature
+// gradients times `undo`. Returns the chunk count.
+template <class Program>
+index_t host_backward(const FeatureMatrix& image, const FeatureMatrix& text, index_t dim, index_t workspace_bytes,
+                      float undo, float* grad_image, float* grad_text, Program&& program) {
+  auto run_blocks = [&](auto& ops, const RowChunk& chunk) {
+    for_each_grad_block(image, text, dim, chunk, ops.workspace.data(), program);
+  };
+  std::memset(grad_text, 0, sizeof(float) * text.rows * dim);
+  HostGradOps<decltype(run_blocks)> ops{image, text, dim, grad_image, grad_text, run_blocks, {}};
+  const index_t chunks = run_grad_chunks(image.rows, text.rows, sizeof(float), workspace_bytes, ops).count;
+  for (index_t i = 0; i < image.rows * dim; ++i) grad_image[i] *= undo;
+  for (index_t i = 0; i < text.rows * dim; ++i) grad_text[i] *= undo;
+  return chunks;
 }
 
 }  // namespace
@@ -191,20 +207,12 @@ index_t fastclip_host_clip_loss_bwd(const float* image, index_t image_stride_row
   for (index_t j = 0; j < n_cols; ++j) coef_norm = larger(coef_norm, absolute(col_coef[j]));
   const ClipGradArgs whole{&scale, &bias, &coef_norm, headroom, row_lse, col_lse, row_coef, col_coef,
                            n_rows, n_cols, positive_offset, n_cols};
-  const FeatureMatrix image_matrix = host_matrix(image, n_rows, image_stride_row, image_stride_dim);
-  const FeatureMatrix text_matrix = host_matrix(text, n_cols, text_stride_row, text_stride_dim);
-  auto run_blocks = [&](auto& ops, const RowChunk& chunk) {
-    const ClipGradArgs args = clip_grad_args_for_chunk(whole, chunk);
-    for_each_grad_block(image_matrix, text_matrix, dim, chunk, ops.workspace.data(),
-                        [&](HostBlock& block, index_t row, index_t col) { clip_grad_block(args, block, row, col); });
-  };
-  std::memset(grad_text, 0, sizeof(float) * n_cols * dim);
-  HostGradOps<decltype(run_blocks)> ops{image_matrix, text_matrix, dim, grad_image, grad_text, run_blocks, {}};
-  const index_t chunks = run_grad_chunks(n_rows, n_cols, sizeof(float), workspace_bytes, ops).count;
-  const float undo = grad_undo_factor(scale, coef_norm, headroom);
-  for (index_t i = 0; i < n_rows * dim; ++i) grad_image[i] *= undo;
-  for (index_t i = 0; i < n_cols * dim; ++i) grad_text[i] *= undo;
-  return chunks;
+  return host_backward(host_matrix(image, n_rows, image_stride_row, image_stride_dim),
+                       host_matrix(text, n_cols, text_stride_row, text_stride_dim), dim, workspace_bytes,
+                       grad_undo_factor(scale, coef_norm, headroom), grad_image, grad_text,
+                       [&](HostBlock& block, index_t row, index_t col, const RowChunk& chunk) {
+                         clip_grad_block(clip_grad_args_for_chunk(whole, chunk), block, row, col);
+                       });
 }
 
 void fastclip_host_siglip_loss_fwd(const float* image, index_t image_stride_row, index_t image_stride_dim,
@@ -241,19 +249,12 @@ index_t fastclip_host_siglip_loss_bwd(const float* image, index_t image_stride_r
   std::vector<float> bias_partials(ceil_div(n_rows, kBlockRows) * col_tiles, 0.f);
   const SiglipGradArgs whole{&scale, &bias, headroom, n_rows, n_cols, positive_offset, n_cols, col_tiles,
                              bias_partials.data()};
-  const FeatureMatrix image_matrix = host_matrix(image, n_rows, image_stride_row, image_stride_dim);
-  const FeatureMatrix text_matrix = host_matrix(text, n_cols, text_stride_row, text_stride_dim);
-  auto run_blocks = [&](auto& ops, const RowChunk& chunk) {
-    const SiglipGradArgs args = siglip_grad_args_for_chunk(whole, chunk);
-    for_each_grad_block(image_matrix, text_matrix, dim, chunk, ops.workspace.data(),
-                        [&](HostBlock& block, index_t row, index_t col) { siglip_grad_block(args, block, row, col); });
-  };
-  std::memset(grad_text, 0, sizeof(float) * n_cols * dim);
-  HostGradOps<decltype(run_blocks)> ops{image_matrix, text_matrix, dim, grad_image, grad_text, run_blocks, {}};
-  const index_t chunks = run_grad_chunks(n_rows, n_cols, sizeof(float), workspace_bytes, ops).count;
-  const float undo = grad_coef * scale / headroom;
-  for (index_t i = 0; i < n_rows * dim; ++i) grad_image[i] *= undo;
-  for (index_t i = 0; i < n_cols * dim; ++i) grad_text[i] *= undo;
+  const index_t chunks = host_backward(
+      host_matrix(image, n_rows, image_stride_row, image_stride_dim),
+      host_matrix(text, n_cols, text_stride_row, text_stride_dim), dim, workspace_bytes, grad_coef * scale / headroom,
+      grad_image, grad_text, [&](HostBlock& block, index_t row, index_t col, const RowChunk& chunk) {
+        siglip_grad_block(siglip_grad_args_for_chunk(whole, chunk), block, row, col);
+      });
   double total = 0.0;
   for (float partial : bias_partials) total += partial;
   *grad_bias = static_cast<float>(total) * grad_coef;

@@ -20,13 +20,8 @@ namespace {
 template <TilePath P>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
     siglip_loss_fwd_kernel(SiglipForwardArgs args, FeatureMatrix image, FeatureMatrix text, index_t dim) {
-  if constexpr (path_compiled(FASTCLIP_CODE_ARCH, P)) {
-    __shared__ SharedTiles<P> shared;
-    DeviceBlock<P> block(shared, image, text, dim, nullptr);
-    siglip_forward_block(args, block, blockIdx.x, blockIdx.y);
-  } else {
-    __trap();  // the launcher never picks a path this arch lacks
-  }
+  run_block_program<P>(image, text, dim, nullptr,
+                       [&](auto& block) { siglip_forward_block(args, block, blockIdx.x, blockIdx.y); });
 }
 
 // siglip_loss_grad_kernel: G = d softplus(-y S) / dS for one 128 x 64 tile of a row chunk.
@@ -37,13 +32,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
 template <TilePath P>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
     siglip_loss_grad_kernel(SiglipGradArgs args, FeatureMatrix image, FeatureMatrix text, index_t dim, void* grad) {
-  if constexpr (path_compiled(FASTCLIP_CODE_ARCH, P)) {
-    __shared__ SharedTiles<P> shared;
-    DeviceBlock<P> block(shared, image, text, dim, grad);
-    siglip_grad_block(args, block, blockIdx.y, blockIdx.x);
-  } else {
-    __trap();
-  }
+  run_block_program<P>(image, text, dim, grad, [&](auto& block) { siglip_grad_block(args, block, blockIdx.y, blockIdx.x); });
 }
 
 }  // namespace

@@ -64,6 +64,34 @@ FASTCLIP_HD float tree_sum(Block& block, float* lanes) {
   return lanes[0];
 }
 
+// A tile's first row and column, and how many of its rows / columns are inside the matrix.
+struct TileSpan {
+  index_t row0;
+  index_t col0;
+  int valid_rows;
+  int valid_cols;
+};
+
+FASTCLIP_HD TileSpan tile_span(index_t row0, index_t col0, index_t row_end, index_t col_end) {
+  return TileSpan{row0, col0, static_cast<int>(min_index(kBlockRows, row_end - row0)),
+                  static_cast<int>(min_index(kBlockCols, col_end - col0))};
+}
+
+// element(r, c) for the valid elements of items first, first + step, ... of a tile, row-major (so a warp
+// reads consecutive columns of the fp32 tile and writes consecutive columns of G).
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <class Element>
+FASTCLIP_HD void for_tile_elements(const TileSpan& span, int first, int step, Element&& element) {
+  FASTCLIP_NO_UNROLL
+  for (int item = first; item < kBlockRows * kBlockCols; item += step) {
+    const int r = item / kBlockCols;
+    const int c = item % kBlockCols;
+    if (r < span.valid_rows && c < span.valid_cols) element(r, c);
+  }
+}
+
 // ---- CLIP forward --------------------------------------------------------------------------------
 struct ClipForwardArgs {
   const float* scale;  // 0-dim fp32
@@ -91,15 +119,15 @@ FASTCLIP_HD void clip_forward_block(const ClipForwardArgs& a, Block& block, inde
   const float scale = *a.scale;
   const float bias = *a.bias;
   const index_t row0 = block_row * kBlockRows;
-  const int valid_rows = static_cast<int>(min_index(kBlockRows, a.n_rows - row0));
+  const index_t col_begin = split * a.cols_per_split;
+  const index_t col_end = min_index(col_begin + a.cols_per_split, a.n_cols);
+  const int valid_rows = tile_span(row0, col_begin, a.n_rows, col_end).valid_rows;
   SoftmaxStats* row_state = block.stats_scratch();
   SoftmaxStats* row_parts = row_state + kBlockRows;
   SoftmaxStats* col_parts = row_parts + kRowSegments * kBlockRows;
   for (int r = block.thread(); r < kBlockRows; r += block.threads()) row_state[r] = empty_stats();
-  const index_t col_begin = split * a.cols_per_split;
-  const index_t col_end = min_index(col_begin + a.cols_per_split, a.n_cols);
   for (index_t col0 = col_begin; col0 < col_end; col0 += kBlockCols) {
-    const int valid_cols = static_cast<int>(min_index(kBlockCols, col_end - col0));
+    const int valid_cols = tile_span(row0, col0, a.n_rows, col_end).valid_cols;
     block.multiply_tile(row0, col0);
     const float* tile = block.tile();
     for (int item = block.thread(); item < kRowSegments * kBlockRows; item += block.threads()) {
@@ -169,35 +197,27 @@ FASTCLIP_HD void clip_grad_block(const ClipGradArgs& a, Block& block, index_t bl
   const float scale = *a.scale;
   const float bias = *a.bias;
   const float multiplier = grad_storage_multiplier(*a.coef_norm, a.headroom);
-  const index_t row0 = block_row * kBlockRows;
-  const index_t col0 = block_col * kBlockCols;
-  const int valid_rows = static_cast<int>(min_index(kBlockRows, a.n_rows - row0));
-  const int valid_cols = static_cast<int>(min_index(kBlockCols, a.n_cols - col0));
+  const TileSpan span = tile_span(block_row * kBlockRows, block_col * kBlockCols, a.n_rows, a.n_cols);
   float* row_lse = block.float_scratch();
   float* row_coef = row_lse + kBlockRows;
   float* col_lse = row_coef + kBlockRows;
   float* col_coef = col_lse + kBlockCols;
   for (int r = block.thread(); r < kBlockRows; r += block.threads()) {
-    row_lse[r] = r < valid_rows ? a.row_lse[row0 + r] : 0.f;
-    row_coef[r] = r < valid_rows ? a.row_coef[row0 + r] * multiplier : 0.f;
+    row_lse[r] = r < span.valid_rows ? a.row_lse[span.row0 + r] : 0.f;
+    row_coef[r] = r < span.valid_rows ? a.row_coef[span.row0 + r] * multiplier : 0.f;
   }
   for (int c = block.thread(); c < kBlockCols; c += block.threads()) {
-    col_lse[c] = c < valid_cols ? a.col_lse[col0 + c] : 0.f;
-    col_coef[c] = c < valid_cols ? a.col_coef[col0 + c] * multiplier : 0.f;
+    col_lse[c] = c < span.valid_cols ? a.col_lse[span.col0 + c] : 0.f;
+    col_coef[c] = c < span.valid_cols ? a.col_coef[span.col0 + c] * multiplier : 0.f;
   }
-  block.multiply_tile(row0, col0);  // its barriers also publish the vectors above
+  block.multiply_tile(span.row0, span.col0);  // its barriers also publish the vectors above
   const float* tile = block.tile();
-  FASTCLIP_NO_UNROLL
-  for (int item = block.thread(); item < kBlockRows * kBlockCols; item += block.threads()) {
-    const int r = item / kBlockCols;
-    const int c = item % kBlockCols;
-    if (r < valid_rows && c < valid_cols) {
-      const float logit = scale * tile[r * kTileLd + c] + bias;
-      const bool positive = is_positive(row0 + r, col0 + c, a.positive_offset);
-      block.store_grad(element_offset(row0 + r, col0 + c, a.grad_stride, 1),
-                       clip_grad_value(logit, row_lse[r], col_lse[c], row_coef[r], col_coef[c], positive));
-    }
-  }
+  for_tile_elements(span, block.thread(), block.threads(), [&](int r, int c) {
+    const float logit = scale * tile[r * kTileLd + c] + bias;
+    const bool positive = is_positive(span.row0 + r, span.col0 + c, a.positive_offset);
+    block.store_grad(element_offset(span.row0 + r, span.col0 + c, a.grad_stride, 1),
+                     clip_grad_value(logit, row_lse[r], col_lse[c], row_coef[r], col_coef[c], positive));
+  });
 }
 
 // ---- SigLIP forward -----------------------------------------------------------------------------------
@@ -219,27 +239,20 @@ template <class Block>
 FASTCLIP_HD void siglip_forward_block(const SiglipForwardArgs& a, Block& block, index_t block_row, index_t split) {
   const float scale = *a.scale;
   const float bias = *a.bias;
-  const index_t row0 = block_row * kBlockRows;
-  const int valid_rows = static_cast<int>(min_index(kBlockRows, a.n_rows - row0));
   const index_t col_begin = split * a.cols_per_split;
   const index_t col_end = min_index(col_begin + a.cols_per_split, a.n_cols);
   float* lanes = block.float_scratch();  // lane l sums the tile elements l, l + kThreads, ... of every tile
   for (int lane = block.thread(); lane < kThreads; lane += block.threads()) lanes[lane] = 0.f;
   for (index_t col0 = col_begin; col0 < col_end; col0 += kBlockCols) {
-    const int valid_cols = static_cast<int>(min_index(kBlockCols, col_end - col0));
-    block.multiply_tile(row0, col0);
+    const TileSpan span = tile_span(block_row * kBlockRows, col0, a.n_rows, col_end);
+    block.multiply_tile(span.row0, span.col0);
     const float* tile = block.tile();
     for (int lane = block.thread(); lane < kThreads; lane += block.threads()) {
       float total = lanes[lane];
-      FASTCLIP_NO_UNROLL
-      for (int item = lane; item < kBlockRows * kBlockCols; item += kThreads) {
-        const int r = item / kBlockCols;
-        const int c = item % kBlockCols;
-        if (r < valid_rows && c < valid_cols) {
-          const float logit = scale * tile[r * kTileLd + c] + bias;
-          total += siglip_loss_term(logit, is_positive(row0 + r, col0 + c, a.positive_offset));
-        }
-      }
+      for_tile_elements(span, lane, kThreads, [&](int r, int c) {
+        const float logit = scale * tile[r * kTileLd + c] + bias;
+        total += siglip_loss_term(logit, is_positive(span.row0 + r, span.col0 + c, a.positive_offset));
+      });
       lanes[lane] = total;
     }
   }
@@ -274,26 +287,18 @@ template <class Block>
 FASTCLIP_HD void siglip_grad_block(const SiglipGradArgs& a, Block& block, index_t block_row, index_t block_col) {
   const float scale = *a.scale;
   const float bias = *a.bias;
-  const index_t row0 = block_row * kBlockRows;
-  const index_t col0 = block_col * kBlockCols;
-  const int valid_rows = static_cast<int>(min_index(kBlockRows, a.n_rows - row0));
-  const int valid_cols = static_cast<int>(min_index(kBlockCols, a.n_cols - col0));
-  block.multiply_tile(row0, col0);
+  const TileSpan span = tile_span(block_row * kBlockRows, block_col * kBlockCols, a.n_rows, a.n_cols);
+  block.multiply_tile(span.row0, span.col0);
   const float* tile = block.tile();
   float* lanes = block.float_scratch();
   for (int lane = block.thread(); lane < kThreads; lane += block.threads()) {
     float total = 0.f;
-    FASTCLIP_NO_UNROLL
-    for (int item = lane; item < kBlockRows * kBlockCols; item += kThreads) {
-      const int r = item / kBlockCols;
-      const int c = item % kBlockCols;
-      if (r < valid_rows && c < valid_cols) {
-        const float logit = scale * tile[r * kTileLd + c] + bias;
-        const float grad = siglip_grad_value(logit, is_positive(row0 + r, col0 + c, a.positive_offset));
-        total += grad;
-        block.store_grad(element_offset(row0 + r, col0 + c, a.grad_stride, 1), grad * a.multiplier);
-      }
-    }
+    for_tile_elements(span, lane, kThreads, [&](int r, int c) {
+      const float logit = scale * tile[r * kTileLd + c] + bias;
+      const float grad = siglip_grad_value(logit, is_positive(span.row0 + r, span.col0 + c, a.positive_offset));
+      total += grad;
+      block.store_grad(element_offset(span.row0 + r, span.col0 + c, a.grad_stride, 1), grad * a.multiplier);
+    });
     lanes[lane] = total;
   }
   const float block_total = tree_sum(block, lanes);

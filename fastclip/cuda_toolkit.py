@@ -201,56 +201,47 @@ def kernel_label(mangled: str) -> dict:
             "expectations": {"0": "no", "1": "yes"}.get(match.group("expect") or "", "")}
 
 
+def _function_lines(output: str, header: str):
+    """(arch, function, line) for each line under a function header of cuobjdump's output."""
+    arch = function = None
+    for line in output.splitlines():
+        arch_match = re.match(r"\s*arch = (sm_\w+)", line)
+        header_match = re.match(header, line)
+        if arch_match:
+            arch, function = arch_match.group(1), None
+        elif header_match:
+            function = header_match.group(1)
+        elif function:
+            yield arch, function, line
+
+
 def kernel_resources(library: Path, tool: Path | None = None) -> list[dict]:
     """One row per (arch, kernel) of a built library: registers, static shared memory, local memory,
     stack, and counts of HMMA (tensor core) and STL/LDL (local memory, i.e. spill) instructions."""
     tool = tool or cuobjdump()
     if tool is None:
         raise ToolkitError("no cuobjdump: pip install triton (it ships one) or install the CUDA toolkit")
-    usage = subprocess.run([str(tool), "-res-usage", str(library)], capture_output=True, text=True, check=True).stdout
+    dump = lambda option: subprocess.run([str(tool), option, str(library)], capture_output=True, text=True,  # noqa: E731
+                                         check=True).stdout
     rows: dict[tuple[str, str], dict] = {}
-    arch = ""
-    function = None
-    for line in usage.splitlines():
-        arch_match = re.match(r"\s*arch = (sm_\w+)", line)
-        if arch_match:
-            arch = arch_match.group(1)
-            continue
-        function_match = re.match(r"\s*Function (\S+):", line)
-        if function_match:
-            function = function_match.group(1)
-            continue
+    for arch, function, line in _function_lines(dump("-res-usage"), r"\s*Function (\S+):"):
         resources = dict(re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", line))
-        if function and resources:
+        if resources:
             rows[(arch, function)] = {"arch": arch, **kernel_label(function), "registers": int(resources["REG"]),
                                       "shared_bytes": int(resources.get("SHARED", 0)),
                                       "local_bytes": int(resources.get("LOCAL", 0)),
                                       "stack_bytes": int(resources.get("STACK", 0)), "hmma": 0, "spill_instructions": 0,
                                       "instructions": 0, "trap_only": False, "mangled": function}
-            function = None
-    sass = subprocess.run([str(tool), "-sass", str(library)], capture_output=True, text=True, check=True).stdout
-    arch = ""
-    current = None
-    for line in sass.splitlines():
-        arch_match = re.match(r"\s*arch = (sm_\w+)", line)
-        if arch_match:
-            arch = arch_match.group(1)
+    for arch, function, line in _function_lines(dump("-sass"), r"\s*Function : (\S+)"):
+        row = rows.get((arch, function))
+        opcode = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if row is None or opcode is None:
             continue
-        function_match = re.match(r"\s*Function : (\S+)", line)
-        if function_match:
-            current = rows.get((arch, function_match.group(1)))
-            continue
-        if current is None or not re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
-            continue
-        current["instructions"] += 1
-        opcode = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
-        name = opcode.group(1) if opcode else ""
-        if name.startswith("HMMA"):
-            current["hmma"] += 1
-        if name.startswith(("STL", "LDL")):
-            current["spill_instructions"] += 1
-        if name.startswith("BPT.TRAP"):
-            current["trap_only"] = True
+        name = opcode.group(1)
+        row["instructions"] += 1
+        row["hmma"] += name.startswith("HMMA")
+        row["spill_instructions"] += name.startswith(("STL", "LDL"))
+        row["trap_only"] |= name.startswith("BPT.TRAP")
     for row in rows.values():  # a stub for a path this arch lacks: a trap and the padding after it
         row["trap_only"] = row["trap_only"] and row["shared_bytes"] == 0 and row["hmma"] == 0
     return sorted(rows.values(), key=lambda r: (r["arch"], r["kernel"], r["path"], r["expectations"]))

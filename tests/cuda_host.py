@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -46,6 +47,30 @@ FP16_HEADROOM = 256.0
 
 def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+@pytest.fixture(scope="session")
+def host_library(tmp_path_factory) -> ctypes.CDLL:
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the host build")
+    return build(tmp_path_factory.mktemp("cuda_host")).library
+
+
+@pytest.fixture
+def host(host_library) -> "HostBuild":
+    """The host build (compiled once per session) with default knobs (import both fixtures into a module)."""
+    return HostBuild(host_library)
+
+
+def skip_without_gpu_kernels(monkeypatch) -> None:
+    """Skip unless the built extension runs on this GPU; then exact fp32 products (fp32 parity with
+    open_clip needs them; TF32 has its own test)."""
+    from fastclip.ops import cuda_common
+
+    reasons = cuda_common.install_reasons() or cuda_common.arch_reasons(torch.cuda.get_device_capability())
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")
 
 
 def build(directory: Path) -> "HostBuild":
@@ -150,6 +175,17 @@ class HostBackend:
         if op_name == "clip_loss":
             return SimpleNamespace(clip_loss_fwd=self.host.clip_loss_fwd, clip_loss_bwd=self.host.clip_loss_bwd)
         return SimpleNamespace(siglip_loss_fwd=self.host.siglip_loss_fwd, siglip_loss_bwd=self.host.siglip_loss_bwd)
+
+
+def assert_outputs_match_truth(ours: dict, baseline: dict, truth: dict, dtype) -> None:
+    """Every output of ``ours`` written (no NaN left from a poisoned buffer) and within the error bars of
+    tests/numerics.py against the same-dtype baseline; "grad_*" outputs are judged as backward."""
+    from tests.numerics import assert_close_to_truth
+
+    for name, value in ours.items():
+        assert not value.isnan().any(), f"{name} has elements no kernel wrote"
+        kind = "bwd" if name.startswith("grad") else "fwd"
+        assert_close_to_truth(value, baseline[name], truth[name], dtype=dtype, kind=kind, name=name)
 
 
 # ---- fp64 truths (materialising S) and inputs ------------------------------------------------------------

@@ -17,19 +17,13 @@ from fastclip.loss import ClipLoss
 from fastclip.ops import clip_loss_torch, cuda_common
 from fastclip.ops.clip_loss import ClipLossFunction
 from tests import cuda_host
+from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
 from tests.loss_utils import clip_like_features, loss_and_grads
 from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 LOGIT_SCALE = 1 / 0.07
 FORWARD = ("row_lse", "col_lse", "row_expect", "col_expect")
 BACKWARD = ("grad_image", "grad_text")
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    if cuda_host.compiler() is None:
-        pytest.skip("no C++ compiler for the host build")
-    return cuda_host.build(tmp_path_factory.mktemp("cuda_host"))
 
 
 def open_clip_loss():
@@ -54,10 +48,8 @@ def torch_primitives(image, text, scale, bias, row_coef, col_coef, positive_offs
 def assert_primitives_match_truth(ours, inputs, positive_offset, dtype=torch.float32, baseline=None):
     truth = cuda_host.clip_truth(*inputs, positive_offset)
     baseline = baseline or torch_primitives(*(t.float() for t in inputs), positive_offset)
-    for name in FORWARD + BACKWARD:
-        kind = "bwd" if name.startswith("grad") else "fwd"
-        assert not ours[name].isnan().any(), f"{name} has elements no kernel wrote"
-        assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind=kind, name=name)
+    assert set(ours) == set(FORWARD + BACKWARD)
+    cuda_host.assert_outputs_match_truth(ours, baseline, truth, dtype)
 
 
 # ---- Host build: the shared tile math without a GPU ---------------------------------------------------------
@@ -223,14 +215,7 @@ def test_direct_call_without_a_gpu_raises_an_error_naming_the_fix():
 # ---- On a GPU ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def gpu_kernels(monkeypatch):
-    """The built kernels on this GPU, with exact fp32 products (fp32 parity with open_clip needs them;
-    TF32 has its own test). Skips when the extension is not built for this GPU."""
-    reasons = cuda_common.install_reasons()
-    if not reasons:
-        reasons = cuda_common.arch_reasons(torch.cuda.get_device_capability())
-    if reasons:
-        pytest.skip("; ".join(reasons))
-    monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")
+    cuda_host.skip_without_gpu_kernels(monkeypatch)
     from fastclip.ops import clip_loss_cuda
 
     return clip_loss_cuda

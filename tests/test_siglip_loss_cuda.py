@@ -13,18 +13,12 @@ from fastclip.loss import SigLipLoss
 from fastclip.ops import cuda_common, siglip_loss_torch
 from fastclip.ops.siglip_loss import SigLipLossFunction
 from tests import cuda_host
+from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
 from tests.loss_utils import clip_like_features, loss_and_grads
 from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 SCALE, BIAS = 10.0, -10.0  # SigLIP's initialisation
 BACKWARD = ("grad_image", "grad_text", "grad_bias")
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    if cuda_host.compiler() is None:
-        pytest.skip("no C++ compiler for the host build")
-    return cuda_host.build(tmp_path_factory.mktemp("cuda_host"))
 
 
 def open_clip_loss():
@@ -48,10 +42,8 @@ def assert_primitives_match_truth(ours, inputs, positive_offset, dtype=torch.flo
     if baseline is None:
         args = (image.float(), text.float(), scale, bias, positive_offset)
         baseline = run_primitives(siglip_loss_torch, *args, grad_coef)
-    for name in ("loss_sum",) + BACKWARD:
-        kind = "bwd" if name.startswith("grad") else "fwd"
-        assert not ours[name].isnan().any(), f"{name} has elements no kernel wrote"
-        assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind=kind, name=name)
+    assert set(ours) == {"loss_sum", *BACKWARD}
+    cuda_host.assert_outputs_match_truth(ours, baseline, truth, dtype)
 
 
 # ---- Host build -------------------------------------------------------------------------------------------
@@ -126,10 +118,7 @@ def test_fake_kernels_on_fake_cuda_tensors():
 # ---- On a GPU ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def gpu_kernels(monkeypatch):
-    reasons = cuda_common.install_reasons() or cuda_common.arch_reasons(torch.cuda.get_device_capability())
-    if reasons:
-        pytest.skip("; ".join(reasons))
-    monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")
+    cuda_host.skip_without_gpu_kernels(monkeypatch)
     from fastclip.ops import siglip_loss_cuda
 
     return siglip_loss_cuda
