@@ -55,6 +55,46 @@ if [ $env_status -ne 0 ]; then
     exit 1
 fi
 
+# ---- CUDA C++ backend (csrc/): build fastclip._C for this GPU, then its tests ---------------------------
+# Builds out of tree into a scratch folder (installs nothing) and links the library into the source view.
+# CUDA_BUILD=0 skips it; limits: CUDA_BUILD_TIMEOUT_S, CUDA_TESTS_TIMEOUT_S. Logs: cuda_build.log,
+# cuda_tests.log/.xml, kernel_report_cuda.csv.
+CUDA_BUILD_TIMEOUT_S="${CUDA_BUILD_TIMEOUT_S:-240}"
+CUDA_TESTS_TIMEOUT_S="${CUDA_TESTS_TIMEOUT_S:-150}"
+cuda_status=0
+if [ "${CUDA_BUILD:-1}" = "0" ]; then
+    echo "CUDA_BUILD=0: the cuda backend is not built or tested" | tee "$OUT/cuda_build.log"
+elif ! command -v nvcc >/dev/null 2>&1 && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    echo "no nvcc on PATH or in CUDA_HOME: the cuda backend cannot be built here (tests skip)" | tee "$OUT/cuda_build.log"
+elif ! CUDA_ARCH="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)"; then
+    echo "no CUDA device: the cuda backend is built for the GPU it runs on, so nothing is built here" \
+        | tee "$OUT/cuda_build.log"
+else
+    CUDA_BUILD_DIR="$(mktemp -d)"
+    echo "building fastclip._C for sm ${CUDA_ARCH} (limit ${CUDA_BUILD_TIMEOUT_S} s)" | tee "$OUT/cuda_build.log"
+    build_start=$(date +%s)
+    (cd "$REPO" && FASTCLIP_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$CUDA_ARCH" timeout "$CUDA_BUILD_TIMEOUT_S" \
+        "$PYTHON" setup.py -q build_ext --build-lib "$CUDA_BUILD_DIR/lib" --build-temp "$CUDA_BUILD_DIR/tmp") \
+        >> "$OUT/cuda_build.log" 2>&1
+    cuda_status=$?
+    echo "build exit status $cuda_status after $(( $(date +%s) - build_start )) s" | tee -a "$OUT/cuda_build.log"
+    built="$(ls "$CUDA_BUILD_DIR"/lib/fastclip/_C*.so 2>/dev/null | head -1)"
+    if [ $cuda_status -eq 0 ] && [ -n "$built" ]; then
+        ln -sf "$built" "$SRC/fastclip/$(basename "$built")"
+        "$PYTHON" "$REPO/benchmarks/kernel_report_cuda.py" --library "$built" --out-dir "$OUT" >> "$OUT/cuda_build.log" 2>&1
+        timeout "$CUDA_TESTS_TIMEOUT_S" "$PYTHON" -m pytest -q -o addopts="-ra" -p no:cacheprovider \
+            -c "$REPO/pyproject.toml" --rootdir "$REPO" --junitxml "$OUT/cuda_tests.xml" \
+            "$REPO/tests/test_clip_loss_cuda.py" "$REPO/tests/test_siglip_loss_cuda.py" "$REPO/tests/test_build_cuda.py" \
+            2>&1 | tee "$OUT/cuda_tests.log"
+        cuda_status=${PIPESTATUS[0]}
+        [ "$cuda_status" -eq 124 ] && echo "cuda tests stopped at the ${CUDA_TESTS_TIMEOUT_S} s limit" | tee -a "$OUT/cuda_tests.log"
+    else
+        tail -20 "$OUT/cuda_build.log"
+        echo "the cuda backend did not build (see cuda_build.log): its tests and benchmark rows are skipped"
+    fi
+fi
+# ---- end of the CUDA C++ backend block -----------------------------------------------------------------
+
 tests_status=0
 run_tests() {  # $1: marker expression, $2: timeout in seconds, $3: log name
     timeout "$2" "$PYTHON" -m pytest -q -o addopts="-ra" -p no:cacheprovider -m "$1" \
@@ -83,5 +123,5 @@ timeout "$BENCH_TIMEOUT_S" "$PYTHON" "$REPO/benchmarks/bench_clip_loss_gpu.py" "
 bench_status=$?
 [ $bench_status -eq 124 ] && echo "benchmark stopped at the ${BENCH_TIMEOUT_S}s limit" | tee -a "$OUT/bench.log"
 
-echo "tests exit status: $tests_status, benchmark exit status: $bench_status; results in $OUT"
-[ $tests_status -eq 0 ] && [ $bench_status -eq 0 ]
+echo "tests exit status: $tests_status, cuda backend status: $cuda_status, benchmark exit status: $bench_status; results in $OUT"
+[ $tests_status -eq 0 ] && [ $bench_status -eq 0 ] && [ $cuda_status -eq 0 ]
