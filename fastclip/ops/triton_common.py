@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fastclip.backends import triton_interpret_mode
+from fastclip.backends import device_capability, triton_interpret_mode
 from fastclip.ops.workspace import workspace_bytes
 
 FP32_PRECISION_ENV = "FASTCLIP_FP32_PRECISION"
@@ -54,7 +54,7 @@ def architecture(device: torch.device) -> str:
     """Key of the tile config lists: "sm90" (Hopper and newer), "sm80" (Ampere/Ada), "interpreter"."""
     if device.type != "cuda":
         return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = device_capability(device)
     return "sm90" if major >= 9 else "sm80"
 
 
@@ -127,7 +127,15 @@ def gemm_operand(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.device.type == "cpu" else tensor
 
 
-_MM_OUT_DTYPE_FAILED: set = set()  # (device index, dtype) where torch.mm(out_dtype=) raised once
+_MM_OUT_DTYPE_FAILED: set = set()  # gemm_kind() keys where torch.mm(out_dtype=) raised once
+
+
+def gemm_kind(left: torch.Tensor, right: torch.Tensor) -> tuple:
+    """(device index, dtype, layout of each operand): cuBLAS picks a different kernel for a transposed
+    operand (G.T @ I) than for a plain one (G @ T), so one failing must not switch off the other."""
+    def layout(tensor):
+        return "T" if tensor.stride(0) == 1 and tensor.stride(1) != 1 else "N"
+    return left.device.index, left.dtype, layout(left), layout(right)
 
 
 def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -139,7 +147,7 @@ def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """
     if left.dtype == torch.float32:
         return torch.mm(left, right)
-    key = (left.device.index, left.dtype)
+    key = gemm_kind(left, right)
     if left.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and key not in _MM_OUT_DTYPE_FAILED:
         try:
             return torch.mm(left, right, out_dtype=torch.float32)
