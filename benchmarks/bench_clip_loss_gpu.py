@@ -10,7 +10,8 @@ side with the 4-GEMM floor measured in the same run.
 Peers (each skipped, with the reason in the CSV, when it cannot run here):
     floor      four torch.matmul of the loss's shapes: S = I T^T (fwd), then S again, S T and S^T I
                (what any fused backward recomputes and multiplies) - 8 B^2 D FLOP for fwd+bwd
-    triton     fastclip.loss.ClipLoss(backend="triton")
+    triton     fastclip.loss.ClipLoss(backend="triton") (default: locked column merge in the forward)
+    triton_det the same with deterministic=True (fixed-order column partials: bitwise repeatable)
     triton_ws1g  the same with a 1 GiB workspace (FASTCLIP_WORKSPACE_MB=1024, default 256): fewer
                backward chunks, so less fp32 re-reading of grad_text - what a larger bound buys
     torch      fastclip.loss.ClipLoss(backend="torch") (chunked PyTorch)
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PEERS = ("floor", "triton", "triton_ws1g", "torch", "open_clip", "inf_cl")
+PEERS = ("floor", "triton", "triton_det", "triton_ws1g", "torch", "open_clip", "inf_cl")
 LARGE_WORKSPACE_MB = "1024"  # triton_ws1g: the triton backend with FASTCLIP_WORKSPACE_MB=1024
 GEMMS = {"fwd": 1, "fwd+bwd": 4}
 WORKSPACE_BYTES = 256 * 2**20
@@ -73,10 +74,10 @@ def peer_unavailable(peer: str, dim: int, device: str) -> str | None:
 
 def loss_function(peer: str):
     """(image, text, scale) -> scalar symmetric CLIP loss, for the loss peers."""
-    if peer in ("triton", "triton_ws1g", "torch"):
+    if peer in ("triton", "triton_det", "triton_ws1g", "torch"):
         from fastclip.loss import ClipLoss
 
-        return ClipLoss(backend="triton" if peer.startswith("triton") else peer)
+        return ClipLoss(backend="triton" if peer.startswith("triton") else peer, deterministic=peer == "triton_det")
     if peer == "open_clip":
         from open_clip.loss import ClipLoss
 

@@ -1,15 +1,24 @@
 """Loss backends and dispatch from declared capabilities (the xformers ``not_supported_reasons`` pattern).
 
 Each backend is a small object that declares what it can run (device kinds, minimum CUDA compute
-capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<backend>.py``:
+capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<backend>.py``, each a
+``torch.library`` custom op with a fake kernel, with exactly these signatures:
 
-    clip_loss_fwd(image, text, scale, bias, with_expectations) -> (row_lse, col_lse, row_expect, col_expect)
-    clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef) -> (grad_image, grad_text)
-    siglip_loss_fwd(image, text, scale, bias, positive_offset) -> loss_sum
-    siglip_loss_bwd(image, text, scale, bias, positive_offset, grad_coef) -> (grad_image, grad_text, grad_bias)
+    clip_loss_fwd(image, text, scale, bias, with_expectations: bool, deterministic: bool)
+        -> (row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,))
+    clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
+                  positive_offset: int, deterministic: bool) -> (grad_image (b, D), grad_text (n, D))
+    siglip_loss_fwd(image, text, scale, bias, positive_offset: int, deterministic: bool) -> loss_sum ()
+    siglip_loss_bwd(image, text, scale, bias, positive_offset: int, grad_coef, deterministic: bool)
+        -> (grad_image (b, D), grad_text (n, D), grad_bias ())
 
-(the exact math is in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend;
-the autograd Functions that call them are in fastclip/ops/clip_loss.py and siglip_loss.py).
+image (b, D) rows against text (n, D) columns; scale, bias, grad_coef 0-dim; the positives are the
+pairs j = i + positive_offset (the distributed layer passes rank * b); outputs in the accumulation
+dtype. ``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
+faster path whose last bits vary from run to run (triton: the locked column merge of its forward).
+A backend declares ``deterministic=True`` when it can honour deterministic=True. (The exact math is
+in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend; the autograd
+Functions that call them are in fastclip/ops/clip_loss.py and siglip_loss.py.)
 ``backend="auto"`` walks ``AUTO_PRIORITY`` and takes the first backend with no reason against it; a
 backend asked for by name that cannot run raises one ``ValueError`` listing every reason and its fix.
 Nothing here touches the GPU at import time.

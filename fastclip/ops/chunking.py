@@ -90,6 +90,18 @@ def feature_grads_of_chunk(grad_logits: torch.Tensor, image_chunk: torch.Tensor,
     add_product(grad_text, grad_gemm.t(), image_chunk)
 
 
+def merge_lse(lse_a: torch.Tensor, expect_a, lse_b: torch.Tensor, expect_b):
+    """Merge softmax statistics of two disjoint parts: (log-sum-exp, expectation under that softmax or None).
+
+    lse = log(e^lse_a + e^lse_b); expect = expect_a w_a + expect_b w_b with w = e^(lse_part - lse),
+    the parts' shares of the merged mass. The torch side of kernels/common.py's merge kernel.
+    """
+    merged = torch.logaddexp(lse_a, lse_b)
+    if expect_a is None:
+        return merged, None
+    return merged, expect_a * (lse_a - merged).exp() + expect_b * (lse_b - merged).exp()
+
+
 def uniform_value(row_coef: torch.Tensor, col_coef: torch.Tensor):
     """The common value when every row and column coefficient is the same (the "mean"/"sum" case), else None."""
     first = row_coef[:1]
