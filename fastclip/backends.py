@@ -1,21 +1,31 @@
 """Loss backends and dispatch from declared capabilities (the xformers ``not_supported_reasons`` pattern).
 
 Each backend is a small object that declares what it can run (device kinds, minimum CUDA compute
-capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<backend>.py``:
+capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<backend>.py``, each a
+``torch.library`` custom op with a fake kernel, with exactly these signatures:
 
-    clip_loss_fwd(image, text, scale, bias, with_expectations) -> (row_lse, col_lse, row_expect, col_expect)
-    clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef) -> (grad_image, grad_text)
-    siglip_loss_fwd(image, text, scale, bias, positive_offset) -> loss_sum
-    siglip_loss_bwd(image, text, scale, bias, positive_offset, grad_coef) -> (grad_image, grad_text, grad_bias)
+    clip_loss_fwd(image, text, scale, bias, with_expectations: bool, deterministic: bool)
+        -> (row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,))
+    clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
+                  positive_offset: int, deterministic: bool) -> (grad_image (b, D), grad_text (n, D))
+    siglip_loss_fwd(image, text, scale, bias, positive_offset: int, deterministic: bool) -> loss_sum ()
+    siglip_loss_bwd(image, text, scale, bias, positive_offset: int, grad_coef, deterministic: bool)
+        -> (grad_image (b, D), grad_text (n, D), grad_bias ())
 
-(the exact math is in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend;
-the autograd Functions that call them are in fastclip/ops/clip_loss.py and siglip_loss.py).
+image (b, D) rows against text (n, D) columns; scale, bias, grad_coef 0-dim; the positives are the
+pairs j = i + positive_offset (the distributed layer passes rank * b); outputs in the accumulation
+dtype. ``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
+faster path whose last bits vary from run to run (triton: the locked column merge of its forward).
+A backend declares ``deterministic=True`` when it can honour deterministic=True. (The exact math is
+in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend; the autograd
+Functions that call them are in fastclip/ops/clip_loss.py and siglip_loss.py.)
 ``backend="auto"`` walks ``AUTO_PRIORITY`` and takes the first backend with no reason against it; a
 backend asked for by name that cannot run raises one ``ValueError`` listing every reason and its fix.
 Nothing here touches the GPU at import time.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -25,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+OP_NAMES = ("clip_loss", "siglip_loss")  # each backend has fastclip/ops/<op>_<backend>.py
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class LossBackend:
         if inputs.deterministic and not self.deterministic:
             reasons.append("is not deterministic: pass deterministic=False or use backend='torch'")
         if inputs.device.type == "cuda" and (self.min_compute_capability or self.max_compute_capability):
-            capability = torch.cuda.get_device_capability(inputs.device)
+            capability = device_capability(inputs.device)
             if self.min_compute_capability and capability < self.min_compute_capability:
                 reasons.append(f"needs compute capability >= sm{''.join(map(str, self.min_compute_capability))},"
                                f" this GPU is sm{''.join(map(str, capability))}")
@@ -71,10 +82,26 @@ class LossBackend:
     def op(self, op_name: str):
         """The module ``fastclip.ops.<op_name>_<backend>`` (imported on first use) with ``<op_name>_fwd/_bwd``.
 
-        An already imported module comes from ``sys.modules`` so torch.compile can trace the lookup.
+        An already imported module comes from ``sys.modules`` so torch.compile can trace the lookup;
+        select_backend imports every op module of the backend it picks, outside the graph.
         """
         name = f"fastclip.ops.{op_name}_{self.name}"
         return sys.modules.get(name) or importlib.import_module(name)
+
+    def import_ops(self) -> None:
+        for op_name in OP_NAMES:
+            self.op(op_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    properties = torch.cuda.get_device_properties(index)
+    return properties.major, properties.minor
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, read once per device and cached."""
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def triton_interpret_mode() -> bool:
@@ -139,7 +166,7 @@ BACKENDS: dict[str, LossBackend] = {
         description="fused Triton kernels for sm80+ (CPU under TRITON_INTERPRET=1)",
         extra_checks=(_triton_checks,)),
     "torch": LossBackend(
-        name="torch", device_types=("cpu", "cuda", "mps", "xpu"),
+        name="torch", device_types=("cpu", "cuda", "mps", "xpu", "meta"),
         dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), deterministic=True,
         description="portable chunked PyTorch (the reference backend)"),
 }
@@ -149,22 +176,35 @@ AUTO_PRIORITY = ("triton", "cuda", "torch")
 
 
 def select_backend(name: str, inputs: LossInputs) -> LossBackend:
-    """Return the backend for ``name`` ("auto" walks AUTO_PRIORITY); ValueError lists why not."""
+    """Return the backend for ``name`` ("auto" walks AUTO_PRIORITY); ValueError lists why not.
+
+    Under torch.compile the choice is made once, at trace time, outside the graph (it depends only
+    on the device, the dtype and this install), so dispatch never breaks a ``fullgraph=True`` graph.
+    """
+    return BACKENDS[_selected_name(name, inputs.device, inputs.dtype, inputs.deterministic)]
+
+
+@torch.compiler.assume_constant_result
+def _selected_name(name: str, device: torch.device, dtype: torch.dtype, deterministic: bool) -> str:
+    chosen = _select_name(name, LossInputs(device, dtype, deterministic))
+    BACKENDS[chosen].import_ops()  # so that a compiled graph finds them in sys.modules
+    return chosen
+
+
+def _select_name(name: str, inputs: LossInputs) -> str:
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend={name!r} is unknown: choose one of {', '.join(BACKEND_NAMES)}")
     if name != "auto":
-        backend = BACKENDS[name]
-        reasons = backend.not_supported_reasons(inputs)
+        reasons = BACKENDS[name].not_supported_reasons(inputs)
         if reasons:
             raise ValueError(f"backend={name!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
                              + "\nUse backend='auto' to pick one that can, or fix the reasons above.")
-        return backend
+        return name
     for candidate in AUTO_PRIORITY:
-        backend = BACKENDS[candidate]
         if candidate == "triton" and inputs.device.type == "cpu":
             continue  # the interpreter is for tests; auto never picks it for real CPU work
-        if not backend.not_supported_reasons(inputs):
-            return backend
+        if not BACKENDS[candidate].not_supported_reasons(inputs):
+            return candidate
     reasons = {n: BACKENDS[n].not_supported_reasons(inputs) for n in AUTO_PRIORITY}
     details = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in reasons.items())
     raise ValueError(f"no loss backend can run on {inputs.device} with {inputs.dtype}:\n{details}")

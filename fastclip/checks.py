@@ -56,7 +56,7 @@ def as_scalar_tensor(value, name: str, reference: torch.Tensor, *, positive: boo
         tensor = value if value.device == reference.device else value.to(reference.device)
     else:
         tensor = torch.tensor(float(value), device=reference.device)
-    if not _is_compiling():
+    if not _is_compiling() and tensor.device.type != "meta":  # a meta tensor has a shape but no value to check
         number = float(tensor.detach().reshape(()))
         if not math.isfinite(number):
             raise ValueError(f"{name} is {number}: it must be finite. A diverged temperature usually means "

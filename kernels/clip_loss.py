@@ -15,7 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import MERGE_BLOCK, TileConfig, _lse_merge_kernel, _similarity_tile  # noqa: F401
+from .common import (MERGE_BLOCK, TileConfig, _block_range, _locked_column_merge, _logits_tile,  # noqa: F401
+                     _lse_merge_kernel, _similarity_tile)
 
 # Tile configurations, default first; block_d counts 16-bit elements (fp32 uses half: same bytes).
 # 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
@@ -53,10 +54,11 @@ CLIP_BWD_CONFIGS = {
 def _clip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr,
         row_max_ptr, row_sum_ptr, row_wsum_ptr,
-        col_max_ptr, col_sum_ptr, col_wsum_ptr,
+        col_max_ptr, col_sum_ptr, col_wsum_ptr, col_lock_ptr,
         n_rows, n_cols, dim, cols_per_split,
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
-        HAS_EXPECTATIONS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        HAS_EXPECTATIONS: tl.constexpr, LOCKED_COLUMNS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """Row and column softmax statistics of S from ONE computation of each tile.
 
@@ -70,14 +72,17 @@ def _clip_loss_fwd_kernel(
     columns [pid_s * cols_per_split, +cols_per_split), walked in BLOCK_N tiles; each tile's x is one
     D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
     is small (a rank's local rows against the global columns).
-    Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays and column partials at
-    [pid_m, col] of (cdiv(n_rows, BLOCK_M), n_cols) arrays; _lse_merge_kernel reduces both in a fixed
-    order, so the result is bitwise repeatable. Nothing B x B is written.
+    Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays, merged by _lse_merge_kernel.
+    Columns, deterministic (LOCKED_COLUMNS=False): partials at [pid_m, col] of (cdiv(n_rows, BLOCK_M),
+    n_cols) arrays, merged by _lse_merge_kernel in a fixed order (bitwise repeatable, a workspace of
+    row blocks x n_cols). LOCKED_COLUMNS=True: each tile's partial is merged at once into the final
+    (col_lse, col_expect) = (col_max_ptr, col_wsum_ptr) under one lock per column tile (col_lock_ptr),
+    with no workspace and no merge pass; programs walk their column tiles starting at pid_m, so those
+    working at the same time mostly hold different locks. Nothing B x B is written.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < n_rows
+    rows, row_valid = _block_range(pid_m, n_rows, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
 
@@ -85,11 +90,12 @@ def _clip_loss_fwd_kernel(
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     row_wsum = tl.zeros((BLOCK_M,), tl.float32)
     col_begin = pid_s * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    n_tiles = tl.cdiv(tl.minimum(cols_per_split, n_cols - col_begin), BLOCK_N)
     col_partial_base = pid_m.to(tl.int64) * n_cols
-    for col_start in range(col_begin, col_end, BLOCK_N):
-        cols = col_start + tl.arange(0, BLOCK_N)
-        col_valid = cols < n_cols
+    for step in range(0, n_tiles):
+        tile = (step + pid_m) % n_tiles if LOCKED_COLUMNS else step
+        col_block = pid_s * (cols_per_split // BLOCK_N) + tile
+        cols, col_valid = _block_range(col_block, n_cols, BLOCK_N)
         x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                              stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
                              BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
@@ -109,11 +115,17 @@ def _clip_loss_fwd_kernel(
         tile_col_max = tl.max(logits, axis=0)
         safe_col_max = tl.where(tile_col_max == float("-inf"), 0.0, tile_col_max)
         q = tl.exp(logits - safe_col_max[None, :])
-        col_offsets = col_partial_base + cols
-        tl.store(col_max_ptr + col_offsets, tile_col_max, mask=col_valid)
-        tl.store(col_sum_ptr + col_offsets, tl.sum(q, axis=0), mask=col_valid)
-        if HAS_EXPECTATIONS:
-            tl.store(col_wsum_ptr + col_offsets, tl.sum(q * x, axis=0), mask=col_valid)
+        tile_col_sum = tl.sum(q, axis=0)
+        tile_col_wsum = tl.sum(q * x, axis=0) if HAS_EXPECTATIONS else tile_col_sum
+        if LOCKED_COLUMNS:
+            _locked_column_merge(col_lock_ptr + col_block, col_max_ptr, col_wsum_ptr, cols, col_valid,
+                                 tile_col_max, tile_col_sum, tile_col_wsum, HAS_EXPECTATIONS)
+        else:
+            col_offsets = col_partial_base + cols
+            tl.store(col_max_ptr + col_offsets, tile_col_max, mask=col_valid)
+            tl.store(col_sum_ptr + col_offsets, tile_col_sum, mask=col_valid)
+            if HAS_EXPECTATIONS:
+                tl.store(col_wsum_ptr + col_offsets, tile_col_wsum, mask=col_valid)
 
     row_offsets = pid_s.to(tl.int64) * n_rows + rows
     tl.store(row_max_ptr + row_offsets, row_max, mask=row_valid)
@@ -148,20 +160,12 @@ def _clip_loss_bwd_kernel(
     Saved: nothing; G is a transient workspace of at most FASTCLIP_WORKSPACE_MB, consumed by two
     cuBLAS GEMMs (grad_image rows = G @ T, grad_text += G.T @ I_rows) before the next chunk.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < n_rows
-    col_valid = cols < n_cols
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
+    rows, row_valid = _block_range(tl.program_id(0), n_rows, BLOCK_M)
+    cols, col_valid = _block_range(tl.program_id(1), n_cols, BLOCK_N)
+    logits = _logits_tile(image_ptr, text_ptr, scale_ptr, bias_ptr, rows, cols, row_valid, col_valid, dim,
+                          stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                          BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
     multiplier = tl.load(grad_multiplier_ptr).to(tl.float32)
-
-    x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
-                         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
-                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
-    logits = x * scale + bias
     row_lse = tl.load(row_lse_ptr + rows, mask=row_valid, other=0.0)
     col_lse = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0)
     row_coef = tl.load(row_coef_ptr + rows, mask=row_valid, other=0.0) * multiplier

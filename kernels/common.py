@@ -1,7 +1,10 @@
 """Triton building blocks shared by the CLIP and SigLIP loss kernels.
 
+    _block_range          the indices of one block of rows or columns, and which are in range
     _similarity_tile      x = image[rows] @ text[cols].T for one (BLOCK_M, BLOCK_N) tile, looping over D
+    _logits_tile          S = scale * x + bias for one tile, scale and bias read from their 0-dim tensors
     _lse_merge_kernel     merges per-block (max, sum-exp[, weighted sum]) partials into log-sum-exp
+    _locked_column_merge  merges one tile's column softmax partial into running (lse, expectation) under a lock
     _log1p                log(1 + u) accurate for tiny u (no libdevice, so it also runs in the interpreter)
     TileConfig            one launch configuration (block sizes, warps, pipeline stages)
 
@@ -28,6 +31,13 @@ class TileConfig:
     def launch_options(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
                 "num_stages": self.num_stages}
+
+
+@triton.jit
+def _block_range(block, length, BLOCK: tl.constexpr):
+    """(block * BLOCK + [0, BLOCK), which of those indices are < length)."""
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    return offsets, offsets < length
 
 
 @triton.jit
@@ -59,6 +69,44 @@ def _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
         image_ptrs += BLOCK_D * stride_image_dim
         text_ptrs += BLOCK_D * stride_text_dim
     return acc
+
+
+@triton.jit
+def _locked_column_merge(lock_ptr, lse_ptr, expect_ptr, cols, col_valid, tile_max, tile_sum, tile_wsum,
+                         HAS_EXPECTATIONS: tl.constexpr):
+    """lse_j <- log(e^lse_j + e^tile_lse_j) and expect_j re-weighted by mass, under the tile's spin lock.
+
+    Math: tile_lse = tile_max + log(tile_sum); merged = max + log(e^(lse - max) + e^(tile_lse - max));
+    expect = expect e^(lse - merged) + (tile_wsum / tile_sum) e^(tile_lse - merged). One lock per
+    column tile (CCE merges its LSE the same way): the merge order is the order in which programs
+    arrive, so the result is not bitwise repeatable; deterministic=True writes per-block partials instead.
+    """
+    tile_sum = tl.where(col_valid, tile_sum, 1.0)
+    tile_lse = tl.where(col_valid, tile_max + tl.log(tile_sum), 0.0)
+    while tl.atomic_cas(lock_ptr, 0, 1) == 1:
+        pass
+    old_lse = tl.load(lse_ptr + cols, mask=col_valid, other=0.0)
+    top = tl.maximum(old_lse, tile_lse)  # old_lse starts at -inf; tile_lse is finite
+    merged = top + tl.log(tl.exp(old_lse - top) + tl.exp(tile_lse - top))
+    if HAS_EXPECTATIONS:
+        old_expect = tl.load(expect_ptr + cols, mask=col_valid, other=0.0)
+        expect = old_expect * tl.exp(old_lse - merged) + (tile_wsum / tile_sum) * tl.exp(tile_lse - merged)
+        tl.store(expect_ptr + cols, expect, mask=col_valid)
+    tl.store(lse_ptr + cols, merged, mask=col_valid)
+    tl.debug_barrier()  # every thread's stores are issued before the lock is released
+    tl.atomic_xchg(lock_ptr, 0)
+
+
+@triton.jit
+def _logits_tile(image_ptr, text_ptr, scale_ptr, bias_ptr, rows, cols, row_valid, col_valid, dim,
+                 stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """S = scale * x + bias for one (BLOCK_M, BLOCK_N) tile (the backward kernels' one tile each), fp32."""
+    x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
+                         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
+    return x * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
 
 
 @triton.jit

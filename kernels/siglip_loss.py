@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .clip_loss import CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS
-from .common import _log1p, _similarity_tile
+from .common import _block_range, _log1p, _logits_tile, _similarity_tile
 
 # One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile, so
 # the same tile shapes are GEMM-bound too. Declared per architecture like the CLIP configs.
@@ -45,8 +45,7 @@ def _siglip_loss_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < n_rows
+    rows, row_valid = _block_range(pid_m, n_rows, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     row_totals = tl.zeros((BLOCK_M,), tl.float32)
@@ -89,25 +88,18 @@ def _siglip_loss_bwd_kernel(
     d logit_bias, summed by the launcher in a fixed order.
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < n_rows
-    col_valid = cols < n_cols
+    rows, row_valid = _block_range(pid_m, n_rows, BLOCK_M)
+    cols, col_valid = _block_range(tl.program_id(1), n_cols, BLOCK_N)
     valid = row_valid[:, None] & col_valid[None, :]
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
+    logits = _logits_tile(image_ptr, text_ptr, scale_ptr, bias_ptr, rows, cols, row_valid, col_valid, dim,
+                          stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
+                          BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
     multiplier = tl.load(grad_multiplier_ptr).to(tl.float32)
-
-    x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
-                         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
-                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
-    logits = x * scale + bias
     g = 1.0 / (1.0 + tl.exp(-logits))
     if HAS_POSITIVES:
         positive = cols[None, :] == rows[:, None] + positive_offset
         g = tl.where(positive, -1.0 / (1.0 + tl.exp(logits)), g)
     g = tl.where(valid, g, 0.0)
-    tl.store(bias_partial_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g, axis=1), axis=0))
+    tl.store(bias_partial_ptr + pid_m * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, axis=1), axis=0))
     out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
     tl.store(out, (g * multiplier).to(grad_logits_ptr.dtype.element_ty), mask=valid)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from fastclip.distributed.comm import World, all_gather_rows, all_reduce_, reduce_scatter_rows
 from fastclip.distributed.ring import Ring
+from fastclip.ops.chunking import merge_lse
 from fastclip.ops.clip_loss import pair_losses
 
 
@@ -59,13 +60,11 @@ class GradientPass:
     text: bool
 
 
-def merge_lse(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def merge_packed_lse(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Merge packed (k, n) statistics: row 0 a log-sum-exp, row 1 (if any) an expectation under it."""
-    merged_lse = torch.logaddexp(first[0], second[0])
-    if first.shape[0] == 1:
-        return merged_lse[None]
-    expect = first[1] * (first[0] - merged_lse).exp() + second[1] * (second[0] - merged_lse).exp()
-    return torch.stack([merged_lse, expect])
+    with_expect = first.shape[0] > 1
+    lse, expect = merge_lse(first[0], first[1] if with_expect else None, second[0], second[1] if with_expect else None)
+    return torch.stack([lse, expect]) if with_expect else lse[None]
 
 
 def _accumulate(total, part):
@@ -160,10 +159,10 @@ class RingExchange:
             row_lse, col_lse, row_expect, col_expect = op.clip_loss_fwd(image, block[0], scale, bias,
                                                                          with_expectations, deterministic)
             rows = torch.stack([row_lse, row_expect]) if with_expectations else row_lse[None]
-            row_stats = rows if row_stats is None else merge_lse(row_stats, rows)
+            row_stats = rows if row_stats is None else merge_packed_lse(row_stats, rows)
             return [torch.stack([col_lse, col_expect]) if with_expectations else col_lse[None]]
 
-        (col_stats,) = self.ring.run([text], visit, lambda received, local: [merge_lse(received[0], local[0])],
+        (col_stats,) = self.ring.run([text], visit, lambda received, local: [merge_packed_lse(received[0], local[0])],
                                      wire_dtypes=[scale.dtype])
         row_lse, col_lse = row_stats[0].contiguous(), col_stats[0].contiguous()
         total = None

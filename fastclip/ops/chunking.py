@@ -15,6 +15,23 @@ def accumulate_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+ROW_DOT_ELEMENTS = 2**22  # row_dots upcasts at most this many elements per operand at a time (16 MiB fp32)
+
+
+def row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(left_i . right_i) for each row i of two (b, D) tensors, accumulated in fp32 (fp64 for fp64).
+
+    16-bit rows are upcast a slice at a time, so the temporaries stay under ROW_DOT_ELEMENTS
+    elements instead of two (b, D) fp32 copies.
+    """
+    accumulate = accumulate_dtype(left)
+    rows = max(1, ROW_DOT_ELEMENTS // max(1, left.shape[1]))
+    if left.shape[0] <= rows:
+        return (left.to(accumulate) * right.to(accumulate)).sum(dim=-1)
+    return torch.cat([(left[start:start + rows].to(accumulate) * right[start:start + rows].to(accumulate)).sum(dim=-1)
+                      for start in range(0, left.shape[0], rows)])
+
+
 def gemm_dtype(tensor: torch.Tensor) -> torch.dtype:
     """GEMMs run in the input dtype on accelerators (tensor cores) and in fp32 on CPU (fast and exact)."""
     if tensor.device.type == "cpu":
@@ -71,6 +88,18 @@ def feature_grads_of_chunk(grad_logits: torch.Tensor, image_chunk: torch.Tensor,
     else:
         grad_image_chunk.copy_(torch.mm(grad_gemm, text))
     add_product(grad_text, grad_gemm.t(), image_chunk)
+
+
+def merge_lse(lse_a: torch.Tensor, expect_a, lse_b: torch.Tensor, expect_b):
+    """Merge softmax statistics of two disjoint parts: (log-sum-exp, expectation under that softmax or None).
+
+    lse = log(e^lse_a + e^lse_b); expect = expect_a w_a + expect_b w_b with w = e^(lse_part - lse),
+    the parts' shares of the merged mass. The torch side of kernels/common.py's merge kernel.
+    """
+    merged = torch.logaddexp(lse_a, lse_b)
+    if expect_a is None:
+        return merged, None
+    return merged, expect_a * (lse_a - merged).exp() + expect_b * (lse_b - merged).exp()
 
 
 def uniform_value(row_coef: torch.Tensor, col_coef: torch.Tensor):

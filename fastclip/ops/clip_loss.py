@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.backends import LossBackend
-from fastclip.ops.chunking import accumulate_dtype
+from fastclip.ops.chunking import accumulate_dtype, row_dots
 from fastclip.ops.normalize import normalize_rows, normalize_rows_backward
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -37,8 +37,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def pair_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """S_ii - bias = scale * I_i . T_i for the (b,) local pairs, in the accumulation dtype."""
-    accumulate = accumulate_dtype(image)
-    return (image.to(accumulate) * text.to(accumulate)).sum(dim=-1) * scale
+    return row_dots(image, text) * scale
 
 
 def pair_losses(row_lse: torch.Tensor, col_lse: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:

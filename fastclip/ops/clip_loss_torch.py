@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype,
+from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype, merge_lse,
                                    positive_entries, scaled_logits_into, uniform_value)
 
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
@@ -80,12 +80,11 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
             chunk_lse[lost] = exact_lse
             if with_expectations:
                 chunk_weighted[lost] = exact_weighted
-        merged = torch.logaddexp(col_lse, chunk_lse)
-        if with_expectations:  # running mean of S under the column softmax, re-weighted by mass
-            col_expect = col_expect * (col_lse - merged).exp() + chunk_weighted * (chunk_lse - merged).exp()
-        col_lse = merged
+        col_lse, col_expect = merge_lse(col_lse, col_expect if with_expectations else None, chunk_lse, chunk_weighted)
     if with_expectations:  # expectations of scale * x -> of x
         row_expect, col_expect = row_expect / scale, col_expect / scale
+    else:
+        col_expect = torch.zeros(0, **options)
     return row_lse + bias, col_lse + bias, row_expect, col_expect
 
 

@@ -14,11 +14,16 @@ Equivalent plain PyTorch (materialising S, which this never does)::
     grad_image, grad_text = scale * G @ text, scale * G.T @ image
 
 Forward: one kernel pass computes each S tile once and feeds both softmax directions (kernels/
-clip_loss.py); column partials per row block live in a workspace bounded by FASTCLIP_WORKSPACE_MB
-(rows are processed in chunks if needed) and are merged in a fixed order. Backward: per row chunk,
-a kernel writes G (input dtype, bounded workspace), then two cuBLAS GEMMs consume it. scale and bias
-stay on the device (no host sync). Every path is bitwise repeatable, so ``deterministic`` changes
-nothing here; it is accepted for the common signature.
+clip_loss.py). Column statistics:
+    deterministic=False (the default)  each tile's column partial is merged at once into col_lse /
+        col_expect under a per-column-tile lock: no workspace, no merge pass, one launch; the merge
+        order follows the programs' timing, so the last bits vary from run to run on a GPU.
+    deterministic=True  partials per row block go to a workspace bounded by FASTCLIP_WORKSPACE_MB
+        (rows in chunks if needed) and are merged in a fixed order: bitwise repeatable, and the
+        forward statistics are bitwise the same for every workspace size.
+Row statistics are merged in a fixed order either way. Backward (always bitwise repeatable): per
+row chunk, a kernel writes G (input dtype, bounded workspace), then two cuBLAS GEMMs consume it.
+scale and bias stay on the device (no host sync).
 """
 from __future__ import annotations
 
@@ -29,32 +34,7 @@ from fastclip.kernels.clip_loss import (CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS, CLIP
 from fastclip.kernels.common import MERGE_BLOCK, _lse_merge_kernel
 from fastclip.ops import triton_common as common
 
-FP16_HEADROOM = 256.0  # G is stored times 2^8 in fp16 so softmax values ~1/B stay out of subnormals
-
-
-def _check_inputs(image: torch.Tensor, text: torch.Tensor, *scalars: torch.Tensor) -> None:
-    if image.dtype not in (torch.float32, torch.float16, torch.bfloat16) or text.dtype != image.dtype:
-        raise TypeError(f"the triton backend takes float32/float16/bfloat16 features of one dtype, got "
-                        f"{image.dtype} and {text.dtype}: cast them, or use backend='torch'")
-    if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1]:
-        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must be (b, D) and (n, D)")
-    for tensor in (text, *scalars):
-        if tensor.device != image.device:
-            raise ValueError(f"all inputs must be on {image.device}, one is on {tensor.device}: move it there")
-
-
-def _shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
-    bucket = common.triton_next_power_of_2
-    return bucket(image.shape[0]), bucket(text.shape[0]), image.shape[1], image.dtype, common.dot_precision(image.dtype)
-
-
-def _launch_options(config, dtype: torch.dtype, dim: int) -> dict:
-    return {"DOT_PRECISION": common.dot_precision(dtype), "UPCAST_DOT": common.upcast_dot(dtype),
-            "BLOCK_D": common.block_d(config, dim, torch.finfo(dtype).bits // 8),
-            **config.launch_options()}
-
-
-def _forward(image, text, scale, bias, with_expectations: bool, config):
+def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: bool, config):
     n_rows, dim = image.shape
     n_cols = text.shape[0]
     device, fp32 = image.device, torch.float32
@@ -64,70 +44,66 @@ def _forward(image, text, scale, bias, with_expectations: bool, config):
     row_expect = common.allocate((n_rows if with_expectations else 0,), fp32, device)
     col_expect = common.allocate((n_cols if with_expectations else 0,), fp32, device)
     block_m = config.block_m
-    chunk = common.row_chunk(n_rows, block_m, bytes_per_block=4 * n_stats * n_cols, elements_per_block=n_cols)
-    chunk_blocks = common.cdiv(chunk, block_m)
-    col_parts = [common.allocate((chunk_blocks, n_cols), fp32, device) for _ in range(n_stats)]
-    col_parts += col_parts[:1] * (3 - n_stats)  # an unused pointer when there are no expectations
-    running = ([common.allocate((n_cols,), fp32, device) for _ in range(n_stats)] if chunk < n_rows
-               else [col_lse] * n_stats)  # unused pointers for a single chunk
-    running += running[:1] * (3 - n_stats)
-    options = _launch_options(config, image.dtype, dim)
+    # Splits from all rows, not per chunk: the statistics then do not depend on the workspace size.
+    splits, cols_per_split = common.column_splits(common.cdiv(n_rows, block_m), n_cols, config.block_n, device)
+    if locked_columns:  # merged in place under per-tile locks: no column workspace, one chunk
+        chunk = n_rows
+        col_lse.fill_(float("-inf"))
+        col_expect.zero_()
+        locks = common.allocate((common.cdiv(n_cols, config.block_n),), torch.int32, device).zero_()
+        col_args = [col_lse, col_lse, col_expect if with_expectations else col_lse, locks]
+    else:
+        chunk = common.row_chunk(n_rows, block_m, bytes_per_block=4 * n_stats * n_cols, elements_per_block=n_cols)
+        col_parts = [common.allocate((common.cdiv(chunk, block_m), n_cols), fp32, device) for _ in range(n_stats)]
+        col_parts += col_parts[:1] * (3 - n_stats)  # an unused pointer when there are no expectations
+        running = ([common.allocate((n_cols,), fp32, device) for _ in range(n_stats)] if chunk < n_rows
+                   else [col_lse] * n_stats)  # unused pointers for a single chunk
+        running += running[:1] * (3 - n_stats)
+        col_args = col_parts + col_parts[:1]  # the lock pointer is unused
+    options = common.launch_options(config, image.dtype, dim)
     for index, start in enumerate(range(0, n_rows, chunk)):
         rows = min(chunk, n_rows - start)
         blocks = common.cdiv(rows, block_m)
-        splits, cols_per_split = common.column_splits(blocks, n_cols, config.block_n, device)
         row_parts = [common.allocate((splits, rows), fp32, device) for _ in range(n_stats)]
         row_parts += row_parts[:1] * (3 - n_stats)
         image_rows = image[start:start + rows]
         _clip_loss_fwd_kernel[(blocks, splits)](
-            image_rows, text, scale, bias, *row_parts, *col_parts,
+            image_rows, text, scale, bias, *row_parts, *col_args,
             rows, n_cols, dim, cols_per_split,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1),
-            HAS_EXPECTATIONS=with_expectations, **options)
+            HAS_EXPECTATIONS=with_expectations, LOCKED_COLUMNS=locked_columns, **options)
         row_expect_out = row_expect[start:start + rows] if with_expectations else row_lse
         _lse_merge_kernel[(common.cdiv(rows, MERGE_BLOCK),)](
             *row_parts, splits, rows, rows, *row_parts, row_lse[start:start + rows], row_expect_out,
             HAS_RUNNING=False, FINALIZE=True, HAS_EXPECTATIONS=with_expectations, BLOCK=MERGE_BLOCK)
-        _lse_merge_kernel[(common.cdiv(n_cols, MERGE_BLOCK),)](
-            *col_parts, blocks, n_cols, n_cols, *running, col_lse, col_expect if with_expectations else col_lse,
-            HAS_RUNNING=index > 0, FINALIZE=start + rows >= n_rows, HAS_EXPECTATIONS=with_expectations,
-            BLOCK=MERGE_BLOCK)
+        if not locked_columns:
+            _lse_merge_kernel[(common.cdiv(n_cols, MERGE_BLOCK),)](
+                *col_parts, blocks, n_cols, n_cols, *running, col_lse,
+                col_expect if with_expectations else col_lse,
+                HAS_RUNNING=index > 0, FINALIZE=start + rows >= n_rows, HAS_EXPECTATIONS=with_expectations,
+                BLOCK=MERGE_BLOCK)
     return row_lse, col_lse, row_expect, col_expect
 
 
 def _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset: int, config):
-    n_rows, dim = image.shape
-    n_cols = text.shape[0]
-    device, fp32 = image.device, torch.float32
-    headroom = FP16_HEADROOM if image.dtype == torch.float16 else 1.0
+    n_cols, dim = text.shape
+    headroom = common.FP16_HEADROOM if image.dtype == torch.float16 else 1.0
     coef_norm = torch.maximum(row_coef.abs().amax(), col_coef.abs().amax()).float().clamp_min(1e-30)
     multiplier = headroom / coef_norm  # 0-dim, on the device: no host sync
-    block_m = config.block_m
-    chunk = common.row_chunk(n_rows, block_m, bytes_per_block=block_m * n_cols * image.element_size(),
-                             elements_per_block=block_m * n_cols)
-    grad_logits = common.allocate((chunk, n_cols), image.dtype, device)
-    grad_image = common.allocate((n_rows, dim), fp32, device) if chunk < n_rows else None
-    image_gemm, text_gemm = common.gemm_operand(image), common.gemm_operand(text)
     row_lse, col_lse = row_lse.contiguous(), col_lse.contiguous()
     row_coef, col_coef = row_coef.float().contiguous(), col_coef.float().contiguous()
-    options = _launch_options(config, image.dtype, dim)
-    grad_text = None
-    for start in range(0, n_rows, chunk):
-        rows = min(chunk, n_rows - start)
-        image_rows, grad_rows = image[start:start + rows], grad_logits[:rows]
-        grid = (common.cdiv(rows, block_m), common.cdiv(n_cols, config.block_n))
+    options = common.launch_options(config, image.dtype, dim)
+
+    def write_chunk(start, rows, image_rows, grad_rows):
+        grid = (common.cdiv(rows, config.block_m), common.cdiv(n_cols, config.block_n))
         _clip_loss_bwd_kernel[grid](
             image_rows, text, scale, bias, row_lse[start:start + rows], col_lse,
             row_coef[start:start + rows], col_coef, multiplier, grad_rows,
             rows, n_cols, dim, positive_offset + start,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1), grad_rows.stride(0),
             **options)
-        grad_image_rows, grad_text = common.grad_products(grad_rows, image_gemm[start:start + rows], text_gemm,
-                                                          grad_text)
-        if grad_image is None:
-            grad_image = grad_image_rows
-        else:
-            grad_image[start:start + rows] = grad_image_rows
+
+    grad_image, grad_text = common.chunked_backward(image, text, config, write_chunk)
     undo = scale.float() * coef_norm / headroom
     return grad_image.mul_(undo), grad_text.mul_(undo)
 
@@ -137,12 +113,13 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
                   with_expectations: bool,
                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """image: (b, D), text: (n, D) fp32/fp16/bf16; scale, bias: 0-dim fp32 -> four fp32 vectors."""
-    _check_inputs(image, text, scale, bias)
-    key = (_shape_key(image, text), with_expectations)
+    common.check_inputs(image, text, scale, bias)
+    key = (common.shape_key(image, text), with_expectations, deterministic)
     configs = CLIP_FWD_EXPECTATION_CONFIGS if with_expectations else CLIP_FWD_CONFIGS
+    locked = not deterministic
     config = common.choose_config("clip_loss_fwd", configs, image.device, key,
-                                  lambda cfg: _forward(image, text, scale, bias, with_expectations, cfg))
-    return _forward(image, text, scale, bias, with_expectations, config)
+                                  lambda cfg: _forward(image, text, scale, bias, with_expectations, locked, cfg))
+    return _forward(image, text, scale, bias, with_expectations, locked, config)
 
 
 @clip_loss_fwd.register_fake
@@ -159,9 +136,9 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
                   row_lse: torch.Tensor, col_lse: torch.Tensor, row_coef: torch.Tensor, col_coef: torch.Tensor,
                   positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_image (b, D), grad_text (n, D)) in fp32; row_*: (b,), col_*: (n,) fp32."""
-    _check_inputs(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef)
+    common.check_inputs(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef)
     config = common.choose_config(
-        "clip_loss_bwd", CLIP_BWD_CONFIGS, image.device, _shape_key(image, text),
+        "clip_loss_bwd", CLIP_BWD_CONFIGS, image.device, common.shape_key(image, text),
         lambda cfg: _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, cfg))
     return _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, config)
 

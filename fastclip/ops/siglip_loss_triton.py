@@ -25,7 +25,6 @@ import torch
 from fastclip.kernels.siglip_loss import (SIGLIP_BWD_CONFIGS, SIGLIP_FWD_CONFIGS, _siglip_loss_bwd_kernel,
                                           _siglip_loss_fwd_kernel)
 from fastclip.ops import triton_common as common
-from fastclip.ops.clip_loss_triton import FP16_HEADROOM, _check_inputs, _launch_options, _shape_key
 
 
 def _forward(image, text, scale, bias, positive_offset: int, config) -> torch.Tensor:
@@ -37,43 +36,31 @@ def _forward(image, text, scale, bias, positive_offset: int, config) -> torch.Te
     _siglip_loss_fwd_kernel[(blocks, splits)](
         image, text, scale, bias, partials, n_rows, n_cols, dim, positive_offset, cols_per_split,
         image.stride(0), image.stride(1), text.stride(0), text.stride(1),
-        **_launch_options(config, image.dtype, dim))
+        **common.launch_options(config, image.dtype, dim))
     return partials.sum()
 
 
 def _backward(image, text, scale, bias, positive_offset: int, grad_coef, config):
-    n_rows, dim = image.shape
-    n_cols = text.shape[0]
-    device, fp32 = image.device, torch.float32
-    headroom = FP16_HEADROOM if image.dtype == torch.float16 else 1.0
-    multiplier = torch.full((), headroom, dtype=fp32, device=device)
-    block_m = config.block_m
-    chunk = common.row_chunk(n_rows, block_m, bytes_per_block=block_m * n_cols * image.element_size(),
-                             elements_per_block=block_m * n_cols)
-    grad_logits = common.allocate((chunk, n_cols), image.dtype, device)
+    n_rows = image.shape[0]
+    n_cols, dim = text.shape
+    headroom = common.FP16_HEADROOM if image.dtype == torch.float16 else 1.0
+    multiplier = torch.full((), headroom, dtype=torch.float32, device=image.device)
     col_tiles = common.cdiv(n_cols, config.block_n)
-    bias_partials = common.allocate((common.cdiv(n_rows, block_m) * col_tiles,), fp32, device)
-    grad_image = common.allocate((n_rows, dim), fp32, device) if chunk < n_rows else None
-    image_gemm, text_gemm = common.gemm_operand(image), common.gemm_operand(text)
-    options = _launch_options(config, image.dtype, dim)
-    grad_text = None
-    for start in range(0, n_rows, chunk):
-        rows = min(chunk, n_rows - start)
-        image_rows, grad_rows = image[start:start + rows], grad_logits[:rows]
-        blocks = common.cdiv(rows, block_m)
-        first_partial = (start // block_m) * col_tiles
+    bias_partials = common.allocate((common.cdiv(n_rows, config.block_m) * col_tiles,), torch.float32,
+                                    image.device)
+    options = common.launch_options(config, image.dtype, dim)
+
+    def write_chunk(start, rows, image_rows, grad_rows):
+        blocks = common.cdiv(rows, config.block_m)
+        first_partial = (start // config.block_m) * col_tiles
         _siglip_loss_bwd_kernel[(blocks, col_tiles)](
             image_rows, text, scale, bias, multiplier, grad_rows,
             bias_partials[first_partial:first_partial + blocks * col_tiles],
             rows, n_cols, dim, positive_offset + start,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1), grad_rows.stride(0),
             **options)
-        grad_image_rows, grad_text = common.grad_products(grad_rows, image_gemm[start:start + rows], text_gemm,
-                                                          grad_text)
-        if grad_image is None:
-            grad_image = grad_image_rows
-        else:
-            grad_image[start:start + rows] = grad_image_rows
+
+    grad_image, grad_text = common.chunked_backward(image, text, config, write_chunk)
     grad_coef = grad_coef.float()
     undo = grad_coef * scale.float() / headroom
     return grad_image.mul_(undo), grad_text.mul_(undo), bias_partials.sum() * grad_coef
@@ -83,8 +70,8 @@ def _backward(image, text, scale, bias, positive_offset: int, grad_coef, config)
 def siglip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                     positive_offset: int, deterministic: bool) -> torch.Tensor:
     """image: (b, D), text: (n, D) fp32/fp16/bf16; scale, bias: 0-dim fp32 -> 0-dim fp32 loss sum."""
-    _check_inputs(image, text, scale, bias)
-    config = common.choose_config("siglip_loss_fwd", SIGLIP_FWD_CONFIGS, image.device, _shape_key(image, text),
+    common.check_inputs(image, text, scale, bias)
+    config = common.choose_config("siglip_loss_fwd", SIGLIP_FWD_CONFIGS, image.device, common.shape_key(image, text),
                                   lambda cfg: _forward(image, text, scale, bias, positive_offset, cfg))
     return _forward(image, text, scale, bias, positive_offset, config)
 
@@ -99,9 +86,9 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
                     positive_offset: int, grad_coef: torch.Tensor,
                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_image (b, D), grad_text (n, D), grad_bias ()) in fp32; grad_coef: 0-dim (d loss / d loss_sum)."""
-    _check_inputs(image, text, scale, bias, grad_coef)
+    common.check_inputs(image, text, scale, bias, grad_coef)
     config = common.choose_config(
-        "siglip_loss_bwd", SIGLIP_BWD_CONFIGS, image.device, _shape_key(image, text),
+        "siglip_loss_bwd", SIGLIP_BWD_CONFIGS, image.device, common.shape_key(image, text),
         lambda cfg: _backward(image, text, scale, bias, positive_offset, grad_coef, cfg))
     return _backward(image, text, scale, bias, positive_offset, grad_coef, config)
 

@@ -17,9 +17,10 @@ import os
 
 import torch
 
-from fastclip.backends import triton_interpret_mode
+from fastclip.backends import device_capability, triton_interpret_mode
 from fastclip.ops.workspace import workspace_bytes
 
+FP16_HEADROOM = 256.0  # G is stored times 2^8 in fp16 so softmax / sigmoid values ~1/B stay out of subnormals
 FP32_PRECISION_ENV = "FASTCLIP_FP32_PRECISION"
 AUTOTUNE_ENV = "FASTCLIP_AUTOTUNE"
 MAX_WORKSPACE_ELEMENTS = 2**31 - 1  # kernels index one workspace with 32-bit offsets
@@ -32,6 +33,30 @@ def allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     Tests replace this function with a NaN-filled allocator to prove every element is written.
     """
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_inputs(image: torch.Tensor, text: torch.Tensor, *scalars: torch.Tensor) -> None:
+    """The launchers' own checks (the loss API checks more, earlier): dtypes, shapes, one device."""
+    if image.dtype not in (torch.float32, torch.float16, torch.bfloat16) or text.dtype != image.dtype:
+        raise TypeError(f"the triton backend takes float32/float16/bfloat16 features of one dtype, got "
+                        f"{image.dtype} and {text.dtype}: cast them, or use backend='torch'")
+    if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1]:
+        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must be (b, D) and (n, D)")
+    for tensor in (text, *scalars):
+        if tensor.device != image.device:
+            raise ValueError(f"all inputs must be on {image.device}, one is on {tensor.device}: move it there")
+
+
+def shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
+    """What the autotuner keys a timing on: power-of-two buckets of b and n, D, dtype, dot precision."""
+    bucket = triton_next_power_of_2
+    return bucket(image.shape[0]), bucket(text.shape[0]), image.shape[1], image.dtype, dot_precision(image.dtype)
+
+
+def launch_options(config, dtype: torch.dtype, dim: int) -> dict:
+    """The keyword arguments every S-tile kernel takes: dot flags and the config's blocks and warps."""
+    return {"DOT_PRECISION": dot_precision(dtype), "UPCAST_DOT": upcast_dot(dtype),
+            "BLOCK_D": block_d(config, dim, torch.finfo(dtype).bits // 8), **config.launch_options()}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -54,7 +79,7 @@ def architecture(device: torch.device) -> str:
     """Key of the tile config lists: "sm90" (Hopper and newer), "sm80" (Ampere/Ada), "interpreter"."""
     if device.type != "cuda":
         return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = device_capability(device)
     return "sm90" if major >= 9 else "sm80"
 
 
@@ -127,7 +152,15 @@ def gemm_operand(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.device.type == "cpu" else tensor
 
 
-_MM_OUT_DTYPE_FAILED: set = set()  # (device index, dtype) where torch.mm(out_dtype=) raised once
+_MM_OUT_DTYPE_FAILED: set = set()  # gemm_kind() keys where torch.mm(out_dtype=) raised once
+
+
+def gemm_kind(left: torch.Tensor, right: torch.Tensor) -> tuple:
+    """(device index, dtype, layout of each operand): cuBLAS picks a different kernel for a transposed
+    operand (G.T @ I) than for a plain one (G @ T), so one failing must not switch off the other."""
+    def layout(tensor):
+        return "T" if tensor.stride(0) == 1 and tensor.stride(1) != 1 else "N"
+    return left.device.index, left.dtype, layout(left), layout(right)
 
 
 def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -139,13 +172,41 @@ def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """
     if left.dtype == torch.float32:
         return torch.mm(left, right)
-    key = (left.device.index, left.dtype)
+    key = gemm_kind(left, right)
     if left.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and key not in _MM_OUT_DTYPE_FAILED:
         try:
             return torch.mm(left, right, out_dtype=torch.float32)
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE_FAILED.add(key)
     return torch.mm(left, right).float()
+
+
+def chunked_backward(image: torch.Tensor, text: torch.Tensor, config, write_chunk):
+    """The semi-fused backward's row-chunk loop, shared by both losses.
+
+    For each chunk of rows (whole row blocks whose G fits workspace_bytes()), ``write_chunk(start,
+    rows, image_rows, grad_rows)`` launches the loss's kernel, which writes G (the chunk's rows
+    against all columns, in the input dtype) into ``grad_rows``; then two cuBLAS GEMMs consume it:
+    grad_image[rows] = G @ text and grad_text += G.T @ image[rows]. Returns both, fp32 and unscaled.
+    """
+    n_rows, n_cols = image.shape[0], text.shape[0]
+    block_m = config.block_m
+    chunk = row_chunk(n_rows, block_m, bytes_per_block=block_m * n_cols * image.element_size(),
+                      elements_per_block=block_m * n_cols)
+    grad_logits = allocate((chunk, n_cols), image.dtype, image.device)
+    grad_image = allocate(tuple(image.shape), torch.float32, image.device) if chunk < n_rows else None
+    image_gemm, text_gemm = gemm_operand(image), gemm_operand(text)
+    grad_text = None
+    for start in range(0, n_rows, chunk):
+        rows = min(chunk, n_rows - start)
+        grad_rows = grad_logits[:rows]
+        write_chunk(start, rows, image[start:start + rows], grad_rows)
+        grad_image_rows, grad_text = grad_products(grad_rows, image_gemm[start:start + rows], text_gemm, grad_text)
+        if grad_image is None:
+            grad_image = grad_image_rows
+        else:
+            grad_image[start:start + rows] = grad_image_rows
+    return grad_image, grad_text
 
 
 def grad_products(grad_logits: torch.Tensor, image_rows: torch.Tensor, text: torch.Tensor,

@@ -5,6 +5,7 @@ A primitive that walks the B_rows x B_cols similarity matrix in row chunks keeps
 128 MiB by default (docs/design.md: at most 256 by default), changed with the environment variable ``FASTCLIP_WORKSPACE_MB`` (read at call
 time, so a script can set it before the first loss call).
 """
+import math
 import os
 
 DEFAULT_WORKSPACE_MB = 128
@@ -18,8 +19,8 @@ def workspace_bytes() -> int:
         megabytes = float(raw)
     except ValueError:
         raise ValueError(f"FASTCLIP_WORKSPACE_MB={raw!r} is not a number: set it to megabytes, e.g. 256") from None
-    if megabytes <= 0:
-        raise ValueError(f"FASTCLIP_WORKSPACE_MB={raw!r} must be positive, e.g. 256")
+    if not math.isfinite(megabytes) or megabytes <= 0:
+        raise ValueError(f"FASTCLIP_WORKSPACE_MB={raw!r} must be a positive, finite number of megabytes, e.g. 256")
     return int(megabytes * 2**20)
 
 
