@@ -17,6 +17,7 @@ Run as a script, ``--torch-arch-list`` prints that arch list for CMakeLists.txt.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import re
@@ -216,8 +217,9 @@ def _function_lines(output: str, header: str):
 
 
 def kernel_resources(library: Path, tool: Path | None = None) -> list[dict]:
-    """One row per (arch, kernel) of a built library: registers, static shared memory, local memory,
-    stack, and counts of HMMA (tensor core) and STL/LDL (local memory, i.e. spill) instructions."""
+    """One row per (arch, kernel) of a built library or cubin: registers, static shared memory, local
+    memory, stack, counts of HMMA (tensor core) and STL/LDL (local memory, i.e. spill) instructions,
+    and ``opcodes``, a Counter of every SASS opcode (e.g. "HGMMA.64", "STG.E.U16")."""
     tool = tool or cuobjdump()
     if tool is None:
         raise ToolkitError("no cuobjdump: pip install triton (it ships one) or install the CUDA toolkit")
@@ -231,7 +233,8 @@ def kernel_resources(library: Path, tool: Path | None = None) -> list[dict]:
                                       "shared_bytes": int(resources.get("SHARED", 0)),
                                       "local_bytes": int(resources.get("LOCAL", 0)),
                                       "stack_bytes": int(resources.get("STACK", 0)), "hmma": 0, "spill_instructions": 0,
-                                      "instructions": 0, "trap_only": False, "mangled": function}
+                                      "instructions": 0, "trap_only": False, "mangled": function,
+                                      "opcodes": collections.Counter()}
     for arch, function, line in _function_lines(dump("-sass"), r"\s*Function : (\S+)"):
         row = rows.get((arch, function))
         opcode = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
@@ -239,6 +242,7 @@ def kernel_resources(library: Path, tool: Path | None = None) -> list[dict]:
             continue
         name = opcode.group(1)
         row["instructions"] += 1
+        row["opcodes"][name] += 1
         row["hmma"] += name.startswith("HMMA")
         row["spill_instructions"] += name.startswith(("STL", "LDL"))
         row["trap_only"] |= name.startswith("BPT.TRAP")

@@ -1,0 +1,255 @@
+"""Roofline estimate of fastclip's fused Triton losses, fwd+bwd, from the kernel report's compile facts.
+
+Not a measurement: an estimate from offline compilation (benchmarks/kernel_report.py), for the case
+B = 65536, D = 512, bf16 on A100, H100 and H200 (GPUS). Every term is printed.
+
+The floor: the 4 GEMMs any exact fwd+bwd does (S = I T^T, S again, G T, G^T I), 8 B^2 D FLOP, at the
+GPU's peak dense bf16 rate.
+
+The fused loss, as the Triton backend runs it (fastclip/ops/clip_loss_triton.py, siglip_loss_triton.py,
+triton_common.chunked_backward):
+
+1. Forward kernel, one launch over the B x B tiles of S (default config and flags of the arch).
+2. Backward kernel, once per row chunk: recomputes its S tiles and writes G (chunk x B, bf16). The
+   chunk is the most whole row blocks whose G fits the workspace (triton_common.row_chunk;
+   FASTCLIP_WORKSPACE_MB, default fastclip.ops.workspace.DEFAULT_WORKSPACE_MB).
+3. Per chunk, on cuBLAS: grad_image[rows] = G @ T and grad_text += G^T @ I[rows] (fp32 out), the
+   grad_text sum costing GRAD_TEXT_FP32_PASSES passes over the (B, D) fp32 array per chunk.
+4. Once: the fp32 rescale of both gradients (mul_ in place); the O(B) merges are left out.
+
+Each S-tile kernel takes max(memory, compute) with
+    compute = t_mma + t_epilogue        (1 CTA per SM: a CTA's exp/store epilogue cannot overlap
+                                         its own tile's MMA, and no other CTA is there to fill in)
+            = max(t_mma, t_epilogue)    (>= 2 CTAs per SM: another CTA's MMA hides the epilogue)
+    t_mma      = 2 B^2 D / peak bf16 FLOP/s
+    t_epilogue = B^2 / (SMs x clock) x (mufu/16 + fp32/fp32_lanes + stores/32) per S element,
+where mufu, fp32 and stores are the kernel's SASS instruction counts (MUFU.*, the FP32 pipe's F*,
+STG.*) divided by the S elements each thread holds (BLOCK_M x BLOCK_N / threads): static counts,
+one S tile's worth, as the tile loop body appears once in the SASS. The pipes are summed, not
+overlapped: 8 warps on an SM are 2 per scheduler, too few to hide one pipe behind another. Scalar
+2-byte G stores are 1 STG per element, 16-byte ones 1/8. Integer and address instructions are not
+counted (so this is a lower bound on the epilogue). Memory: the forward reads I once and T once
+per wave of resident CTAs (neighbouring row blocks walk the same T tiles, which stay in L2); the
+backward reads T once per chunk and writes G once; each cuBLAS call is max(FLOP / peak, bytes / HBM
+bandwidth) with its operands and output read/written once. All tensor-core work runs at the same
+fraction of peak as the floor's, so the ratio to the floor counts only the extra terms. Not
+modelled: spills (configs that spill are not candidates), L2 hits of G (a chunk of G is 128 MiB+,
+over the 40-50 MB L2), launch gaps, tail effects of partial waves, and cuBLAS below peak.
+
+Scenarios (SCENARIOS), each adding one change of issue 10 section 3 to the one above: the code as
+compiled with the default configs; grad_text accumulated inside the GEMM (2 fp32 passes per chunk
+instead of 4); 16-byte G stores (1/8 of the backward's store instructions); the declared configs
+(non-spilling, same flags) the model finds fastest; a 256 MiB workspace (half the chunks).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+BATCH, DIM, ELEMENT = 65536, 512, 2  # the issue-10 case: bf16
+WORKSPACE_ENV = "FASTCLIP_WORKSPACE_MB"  # read by fastclip.ops.workspace.workspace_bytes at call time
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    capability: int  # the arch whose compile facts apply (kernel_report.ARCHS)
+    bf16_flops: float  # dense tensor-core bf16, FLOP/s (no sparsity)
+    hbm_bytes: float  # bytes/s
+    sms: int
+    clock_hz: float  # boost clock
+    fp32_lanes: int  # FP32 results per clock per SM
+
+
+# Peak rates, SXM parts. Sources: NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: 312 TFLOP/s
+# bf16 dense, 2,039 GB/s, 108 SMs, 1410 MHz boost) and the NVIDIA A100 architecture whitepaper (64
+# FP32 lanes per SM); NVIDIA H100 datasheet (H100 SXM: 1,979 TFLOP/s bf16 with sparsity = 989 dense,
+# 3.35 TB/s, 67 TFLOP/s FP32) and the NVIDIA H100 architecture whitepaper (132 SMs, 128 FP32 lanes per
+# SM; 67e12 / (132 x 128 x 2) = 1.98 GHz); NVIDIA H200 datasheet (H200 SXM: same compute as H100 SXM,
+# 4.8 TB/s HBM3e). Per-SM pipe rates (CUDA C++ Programming Guide, "Arithmetic Instructions"
+# throughput table, cc 8.0 and 9.0): 16 MUFU results per clock (exp2, log2, rcp); 32 load/store
+# lanes per SM (4 partitions x 8 LD/ST units, whitepapers' SM diagrams).
+GPUS = (Gpu("A100-SXM4-80GB", 80, 312e12, 2.039e12, 108, 1.41e9, 64),
+        Gpu("H100-SXM5-80GB", 90, 989e12, 3.35e12, 132, 1.98e9, 128),
+        Gpu("H200-SXM-141GB", 90, 989e12, 4.8e12, 132, 1.98e9, 128))
+MUFU_PER_SM_CLOCK = 16
+STORE_LANES_PER_SM_CLOCK = 32
+# grad_text += G^T @ I[rows] in triton_common.grad_products: the GEMM writes a fresh fp32 (B, D)
+# product (1 pass), add_ reads it and grad_text and writes grad_text (3 passes). Accumulating in the
+# GEMM (beta = 1) reads and writes grad_text only: 2 passes.
+GRAD_TEXT_FP32_PASSES = 4
+GRAD_TEXT_FP32_PASSES_IN_GEMM = 2
+LOSSES = {"clip": ("clip_loss_fwd", "clip_loss_bwd"), "siglip": ("siglip_loss_fwd", "siglip_loss_bwd")}
+
+
+@dataclass(frozen=True)
+class TileKernel:
+    """What the model needs of one compiled S-tile kernel (a kernel_report row)."""
+
+    block_m: int
+    block_n: int
+    threads: int
+    ctas_per_sm: int
+    mufu: float  # per S element
+    fp32: float
+    stores: float
+
+    def label(self) -> str:
+        return f"{self.block_m}x{self.block_n} ({self.threads // 32} warps, {self.ctas_per_sm} CTA/SM)"
+
+    @classmethod
+    def from_row(cls, row: dict) -> "TileKernel":
+        per_thread = row["block_m"] * row["block_n"] / row["threads"]
+        return cls(row["block_m"], row["block_n"], row["threads"], row["ctas_per_sm"],
+                   row["mufu_instructions"] / per_thread, row["fp32_instructions"] / per_thread,
+                   row["store_instructions"] / per_thread)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    grad_text_passes: int = GRAD_TEXT_FP32_PASSES
+    store_vector: int = 1  # divides the backward's store instructions (8: 16-byte bf16 stores from 2-byte)
+    best_configs: bool = False  # the declared (fwd, bwd) configs the model finds fastest, not the defaults
+    workspace_mb: int | None = None  # FASTCLIP_WORKSPACE_MB for this scenario (None: as set, or the default)
+
+
+# As compiled and run today, then the backward changes of issue 10 section 3, one more per line.
+SCENARIOS = (Scenario("as compiled (default configs)"),
+             Scenario("+ dT accumulated in the GEMM", GRAD_TEXT_FP32_PASSES_IN_GEMM),
+             Scenario("+ 16-byte G stores", GRAD_TEXT_FP32_PASSES_IN_GEMM, store_vector=8),
+             Scenario("+ fastest declared configs", GRAD_TEXT_FP32_PASSES_IN_GEMM, store_vector=8, best_configs=True),
+             Scenario("+ 256 MiB workspace", GRAD_TEXT_FP32_PASSES_IN_GEMM, store_vector=8, best_configs=True,
+                      workspace_mb=256))
+
+
+def _tile_kernel_ms(gpu: Gpu, kernel: TileKernel, ctas: int, elements: float, memory_bytes: float) -> dict:
+    t_mma = 2 * elements * DIM / gpu.bf16_flops
+    per_element = (kernel.mufu / MUFU_PER_SM_CLOCK + kernel.fp32 / gpu.fp32_lanes
+                   + kernel.stores / STORE_LANES_PER_SM_CLOCK)
+    t_epilogue = elements * per_element / (gpu.sms * gpu.clock_hz)
+    compute = t_mma + t_epilogue if ctas < 2 else max(t_mma, t_epilogue)
+    t_memory = memory_bytes / gpu.hbm_bytes
+    return {"mma": t_mma * 1e3, "epilogue": t_epilogue * 1e3, "memory": t_memory * 1e3,
+            "ms": max(compute, t_memory) * 1e3}
+
+
+def _gemm_ms(gpu: Gpu, flops: float, memory_bytes: float) -> float:
+    return max(flops / gpu.bf16_flops, memory_bytes / gpu.hbm_bytes) * 1e3
+
+
+def chunk_rows(block_m: int, workspace_mb: int | None = None) -> int:
+    """Rows per backward chunk (the launcher's own rule) at FASTCLIP_WORKSPACE_MB, or at workspace_mb."""
+    from fastclip.ops import triton_common
+
+    previous = os.environ.get(WORKSPACE_ENV)
+    if workspace_mb is not None:
+        os.environ[WORKSPACE_ENV] = str(workspace_mb)
+    try:
+        return triton_common.row_chunk(BATCH, block_m, block_m * BATCH * ELEMENT, block_m * BATCH)
+    finally:
+        if workspace_mb is not None:
+            if previous is None:
+                del os.environ[WORKSPACE_ENV]
+            else:
+                os.environ[WORKSPACE_ENV] = previous
+
+
+def estimate(gpu: Gpu, forward: TileKernel, backward: TileKernel, scenario: Scenario) -> dict:
+    """Every term of the fwd+bwd estimate in ms, the total and its ratio to the 4-GEMM floor."""
+    b, d = BATCH, DIM
+    elements = float(b) * b
+    floor = 8 * elements * d / gpu.bf16_flops * 1e3
+    fwd_ctas = forward.ctas_per_sm
+    waves = math.ceil(math.ceil(b / forward.block_m) / (gpu.sms * fwd_ctas))
+    terms = {"fwd kernel": _tile_kernel_ms(gpu, forward, fwd_ctas, elements, (1 + waves) * b * d * ELEMENT)}
+    chunk = chunk_rows(backward.block_m, scenario.workspace_mb)
+    chunks = math.ceil(b / chunk)
+    vector = scenario.store_vector if backward.stores >= 0.5 else 1  # already vectorised: nothing to gain
+    bwd = replace(backward, stores=backward.stores / vector)
+    bwd_bytes = b * d * ELEMENT + chunks * b * d * ELEMENT + elements * ELEMENT  # I, T per chunk, G written
+    terms["bwd kernel (G)"] = _tile_kernel_ms(gpu, bwd, backward.ctas_per_sm, elements,
+                                              bwd_bytes)
+    g_bytes = chunk * b * ELEMENT
+    dense_fp32 = b * d * 4
+    gemm_flops = 2 * chunk * b * d
+    image_gemm = _gemm_ms(gpu, gemm_flops, g_bytes + b * d * ELEMENT + chunk * d * 4)
+    in_gemm = scenario.grad_text_passes <= GRAD_TEXT_FP32_PASSES_IN_GEMM
+    text_gemm = _gemm_ms(gpu, gemm_flops, g_bytes + chunk * d * ELEMENT + dense_fp32 * (2 if in_gemm else 1))
+    terms["G @ T (cuBLAS)"] = {"ms": chunks * image_gemm}
+    terms["G^T @ I (cuBLAS)"] = {"ms": chunks * text_gemm}
+    extra_passes = max(0, scenario.grad_text_passes - (2 if in_gemm else 1))  # beyond the GEMM's own output
+    terms["grad_text fp32 adds"] = {"ms": (chunks - 1) * extra_passes * dense_fp32 / gpu.hbm_bytes * 1e3}
+    rescale_bytes = 2 * 2 * dense_fp32 + (2 * chunk * d * 4 * chunks if chunks > 1 else 0)  # mul_, row copies
+    terms["rescale, row copies"] = {"ms": rescale_bytes / gpu.hbm_bytes * 1e3}
+    total = sum(term["ms"] for term in terms.values())
+    return {"gpu": gpu.name, "scenario": scenario.name, "floor_ms": floor, "terms": terms, "total_ms": total,
+            "ratio": total / floor, "chunk": chunk, "chunks": chunks, "forward": forward, "backward": backward}
+
+
+def candidate_kernels(rows: list[dict], capability: int, loss: str) -> tuple[list, list]:
+    """(forward, backward) TileKernels of every compiled config of the loss's default flag set that
+    does not spill (the model has no spill term), the default config first; empty lists when the
+    report has none for this arch."""
+    arch = f"sm{capability}"
+    found = []
+    for name in LOSSES[loss]:
+        flags = next((row["flags"] for row in rows if row["kernel"] == name and row["default"]), None)
+        candidates = sorted((row for row in rows if row["arch"] == arch and row["kernel"] == name
+                             and row["flags"] == flags and (row["default"] or not row["spill_instructions"])),
+                            key=lambda row: row["config_index"])
+        found.append([TileKernel.from_row(row) for row in candidates])
+    return found[0], found[1]
+
+
+def estimate_scenario(gpu: Gpu, forwards: list, backwards: list, scenario: Scenario) -> dict:
+    if not scenario.best_configs:
+        return estimate(gpu, forwards[0], backwards[0], scenario)
+    return min((estimate(gpu, forward, backward, scenario) for forward in forwards for backward in backwards),
+               key=lambda result: result["total_ms"])
+
+
+def report(rows: list[dict]) -> str:
+    """The printed estimate: the GPU table, then per loss and GPU every term of each scenario."""
+    from fastclip.ops.workspace import workspace_bytes
+
+    lines = [f"Roofline estimate, B={BATCH}, D={DIM}, bf16, fwd+bwd (estimate from offline compilation; "
+             "not measured on GPU)",
+             f"workspace bound {workspace_bytes() / 2**20:.0f} MiB (FASTCLIP_WORKSPACE_MB)", "",
+             f"{'GPU':<16} {'bf16 TFLOP/s':>12} {'HBM TB/s':>9} {'SMs':>4} {'GHz':>5} {'FP32/clk/SM':>11}  "
+             f"{'4-GEMM floor ms':>15}"]
+    for gpu in GPUS:
+        floor = 8 * float(BATCH) ** 2 * DIM / gpu.bf16_flops * 1e3
+        lines.append(f"{gpu.name:<16} {gpu.bf16_flops / 1e12:>12.0f} {gpu.hbm_bytes / 1e12:>9.2f} {gpu.sms:>4} "
+                     f"{gpu.clock_hz / 1e9:>5.2f} {gpu.fp32_lanes:>11}  {floor:>15.1f}")
+    for loss in LOSSES:
+        for gpu in GPUS:
+            forwards, backwards = candidate_kernels(rows, gpu.capability, loss)
+            if not forwards or not backwards:
+                continue
+            forward, backward = forwards[0], backwards[0]
+            lines += ["", f"{loss} on {gpu.name}: per S element fwd {forward.mufu:.2f} MUFU, {forward.fp32:.1f} FP32, "
+                          f"{forward.stores:.3f} STG; bwd {backward.mufu:.2f} MUFU, {backward.fp32:.1f} FP32, "
+                          f"{backward.stores:.3f} STG; CTAs/SM fwd {forward.ctas_per_sm}, bwd {backward.ctas_per_sm}"]
+            results = [estimate_scenario(gpu, forwards, backwards, scenario) for scenario in SCENARIOS
+                       if len(forwards) * len(backwards) > 1 or not scenario.best_configs]
+            names = list(results[0]["terms"])
+            lines.append(f"  {'scenario':<30}" + "".join(f"{name:>22}" for name in names)
+                         + f"{'total ms':>10}{'x floor':>9}")
+            for result in results:
+                cells = []
+                for name in names:
+                    term = result["terms"][name]
+                    detail = (f" ({term['mma']:.1f}+{term['epilogue']:.1f}|{term['memory']:.1f})"
+                              if "mma" in term else "")
+                    cells.append(f"{term['ms']:.1f}{detail}".rjust(22))
+                lines.append(f"  {result['scenario']:<30}" + "".join(cells)
+                             + f"{result['total_ms']:>10.1f}{result['ratio']:>8.2f}x")
+            lines.append(f"  floor {results[0]['floor_ms']:.1f} ms; backward in {results[0]['chunks']} chunks of "
+                         f"{results[0]['chunk']} rows; kernel cells: ms (mma + epilogue | memory)")
+            best = results[-1]
+            if best["scenario"] == SCENARIOS[-1].name:
+                lines.append(f"  fastest declared configs: fwd {best['forward'].label()}, bwd {best['backward'].label()} "
+                             f"({best['chunks']} chunks of {best['chunk']} rows)")
+    return "\n".join(lines)
