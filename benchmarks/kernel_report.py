@@ -213,6 +213,10 @@ def launch_arguments(spec: KernelSpec, config, variant: dict, rows: int) -> dict
     arguments.update({name: getattr(module, value) for name, value in spec.fixed.items()})
     for name, rule in getattr(spec.jit(), "values", {}).items():  # triton.heuristics, as a launch applies them
         arguments[name] = rule(arguments)
+    missing = [param.name for param in fn.params if param.name not in arguments and not param.has_default]
+    if missing:
+        raise ValueError(f"kernel_report passes no value for {fn.__name__}'s {missing}: add them to the flag sets "
+                         f"(variants) of its KernelSpec {spec.name!r}, as its launcher passes them")
     return arguments
 
 
