@@ -19,7 +19,8 @@ instructions (spills), tensor-core instructions (HMMA on sm80; HGMMA, or HMMA, o
 instructions, and the width of the global stores (the G stores of the backward kernels:
 STG.E.U16 = 2 bytes per thread per instruction, STG.E.128 = 16). CTAs per SM follow from those and
 the limits in ``SM_LIMITS``. The roofline model is in ``roofline.py``; it prints after the table
-and goes to ``kernel_report_roofline.txt`` beside the CSV/JSON.
+and goes to ``kernel_report_roofline.txt`` beside the CSV/JSON. ``compile_s`` is the wall time of
+``triton.compile``: near 0 where Triton's cache (~/.triton/cache) already held that kernel.
 """
 from __future__ import annotations
 
