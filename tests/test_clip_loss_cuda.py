@@ -55,7 +55,7 @@ class PrimitiveClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, image, text, scale, bias):
-        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale, bias, False)
+        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale, bias, False, True)
         diagonal = scale * (image * text).sum(1) + bias
         ctx.op = op
         ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
@@ -66,18 +66,35 @@ class PrimitiveClipLoss(torch.autograd.Function):
         image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
         coef = (grad_output / (2 * image.shape[0])).expand(image.shape[0])
         grad_image, grad_text, grad_scale = ctx.op.clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, coef,
-                                                                 coef, 0)
+                                                                 coef, 0, True)
         return None, grad_image, grad_text, grad_scale.reshape(scale.shape), torch.zeros_like(bias)
 
 
-def host_clip_loss(host, normalize=False):
-    """loss(image, text, logit_scale[, logit_bias]) on the host build, for tests.loss_utils.loss_and_grads."""
+def primitive_clip_loss(op, normalize=False):
+    """loss(image, text, logit_scale[, logit_bias]) on ``op`` (the host build, or clip_loss_cuda on a GPU), for
+    tests.loss_utils.loss_and_grads."""
     def loss(image, text, scale, bias=None):
         if normalize:
             image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         bias = torch.zeros(()) if bias is None else bias
-        return PrimitiveClipLoss.apply(host, image, text, scale.reshape(()), bias.reshape(()))
+        return PrimitiveClipLoss.apply(op, image, text, scale.reshape(()).to(image.device),
+                                       bias.reshape(()).to(image.device))
     return loss
+
+
+def logit_scale_errors(op, batch, dim, draws, device="cpu") -> tuple[float, float]:
+    """RMS over ``draws`` of (ours, open_clip fp32) - open_clip fp64 for d loss / d logit_scale."""
+    scale = float(torch.tensor(LOGIT_SCALE, dtype=torch.float32))  # one value in fp32 and fp64
+    ours_errors, open_clip_errors = [], []
+    for draw in range(draws):
+        image, text = (f.to(device) for f in clip_like_features(batch, dim, seed=1000 + draw))
+        truth = loss_and_grads(open_clip_loss(), image.double(), text.double(), scale)["logit_scale"]
+        ours = loss_and_grads(primitive_clip_loss(op), image, text, scale)["logit_scale"]
+        reference = loss_and_grads(open_clip_loss(), image, text, scale)["logit_scale"]
+        ours_errors.append(float(ours) - float(truth))
+        open_clip_errors.append(float(reference) - float(truth))
+    rms = lambda errors: (sum(e * e for e in errors) / len(errors)) ** 0.5  # noqa: E731
+    return rms(ours_errors), rms(open_clip_errors)
 
 
 def assert_primitives_match_truth(ours, inputs, positive_offset, dtype=torch.float32, baseline=None):
@@ -100,7 +117,7 @@ def test_host_build_matches_the_fp64_truth_and_open_clip(host, batch, dim, with_
     normalize = dim == 200
     logit_bias = -2.5 if with_bias else None
     prepare = (lambda f: F.normalize(f, dim=-1)) if normalize else (lambda f: f)
-    result = loss_and_grads(host_clip_loss(host, normalize), image, text, LOGIT_SCALE, logit_bias)
+    result = loss_and_grads(primitive_clip_loss(host, normalize), image, text, LOGIT_SCALE, logit_bias)
     reference = loss_and_grads(lambda i, t, *rest: open_clip_loss()(prepare(i), prepare(t), *rest), image, text,
                                LOGIT_SCALE, logit_bias)
     assert_matches_reference(result["loss"], reference["loss"], name="loss", floor=1.0)
@@ -115,17 +132,8 @@ def test_host_build_logit_scale_gradient_is_within_twice_open_clips_fp32_error(h
     """d loss / d logit_scale straight from clip_loss_bwd (sum_ij G_ij x_ij, summed beside G): its RMS error
     against open_clip in fp64, over several draws, is at most twice open_clip's own fp32 error. Mid-training
     features (pairs correlated 0.5); at a near-zero loss both errors are dominated by G's positives."""
-    scale = float(torch.tensor(LOGIT_SCALE, dtype=torch.float32))  # one value in fp32 and fp64
-    ours_errors, open_clip_errors = [], []
-    for draw in range(draws):
-        image, text = clip_like_features(batch, dim, seed=1000 + draw)
-        truth = loss_and_grads(open_clip_loss(), image.double(), text.double(), scale)["logit_scale"]
-        ours = loss_and_grads(host_clip_loss(host), image, text, scale)["logit_scale"]
-        reference = loss_and_grads(open_clip_loss(), image, text, scale)["logit_scale"]
-        ours_errors.append(float(ours) - float(truth))
-        open_clip_errors.append(float(reference) - float(truth))
-    rms = lambda errors: (sum(e * e for e in errors) / len(errors)) ** 0.5  # noqa: E731
-    assert rms(ours_errors) <= 2 * rms(open_clip_errors), (ours_errors, open_clip_errors)
+    ours, open_clip = logit_scale_errors(host, batch, dim, draws)
+    assert ours <= 2 * open_clip, f"RMS error {ours:.3e} vs open_clip's fp32 {open_clip:.3e}"
 
 
 @pytest.mark.parametrize("n_rows,n_cols,dim,offset", [(70, 300, 257, 140), (300, 37, 64, -5), (37, 100, 64, 1000),
@@ -326,6 +334,14 @@ def test_gpu_low_precision_loss_is_as_accurate_as_torch_in_that_dtype(gpu_kernel
     assert_close_to_truth(ours["loss"], baseline["loss"], truth["loss"], dtype=dtype, kind="fwd", name="loss")
     for name in ("image", "text", "logit_scale"):
         assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind="bwd", name=f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,dim,draws", [(1000, 768, 8), (8192, 512, 4)])
+def test_gpu_logit_scale_gradient_is_within_twice_open_clips_fp32_error(gpu_kernels, batch, dim, draws):
+    """The kernels' grad_scale (exact fp32 products) against open_clip on the GPU, as the host-build test."""
+    ours, open_clip = logit_scale_errors(gpu_kernels, batch, dim, draws, device="cuda")
+    assert ours <= 2 * open_clip, f"RMS error {ours:.3e} vs open_clip's fp32 {open_clip:.3e}"
 
 
 @pytest.mark.gpu
