@@ -264,12 +264,16 @@ float grad_headroom(const at::Tensor& image, TilePath path) {
   return !grad_in_fp32(path) && image.scalar_type() == at::kHalf ? kFp16Headroom : 1.f;
 }
 
-std::tuple<at::Tensor, at::Tensor> clip_loss_bwd(const at::Tensor& image, const at::Tensor& text,
-                                                 const at::Tensor& scale, const at::Tensor& bias,
-                                                 const at::Tensor& row_lse, const at::Tensor& col_lse,
-                                                 const at::Tensor& row_coef, const at::Tensor& col_coef,
-                                                 int64_t positive_offset, bool allow_tf32, int64_t workspace_bytes,
-                                                 bool poison) {
+// Sum of per-tile partials in fp64, in torch's fixed order for a given length (bitwise repeatable), as fp32.
+at::Tensor sum_partials(const at::Tensor& partials) { return partials.to(at::kDouble).sum().to(at::kFloat); }
+
+// (grad_image, grad_text, grad_scale): grad_scale = sum_ij G_ij x_ij from the G kernel's per-tile partials.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd(const at::Tensor& image, const at::Tensor& text,
+                                                             const at::Tensor& scale, const at::Tensor& bias,
+                                                             const at::Tensor& row_lse, const at::Tensor& col_lse,
+                                                             const at::Tensor& row_coef, const at::Tensor& col_coef,
+                                                             int64_t positive_offset, bool allow_tf32,
+                                                             int64_t workspace_bytes, bool poison) {
   const OpContext op(image, text, scale, bias, allow_tf32);
   const auto fp32_vector = [&](const at::Tensor& t) { return t.to(image.device(), at::kFloat).contiguous(); };
   const at::Tensor row_lse_value = fp32_vector(row_lse), col_lse_value = fp32_vector(col_lse);
@@ -280,10 +284,13 @@ std::tuple<at::Tensor, at::Tensor> clip_loss_bwd(const at::Tensor& image, const 
   const at::Tensor coef_norm =
       at::maximum(row_coef_value.abs().amax(), col_coef_value.abs().amax()).clamp_min(kMinCoefNorm).contiguous();
   const float headroom = grad_headroom(image, op.path);
+  const index_t col_tiles = ceil_div(op.n_cols, kBlockCols);
+  at::Tensor scale_partials = allocate({ceil_div(op.n_rows, kBlockRows) * col_tiles}, op.fp32, poison);
   const ClipGradArgs whole{op.scale_data(), op.bias_data(), coef_norm.data_ptr<float>(), headroom,
                            row_lse_value.data_ptr<float>(), col_lse_value.data_ptr<float>(),
                            row_coef_value.data_ptr<float>(), col_coef_value.data_ptr<float>(),
-                           op.n_rows, op.n_cols, positive_offset, op.n_cols};
+                           op.n_rows, op.n_cols, positive_offset, op.n_cols, col_tiles,
+                           scale_partials.data_ptr<float>()};
   auto run_blocks = [&](const RowChunk& chunk, void* workspace) {
     check_cuda(launch_clip_grad(op.path, clip_grad_args_for_chunk(whole, chunk), rows_of(op.image, chunk.start, chunk.rows),
                                 op.text, op.dim, workspace, chunk.row_blocks, op.stream),
@@ -292,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor> clip_loss_bwd(const at::Tensor& image, const 
   auto ops = grad_ops(image, text, op.path, poison, run_blocks);
   run_grad_chunks(op.n_rows, op.n_cols, c10::elementSize(ops.grad_dtype), workspace_bytes, ops);
   const at::Tensor undo = grad_undo_factor(op.scale, coef_norm, headroom);
-  return {ops.grad_image.mul_(undo), ops.grad_text.mul_(undo)};
+  return {ops.grad_image.mul_(undo), ops.grad_text.mul_(undo),
+          sum_partials(scale_partials) * grad_scale_undo_factor(coef_norm, headroom)};
 }
 
 // ---- SigLIP --------------------------------------------------------------------------------------------
@@ -306,7 +314,7 @@ at::Tensor siglip_loss_fwd(const at::Tensor& image, const at::Tensor& text, cons
                                splits.cols_per_split, splits.count, partials.data_ptr<float>()};
   check_cuda(launch_siglip_forward(op.path, args, op.image, op.text, op.dim, row_blocks, op.stream),
              "siglip_loss_fwd_kernel");
-  return partials.sum();
+  return sum_partials(partials);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd(const at::Tensor& image, const at::Tensor& text,
@@ -329,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd(const at::Tensor&
   auto ops = grad_ops(image, text, op.path, poison, run_blocks);
   run_grad_chunks(op.n_rows, op.n_cols, c10::elementSize(ops.grad_dtype), workspace_bytes, ops);
   const at::Tensor undo = coef * op.scale / headroom;
-  return {ops.grad_image.mul_(undo), ops.grad_text.mul_(undo), bias_partials.sum() * coef};
+  return {ops.grad_image.mul_(undo), ops.grad_text.mul_(undo), sum_partials(bias_partials) * coef};
 }
 
 // "archs=750,800,900;ptx=900;cuda=13.0;torch=2.14.1" for `fastclip info`.
@@ -347,7 +355,7 @@ TORCH_LIBRARY(fastclip_cuda, m) {
         "bool allow_tf32, int workspace_bytes, bool poison=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("clip_loss_bwd(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor row_lse, Tensor col_lse, "
         "Tensor row_coef, Tensor col_coef, int positive_offset, bool allow_tf32, int workspace_bytes, "
-        "bool poison=False) -> (Tensor, Tensor)");
+        "bool poison=False) -> (Tensor, Tensor, Tensor)");
   m.def("siglip_loss_fwd(Tensor image, Tensor text, Tensor scale, Tensor bias, int positive_offset, "
         "bool allow_tf32, bool poison=False) -> Tensor");
   m.def("siglip_loss_bwd(Tensor image, Tensor text, Tensor scale, Tensor bias, int positive_offset, "

@@ -2,11 +2,13 @@
 //
 //   clip_loss_fwd_kernel     one pass over S = scale * I @ T.T + bias -> row and column softmax partials
 //   stats_merge_kernel       fixed-order merge of those partials into row_lse / col_lse (and E[x])
-//   clip_loss_grad_kernel    G = dL/dS for a chunk of rows, into the bounded workspace
+//   clip_loss_grad_kernel    G = dL/dS for a chunk of rows, into the bounded workspace, and per-tile
+//                            partials of sum_ij G_ij x_ij (the logit_scale gradient)
 //
-// binding.cpp chains them (chunk_driver.h) and runs the two backward GEMMs dI = s G T, dT = s G^T I on
-// cuBLAS. The per-tile math is tile_programs.h's, shared with the host build the CPU tests drive; this
-// file holds the kernel entry points and their launchers only.
+// binding.cpp chains them (chunk_driver.h), runs the two backward GEMMs dI = s G T, dT = s G^T I on
+// cuBLAS and sums the per-tile partials in a fixed order into d scale. The per-tile math is
+// tile_programs.h's, shared with the host build the CPU tests drive; this file holds the kernel entry
+// points and their launchers only.
 #include "device_tile.cuh"
 #include "launch.h"
 
@@ -40,13 +42,20 @@ __global__ void __launch_bounds__(kThreads) stats_merge_kernel(MergeArgs args) {
   if (i < args.length) merge_partials_at(args, i);
 }
 
-// clip_loss_grad_kernel: G for one 128 x 64 tile of a row chunk.
-//   Math: P = exp(S - row_lse), Q = exp(S - col_lse), positives j = i + positive_offset,
+// clip_loss_grad_kernel: G for one 128 x 64 tile of a row chunk, and the tile's sum of G x.
+//   Math: x = I_i . T_j (the tile product), S = scale * x + bias, P = exp(S - row_lse),
+//   Q = exp(S - col_lse), positives j = i + positive_offset,
 //   G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]), stored times headroom / max|coef| in
 //   the path's Grad type (the input dtype on tensor-core paths; fp32 on sm7x bf16 and fp32 inputs).
+//   d scale = sum_ij G_ij x_ij is summed beside G from the same fp32 G values (before rounding to the
+//   workspace dtype) and the same x: each thread over its 32 elements of the tile, then the 256 thread
+//   sums by a fixed pairwise tree. Forming it here, instead of sum_i I_i . dI_i / scale afterwards,
+//   keeps the digits that the GEMM outputs' rounding and the division would cost.
 //   Tiling: grid (column tiles, row blocks of the chunk), one S tile per block, D in 32-element slices.
 //   Saved: nothing; G is a transient workspace of at most FASTCLIP_WORKSPACE_MB, consumed by the two
-//   cuBLAS GEMMs before the next chunk.
+//   cuBLAS GEMMs before the next chunk. The tile's sum of G x (still times the multiplier) goes to
+//   scale_partials[b * col_tiles + c], b counted over all rows, so the partials do not depend on the
+//   chunking; the launcher sums them in fp64 in a fixed order and undoes the multiplier.
 template <TilePath P>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
     clip_loss_grad_kernel(ClipGradArgs args, FeatureMatrix image, FeatureMatrix text, index_t dim, void* grad) {

@@ -79,6 +79,7 @@ struct SharedTiles {
   static constexpr int kStatsBytes = kStatsScratch * static_cast<int>(sizeof(SoftmaxStats));
   static constexpr int kFloatBytes = kFloatScratch * static_cast<int>(sizeof(float));
   static constexpr int kScratchBytes = kStatsBytes > kFloatBytes ? kStatsBytes : kFloatBytes;
+  static_assert(kFloatBytes <= kStatsBytes, "the float scratch fits in the stats scratch's shared memory");
   alignas(128) unsigned char main[kMainBytes];  // operand slices, then the fp32 tile
   alignas(16) unsigned char scratch[kScratchBytes];
 };

@@ -6,6 +6,7 @@
 //
 // Inputs are fp32 arrays with any strides (in elements); outputs are contiguous fp32.
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "chunk_driver.h"
@@ -54,6 +55,17 @@ class HostBlock {
   std::vector<SoftmaxStats> stats_;
   std::vector<float> floats_;
 };
+
+// Partials start as NaN, as the device's poisoned buffers do in the tests: a tile no program wrote shows up.
+constexpr float kNotWritten = std::numeric_limits<float>::quiet_NaN();
+
+// The per-block partials summed in fp64, in index order (the launcher, binding.cpp sum_partials, also sums
+// them in fp64, in torch's fixed order).
+float sum_partials(const std::vector<float>& partials) {
+  double total = 0.0;
+  for (float partial : partials) total += partial;
+  return static_cast<float>(total);
+}
 
 FeatureMatrix host_matrix(const float* data, index_t rows, index_t stride_row, index_t stride_dim) {
   return FeatureMatrix{data, rows, stride_row, stride_dim, static_cast<int>(sizeof(float))};
@@ -194,25 +206,32 @@ index_t fastclip_host_clip_loss_fwd(const float* image, index_t image_stride_row
   return run_clip_forward(problem, ops).count;
 }
 
-// G is stored fp32 here; `headroom` exercises the storage multiplier of the fp16 path. Returns the chunk count.
+// G is stored fp32 here; `headroom` exercises the storage multiplier of the fp16 path. grad_scale gets
+// sum_ij G_ij x_ij from the G program's per-tile partials. Returns the chunk count.
 index_t fastclip_host_clip_loss_bwd(const float* image, index_t image_stride_row, index_t image_stride_dim,
                                     const float* text, index_t text_stride_row, index_t text_stride_dim,
                                     index_t n_rows, index_t n_cols, index_t dim, float scale, float bias,
                                     const float* row_lse, const float* col_lse, const float* row_coef,
                                     const float* col_coef, index_t positive_offset, float headroom,
-                                    index_t workspace_bytes, float* grad_image, float* grad_text) {
+                                    index_t workspace_bytes, float* grad_image, float* grad_text,
+                                    float* grad_scale) {
   using namespace fastclip;
   float coef_norm = kMinCoefNorm;
   for (index_t i = 0; i < n_rows; ++i) coef_norm = larger(coef_norm, absolute(row_coef[i]));
   for (index_t j = 0; j < n_cols; ++j) coef_norm = larger(coef_norm, absolute(col_coef[j]));
+  const index_t col_tiles = ceil_div(n_cols, kBlockCols);
+  std::vector<float> scale_partials(ceil_div(n_rows, kBlockRows) * col_tiles, kNotWritten);
   const ClipGradArgs whole{&scale, &bias, &coef_norm, headroom, row_lse, col_lse, row_coef, col_coef,
-                           n_rows, n_cols, positive_offset, n_cols};
-  return host_backward(host_matrix(image, n_rows, image_stride_row, image_stride_dim),
-                       host_matrix(text, n_cols, text_stride_row, text_stride_dim), dim, workspace_bytes,
-                       grad_undo_factor(scale, coef_norm, headroom), grad_image, grad_text,
-                       [&](HostBlock& block, index_t row, index_t col, const RowChunk& chunk) {
-                         clip_grad_block(clip_grad_args_for_chunk(whole, chunk), block, row, col);
-                       });
+                           n_rows, n_cols, positive_offset, n_cols, col_tiles, scale_partials.data()};
+  const index_t chunks = host_backward(
+      host_matrix(image, n_rows, image_stride_row, image_stride_dim),
+      host_matrix(text, n_cols, text_stride_row, text_stride_dim), dim, workspace_bytes,
+      grad_undo_factor(scale, coef_norm, headroom), grad_image, grad_text,
+      [&](HostBlock& block, index_t row, index_t col, const RowChunk& chunk) {
+        clip_grad_block(clip_grad_args_for_chunk(whole, chunk), block, row, col);
+      });
+  *grad_scale = sum_partials(scale_partials) * grad_scale_undo_factor(coef_norm, headroom);
+  return chunks;
 }
 
 void fastclip_host_siglip_loss_fwd(const float* image, index_t image_stride_row, index_t image_stride_dim,
@@ -233,9 +252,7 @@ void fastclip_host_siglip_loss_fwd(const float* image, index_t image_stride_row,
       siglip_forward_block(args, block, block_row, split);
     }
   }
-  double total = 0.0;  // the device sums the partials with torch (fp32); the order does not matter here
-  for (float partial : partials) total += partial;
-  *loss_sum = static_cast<float>(total);
+  *loss_sum = sum_partials(partials);
 }
 
 index_t fastclip_host_siglip_loss_bwd(const float* image, index_t image_stride_row, index_t image_stride_dim,
@@ -246,7 +263,7 @@ index_t fastclip_host_siglip_loss_bwd(const float* image, index_t image_stride_r
                                       float* grad_bias) {
   using namespace fastclip;
   const index_t col_tiles = ceil_div(n_cols, kBlockCols);
-  std::vector<float> bias_partials(ceil_div(n_rows, kBlockRows) * col_tiles, 0.f);
+  std::vector<float> bias_partials(ceil_div(n_rows, kBlockRows) * col_tiles, kNotWritten);
   const SiglipGradArgs whole{&scale, &bias, headroom, n_rows, n_cols, positive_offset, n_cols, col_tiles,
                              bias_partials.data()};
   const index_t chunks = host_backward(
@@ -255,9 +272,7 @@ index_t fastclip_host_siglip_loss_bwd(const float* image, index_t image_stride_r
       grad_image, grad_text, [&](HostBlock& block, index_t row, index_t col, const RowChunk& chunk) {
         siglip_grad_block(siglip_grad_args_for_chunk(whole, chunk), block, row, col);
       });
-  double total = 0.0;
-  for (float partial : bias_partials) total += partial;
-  *grad_bias = static_cast<float>(total) * grad_coef;
+  *grad_bias = sum_partials(bias_partials) * grad_coef;
   return chunks;
 }
 

@@ -17,7 +17,8 @@ cudaError_t launch_clip_forward(TilePath path, bool expectations, const ClipForw
 // merge_partials_at for every index of args.length.
 cudaError_t launch_stats_merge(const MergeArgs& args, cudaStream_t stream);
 
-// Grid (column tiles, row_blocks) of clip_grad_block writing G (the path's Grad type) at `grad`.
+// Grid (column tiles, row_blocks) of clip_grad_block writing G (the path's Grad type) at `grad` and one
+// partial of sum G x per tile at args.scale_partials.
 cudaError_t launch_clip_grad(TilePath path, const ClipGradArgs& args, const FeatureMatrix& image_rows,
                              const FeatureMatrix& text, index_t dim, void* grad, index_t row_blocks, cudaStream_t stream);
 

@@ -3,7 +3,7 @@
 //   siglip_loss_fwd_kernel    sum_ij softplus(-y_ij S_ij) per block, S = scale * I @ T.T + bias
 //   siglip_loss_grad_kernel   G = sigmoid(S) - [pos] for a chunk of rows, and per-tile sums of G
 //
-// binding.cpp sums the partials in a fixed order and runs the two backward GEMMs on cuBLAS, as for CLIP.
+// binding.cpp sums the partials in a fixed order (fp64) and runs the two backward GEMMs on cuBLAS, as for CLIP.
 // The per-tile math is tile_programs.h's, shared with the host build the CPU tests drive.
 #include "device_tile.cuh"
 #include "launch.h"
@@ -14,9 +14,9 @@ namespace {
 // siglip_loss_fwd_kernel: partial sums of -log sigmoid(y S) = softplus(-y S), y = +1 on j = i + offset.
 //   Math: softplus(z) = max(z, 0) + log1p(exp(-|z|)), exact for large |z| of either sign.
 //   Tiling: grid (row blocks, column splits); block (b, s) walks its split's 64-column tiles, each
-//   thread summing its elements; the block's total is a fixed-order reduction (warp butterfly, then
-//   the 8 warp totals in order).
-//   Saved: one fp32 partial per block at partials[b * splits + s], summed by the launcher.
+//   thread summing its elements; the block's total is a fixed pairwise tree over the 256 thread sums
+//   (tree_sum, tile_programs.h).
+//   Saved: one fp32 partial per block at partials[b * splits + s], summed by the launcher in fp64.
 template <TilePath P>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
     siglip_loss_fwd_kernel(SiglipForwardArgs args, FeatureMatrix image, FeatureMatrix text, index_t dim) {

@@ -49,7 +49,9 @@ constexpr int kTileLd = kBlockCols + 4;  // fp32 tile row pitch: a multiple of 4
 constexpr int kRowSegments = kBlockCols / kSegment;  // 2
 constexpr int kColSegments = kBlockRows / kSegment;  // 4
 constexpr int kStatsScratch = kBlockRows + kRowSegments * kBlockRows + kColSegments * kBlockCols;
-constexpr int kFloatScratch = 2 * (kBlockRows + kBlockCols);
+// float scratch: the CLIP backward's row/column vectors (2 x (128 + 64)), then kThreads lanes of a tile sum.
+// It shares its shared memory with the stats scratch (the larger of the two), so it costs nothing extra.
+constexpr int kFloatScratch = 2 * (kBlockRows + kBlockCols) + kThreads;
 constexpr index_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y (row blocks of one backward launch)
 static_assert(kRowSegments * kBlockRows == kThreads && kColSegments * kBlockCols == kThreads,
               "one row segment and one column segment per thread");
@@ -321,9 +323,12 @@ constexpr float kMinCoefNorm = 1e-30f;
 // the launcher can apply the same formula to 0-dim device tensors (no host sync).
 template <class Value>
 FASTCLIP_HD Value grad_storage_multiplier(const Value& coef_norm, float headroom) { return headroom / coef_norm; }
+// grad_scale_undo_factor: the factor for sum_ij G_ij x_ij (d loss / d scale), which carries no scale.
+template <class Value>
+FASTCLIP_HD Value grad_scale_undo_factor(const Value& coef_norm, float headroom) { return coef_norm / headroom; }
 template <class Value>
 FASTCLIP_HD Value grad_undo_factor(const Value& scale, const Value& coef_norm, float headroom) {
-  return scale * coef_norm / headroom;
+  return scale * grad_scale_undo_factor(coef_norm, headroom);
 }
 
 }  // namespace fastclip

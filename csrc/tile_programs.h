@@ -164,7 +164,7 @@ FASTCLIP_HD void clip_forward_block(const ClipForwardArgs& a, Block& block, inde
   }
 }
 
-// ---- CLIP backward: G of one tile ---------------------------------------------------------------------
+// ---- CLIP backward: G of one tile and its sum of G x (d loss / d scale) ------------------------------
 struct ClipGradArgs {
   const float* scale;
   const float* bias;
@@ -178,14 +178,18 @@ struct ClipGradArgs {
   index_t n_cols;
   index_t positive_offset;  // positives j = i + positive_offset, i counted from the chunk's first row
   index_t grad_stride;      // row pitch of the G workspace
+  index_t col_tiles;        // ceil(n_cols / kBlockCols): the pitch of scale_partials
+  float* scale_partials;    // [row block][column tile]: sum of G_ij x_ij over the tile, G times its multiplier
 };
 
-// The chunk's view of arguments written for the whole row range.
+// The chunk's view of arguments written for the whole row range (chunks start on row-block boundaries,
+// so a tile's partial lands at the same place whatever the chunking).
 FASTCLIP_HD ClipGradArgs clip_grad_args_for_chunk(ClipGradArgs whole, const RowChunk& chunk) {
   whole.row_lse += chunk.start;
   whole.row_coef += chunk.start;
   whole.n_rows = chunk.rows;
   whole.positive_offset += chunk.start;
+  whole.scale_partials += chunk.first_block * whole.col_tiles;
   return whole;
 }
 
@@ -210,14 +214,23 @@ FASTCLIP_HD void clip_grad_block(const ClipGradArgs& a, Block& block, index_t bl
     col_lse[c] = c < span.valid_cols ? a.col_lse[span.col0 + c] : 0.f;
     col_coef[c] = c < span.valid_cols ? a.col_coef[span.col0 + c] * multiplier : 0.f;
   }
+  float* lanes = col_coef + kBlockCols;  // lane l: sum of G x over the tile elements l, l + kThreads, ...
   block.multiply_tile(span.row0, span.col0);  // its barriers also publish the vectors above
   const float* tile = block.tile();
-  for_tile_elements(span, block.thread(), block.threads(), [&](int r, int c) {
-    const float logit = scale * tile[r * kTileLd + c] + bias;
-    const bool positive = is_positive(span.row0 + r, span.col0 + c, a.positive_offset);
-    block.store_grad(element_offset(span.row0 + r, span.col0 + c, a.grad_stride, 1),
-                     clip_grad_value(logit, row_lse[r], col_lse[c], row_coef[r], col_coef[c], positive));
-  });
+  for (int lane = block.thread(); lane < kThreads; lane += block.threads()) {
+    float total = 0.f;
+    for_tile_elements(span, lane, kThreads, [&](int r, int c) {
+      const float product = tile[r * kTileLd + c];  // x_ij, the logit before scale and bias
+      const bool positive = is_positive(span.row0 + r, span.col0 + c, a.positive_offset);
+      const float grad = clip_grad_value(scale * product + bias, row_lse[r], col_lse[c], row_coef[r], col_coef[c],
+                                         positive);
+      total += grad * product;  // the fp32 G, before it is rounded to the workspace dtype
+      block.store_grad(element_offset(span.row0 + r, span.col0 + c, a.grad_stride, 1), grad);
+    });
+    lanes[lane] = total;
+  }
+  const float tile_total = tree_sum(block, lanes);
+  if (block.thread() == 0) a.scale_partials[block_row * a.col_tiles + block_col] = tile_total;
 }
 
 // ---- SigLIP forward -----------------------------------------------------------------------------------

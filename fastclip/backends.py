@@ -146,7 +146,7 @@ def _cuda_arch_reasons(major: int, minor: int) -> tuple:
 def _cuda_extension_checks(inputs: LossInputs) -> list[str]:
     reasons = list(_cuda_install_reasons())
     if not reasons and inputs.device.type == "cuda":
-        capability = torch.cuda.get_device_capability(inputs.device)
+        capability = device_capability(inputs.device)
         if capability >= (7, 0):  # older GPUs get the min_compute_capability reason
             reasons += _cuda_arch_reasons(*capability)
     return reasons

@@ -27,7 +27,7 @@ SIGNATURES = {
     "fastclip_host_clip_loss_fwd": (I64, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, ctypes.c_int, I64, I64,
                                           PTR, PTR, PTR, PTR]),
     "fastclip_host_clip_loss_bwd": (I64, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, PTR, PTR, PTR, PTR, I64,
-                                          F32, I64, PTR, PTR]),
+                                          F32, I64, PTR, PTR, PTR]),
     "fastclip_host_siglip_loss_fwd": (None, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, I64, I64, PTR]),
     "fastclip_host_siglip_loss_bwd": (I64, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, I64, F32, F32, I64,
                                             PTR, PTR, PTR]),
@@ -129,13 +129,14 @@ class HostBuild:
         n_rows, dim = image.shape
         n_cols = text.shape[0]
         grad_image, grad_text = torch.full((n_rows, dim), float("nan")), torch.full((n_cols, dim), float("nan"))
+        grad_scale = torch.full((), float("nan"))
         vectors = [_vector(v) for v in (row_lse, col_lse, row_coef, col_coef)]
         chunks = self.library.fastclip_host_clip_loss_bwd(
             *_features(image), *_features(text), n_rows, n_cols, dim, float(scale), float(bias),
             *[v.data_ptr() for v in vectors], int(positive_offset), self.headroom, self.workspace_bytes,
-            grad_image.data_ptr(), grad_text.data_ptr())
+            grad_image.data_ptr(), grad_text.data_ptr(), grad_scale.data_ptr())
         self.calls.append(("clip_loss_bwd", chunks))
-        return grad_image, grad_text
+        return grad_image, grad_text, grad_scale
 
     def siglip_loss_fwd(self, image, text, scale, bias, positive_offset, deterministic=False):
         loss_sum = torch.full((), float("nan"))
@@ -214,7 +215,7 @@ def clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset, gr
         grad = grad.to(grad_dtype).to(compute)
     return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * x).sum(1),
             "col_expect": (col_softmax * x).sum(0), "grad_image": float(scale) * grad @ text,
-            "grad_text": float(scale) * grad.T @ image}
+            "grad_text": float(scale) * grad.T @ image, "grad_scale": (grad * x).sum()}
 
 
 def siglip_truth(image, text, scale, bias, positive_offset, grad_coef, grad_dtype=None) -> dict:

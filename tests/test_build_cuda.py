@@ -27,6 +27,11 @@ def built_library() -> Path:
         if os.environ.get("FASTCLIP_REQUIRE_CUDA_BUILD", "0") not in ("", "0"):
             pytest.fail(f"FASTCLIP_REQUIRE_CUDA_BUILD=1 but fastclip._C is not built: {cuda_toolkit.BUILD_COMMAND}")
         pytest.skip(f"fastclip._C is not built ({cuda_toolkit.BUILD_COMMAND})")
+    return library
+
+
+def built_library_and_cuobjdump() -> Path:
+    library = built_library()
     if cuda_toolkit.cuobjdump() is None:
         pytest.skip("no cuobjdump (pip install triton ships one)")
     return library
@@ -35,7 +40,7 @@ def built_library() -> Path:
 def test_built_kernels_use_tensor_cores_and_never_spill():
     from fastclip.ops import cuda_common
 
-    rows = cuda_toolkit.kernel_resources(built_library())
+    rows = cuda_toolkit.kernel_resources(built_library_and_cuobjdump())
     archs = sorted({row["arch"] for row in rows})
     assert archs == sorted(f"sm_{a}" for a in cuda_common.build_info()["archs"]), "SASS and build_info disagree"
     tiles = [row for row in rows if row["kernel"] != "stats_merge_kernel"]
@@ -58,7 +63,7 @@ def test_built_kernels_use_tensor_cores_and_never_spill():
 
 
 def test_kernel_report_writes_to_a_scratch_folder(tmp_path):
-    library = built_library()
+    library = built_library_and_cuobjdump()
     committed = REPO / "benchmarks" / "results" / "kernel_report_cuda.csv"
     before = committed.read_bytes() if committed.exists() else None
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_report_cuda.py"), "--library",
@@ -68,6 +73,23 @@ def test_kernel_report_writes_to_a_scratch_folder(tmp_path):
     assert lines[0].startswith("arch,kernel,path,expectations,registers,shared_bytes,local_bytes")
     assert any(",half_mma," in line for line in lines[1:])
     assert (committed.read_bytes() if committed.exists() else None) == before, "the committed report was rewritten"
+
+
+def test_built_ops_return_what_the_custom_ops_and_their_fakes_declare():
+    """The binding's schemas (fastclip._C loads without a GPU) against the Python custom ops that wrap them:
+    clip_loss_bwd returns (grad_image, grad_text, grad_scale) in both (the fakes: test_fake_kernels_*)."""
+    built_library()
+    from fastclip.ops import clip_loss_cuda, cuda_common, siglip_loss_cuda
+
+    extension = cuda_common.extension()
+    returns = {}
+    for op in (clip_loss_cuda.clip_loss_fwd, clip_loss_cuda.clip_loss_bwd, siglip_loss_cuda.siglip_loss_fwd,
+               siglip_loss_cuda.siglip_loss_bwd):
+        built = getattr(extension, op._name.removesuffix("_cuda")).default._schema
+        assert len(built.returns) == len(op._opoverload._schema.returns), f"{op._name}: binding and custom op disagree"
+        returns[op._name] = len(built.returns)
+    assert returns == {"clip_loss_fwd_cuda": 4, "clip_loss_bwd_cuda": 3, "siglip_loss_fwd_cuda": 1,
+                       "siglip_loss_bwd_cuda": 3}
 
 
 def test_arch_list_parsing_and_the_errors_that_name_the_fix():

@@ -2,9 +2,10 @@
 
 Without a GPU, the kernels' own block programs and chunk loops run in the host build
 (csrc/host_reference.cpp, tests/cuda_host.py): the same C++ per-tile math, chunk plans and index
-arithmetic as the device path, with a one-thread block and fp32 tile products. The real autograd
-Function runs on it against open_clip. Checks on a GPU carry @pytest.mark.gpu. Error bars are those
-of tests/numerics.py (|ours - truth| <= K * |baseline - truth| + TOL).
+arithmetic as the device path, with a one-thread block and fp32 tile products. The CLIP loss composed
+from its two primitives (``PrimitiveClipLoss``: every gradient, logit_scale's included, straight from
+clip_loss_bwd's three outputs) runs on it against open_clip. Checks on a GPU carry @pytest.mark.gpu.
+Error bars are those of tests/numerics.py (|ours - truth| <= K * |baseline - truth| + TOL).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 LOGIT_SCALE = 1 / 0.07
 FORWARD = ("row_lse", "col_lse", "row_expect", "col_expect")
-BACKWARD = ("grad_image", "grad_text")
+BACKWARD = ("grad_image", "grad_text", "grad_scale")
 
 
 def open_clip_loss():
@@ -38,11 +39,62 @@ def host_primitives(host, image, text, scale, bias, row_coef, col_coef, positive
 
 
 def torch_primitives(image, text, scale, bias, row_coef, col_coef, positive_offset) -> dict:
-    """The torch backend in fp32: the same-dtype baseline of the error bars."""
+    """The same-dtype baseline of the error bars: the torch backend in fp32, and grad_scale as a dense fp32
+    PyTorch backward forms it (sum of G * x over the materialised S, as open_clip's autograd does)."""
     outputs = dict(zip(FORWARD, clip_loss_torch.clip_loss_fwd(image, text, scale, bias, True, False)))
     grads = clip_loss_torch.clip_loss_bwd(image, text, scale, bias, outputs["row_lse"], outputs["col_lse"], row_coef,
                                           col_coef, positive_offset, False)
-    return {**outputs, **dict(zip(BACKWARD, grads))}
+    dense = cuda_host.clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset,
+                                 grad_dtype=torch.float32)
+    return {**outputs, **dict(zip(BACKWARD[:2], grads[:2])), "grad_scale": dense["grad_scale"]}
+
+
+class PrimitiveClipLoss(torch.autograd.Function):
+    """open_clip's mean CLIP loss from a backend's two primitives: loss_i = (row_lse_i + col_lse_i) / 2 - S_ii,
+    and d image, d text, d logit_scale from clip_loss_bwd (coefficients 1 / 2b); d logit_bias is 0 exactly."""
+
+    @staticmethod
+    def forward(ctx, op, image, text, scale, bias):
+        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale, bias, False, True)
+        diagonal = scale * (image * text).sum(1) + bias
+        ctx.op = op
+        ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
+        return (0.5 * (row_lse + col_lse) - diagonal).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
+        coef = (grad_output / (2 * image.shape[0])).expand(image.shape[0])
+        grad_image, grad_text, grad_scale = ctx.op.clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, coef,
+                                                                 coef, 0, True)
+        return None, grad_image, grad_text, grad_scale.reshape(scale.shape), torch.zeros_like(bias)
+
+
+def primitive_clip_loss(op, normalize=False):
+    """loss(image, text, logit_scale[, logit_bias]) on ``op`` (the host build, or clip_loss_cuda on a GPU), for
+    tests.loss_utils.loss_and_grads."""
+    def loss(image, text, scale, bias=None):
+        if normalize:
+            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        bias = torch.zeros(()) if bias is None else bias
+        return PrimitiveClipLoss.apply(op, image, text, scale.reshape(()).to(image.device),
+                                       bias.reshape(()).to(image.device))
+    return loss
+
+
+def logit_scale_errors(op, batch, dim, draws, device="cpu") -> tuple[float, float]:
+    """RMS over ``draws`` of (ours, open_clip fp32) - open_clip fp64 for d loss / d logit_scale."""
+    scale = float(torch.tensor(LOGIT_SCALE, dtype=torch.float32))  # one value in fp32 and fp64
+    ours_errors, open_clip_errors = [], []
+    for draw in range(draws):
+        image, text = (f.to(device) for f in clip_like_features(batch, dim, seed=1000 + draw))
+        truth = loss_and_grads(open_clip_loss(), image.double(), text.double(), scale)["logit_scale"]
+        ours = loss_and_grads(primitive_clip_loss(op), image, text, scale)["logit_scale"]
+        reference = loss_and_grads(open_clip_loss(), image, text, scale)["logit_scale"]
+        ours_errors.append(float(ours) - float(truth))
+        open_clip_errors.append(float(reference) - float(truth))
+    rms = lambda errors: (sum(e * e for e in errors) / len(errors)) ** 0.5  # noqa: E731
+    return rms(ours_errors), rms(open_clip_errors)
 
 
 def assert_primitives_match_truth(ours, inputs, positive_offset, dtype=torch.float32, baseline=None):
@@ -64,14 +116,8 @@ def test_host_build_matches_the_fp64_truth_and_open_clip(host, batch, dim, with_
     image, text = 3 * image, 0.5 * text  # off the unit sphere, so normalize=True matters
     normalize = dim == 200
     logit_bias = -2.5 if with_bias else None
-
-    def ours(image, text, scale, *bias):
-        bias = bias[0] if bias else torch.zeros(())
-        return ClipLossFunction.apply(image, text, scale.reshape(()), bias, cuda_host.HostBackend(host), normalize,
-                                      "mean")
-
     prepare = (lambda f: F.normalize(f, dim=-1)) if normalize else (lambda f: f)
-    result = loss_and_grads(ours, image, text, LOGIT_SCALE, logit_bias)
+    result = loss_and_grads(primitive_clip_loss(host, normalize), image, text, LOGIT_SCALE, logit_bias)
     reference = loss_and_grads(lambda i, t, *rest: open_clip_loss()(prepare(i), prepare(t), *rest), image, text,
                                LOGIT_SCALE, logit_bias)
     assert_matches_reference(result["loss"], reference["loss"], name="loss", floor=1.0)
@@ -79,6 +125,15 @@ def test_host_build_matches_the_fp64_truth_and_open_clip(host, batch, dim, with_
         assert_matches_reference(result[name], reference[name], name=f"grad {name}")
     if with_bias:
         assert_matches_reference(result["logit_bias"], reference["logit_bias"], name="grad logit_bias", floor=1.0)
+
+
+@pytest.mark.parametrize("batch,dim,draws", [(300, 257, 8), (1000, 200, 3)])
+def test_host_build_logit_scale_gradient_is_within_twice_open_clips_fp32_error(host, batch, dim, draws):
+    """d loss / d logit_scale straight from clip_loss_bwd (sum_ij G_ij x_ij, summed beside G): its RMS error
+    against open_clip in fp64, over several draws, is at most twice open_clip's own fp32 error. Mid-training
+    features (pairs correlated 0.5); at a near-zero loss both errors are dominated by G's positives."""
+    ours, open_clip = logit_scale_errors(host, batch, dim, draws)
+    assert ours <= 2 * open_clip, f"RMS error {ours:.3e} vs open_clip's fp32 {open_clip:.3e}"
 
 
 @pytest.mark.parametrize("n_rows,n_cols,dim,offset", [(70, 300, 257, 140), (300, 37, 64, -5), (37, 100, 64, 1000),
@@ -101,6 +156,7 @@ def test_host_build_chunk_loop_and_column_splits(host):
     assert_primitives_match_truth(chunked, inputs, 30)
     for name in FORWARD + BACKWARD:
         assert_matches_reference(chunked[name], whole[name], name=f"chunked {name}", rtol=1e-5)
+    assert torch.equal(chunked["grad_scale"], whole["grad_scale"]), "a tile's partial does not depend on the chunks"
 
 
 def test_host_build_strided_inputs(host):
@@ -173,9 +229,10 @@ def test_fake_kernels_on_fake_cuda_tensors():
         row_lse, col_lse, row_expect, col_expect = clip_loss_cuda.clip_loss_fwd(image, text[:20], scale, bias, True,
                                                                                 False)
         assert [t.shape for t in (row_lse, col_lse, row_expect, col_expect)] == [(37,), (20,), (37,), (20,)]
-        grad_image, grad_text = clip_loss_cuda.clip_loss_bwd(image, text[:20], scale, bias, row_lse, col_lse, row_lse,
-                                                             col_lse, 3, False)
-        assert grad_image.shape == (37, 200) and grad_text.shape == (20, 200) and grad_text.dtype == torch.float32
+        grad_image, grad_text, grad_scale = clip_loss_cuda.clip_loss_bwd(image, text[:20], scale, bias, row_lse,
+                                                                         col_lse, row_lse, col_lse, 3, False)
+        assert grad_image.shape == (37, 200) and grad_text.shape == (20, 200) and grad_scale.shape == ()
+        assert {t.dtype for t in (grad_image, grad_text, grad_scale)} == {torch.float32}
 
 
 def test_named_cuda_backend_on_cpu_says_why_and_how_to_build():
@@ -277,6 +334,14 @@ def test_gpu_low_precision_loss_is_as_accurate_as_torch_in_that_dtype(gpu_kernel
     assert_close_to_truth(ours["loss"], baseline["loss"], truth["loss"], dtype=dtype, kind="fwd", name="loss")
     for name in ("image", "text", "logit_scale"):
         assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind="bwd", name=f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,dim,draws", [(1000, 768, 8), (8192, 512, 4)])
+def test_gpu_logit_scale_gradient_is_within_twice_open_clips_fp32_error(gpu_kernels, batch, dim, draws):
+    """The kernels' grad_scale (exact fp32 products) against open_clip on the GPU, as the host-build test."""
+    ours, open_clip = logit_scale_errors(gpu_kernels, batch, dim, draws, device="cuda")
+    assert ours <= 2 * open_clip, f"RMS error {ours:.3e} vs open_clip's fp32 {open_clip:.3e}"
 
 
 @pytest.mark.gpu

@@ -40,13 +40,20 @@ def _triton_installed() -> bool:
     return not backends._triton_install_reasons()
 
 
+def _cuda_kernels_run_on(capability) -> bool:
+    """Whether this install's CUDA C++ extension is built, and built for a GPU of that capability."""
+    return not backends._cuda_install_reasons() and not backends._cuda_arch_reasons(*capability)
+
+
 @pytest.mark.parametrize("capability,dtype,expected", [
     ((9, 0), torch.bfloat16, "triton"), ((8, 0), torch.float16, "triton"),
-    ((7, 5), torch.float16, "torch"),  # cuda's extension is not built here, triton needs sm80
+    ((7, 5), torch.float16, "cuda"),  # triton needs sm80
     ((9, 0), torch.float64, "torch")])
 def test_auto_picks_by_the_mocked_capability_and_queries_it_once(mocked_gpu, capability, dtype, expected):
     if expected == "triton" and not _triton_installed():
         pytest.skip("triton is not installed")
+    if expected == "cuda" and not _cuda_kernels_run_on(capability):
+        expected = "torch"  # the extension is not built here (or not for sm75): nothing fused is left
     mocked_gpu.major, mocked_gpu.minor = capability
     for _ in range(3):
         assert select_backend("auto", LossInputs(CUDA0, dtype)).name == expected
