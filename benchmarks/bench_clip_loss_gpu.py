@@ -12,6 +12,7 @@ Peers (each skipped, with the reason in the CSV, when it cannot run here):
                (what any fused backward recomputes and multiplies) - 8 B^2 D FLOP for fwd+bwd
     triton     fastclip.loss.ClipLoss(backend="triton") (default: locked column merge in the forward)
     triton_det the same with deterministic=True (fixed-order column partials: bitwise repeatable)
+    cuda       fastclip.loss.ClipLoss(backend="cuda") (the CUDA C++ kernels; needs FASTCLIP_BUILD_CUDA=1)
     triton_ws1g  the same with a 1 GiB workspace (FASTCLIP_WORKSPACE_MB=1024, default 256): fewer
                backward chunks, so less fp32 re-reading of grad_text - what a larger bound buys
     torch      fastclip.loss.ClipLoss(backend="torch") (chunked PyTorch)
@@ -35,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PEERS = ("floor", "triton", "triton_det", "triton_ws1g", "torch", "open_clip", "inf_cl")
+PEERS = ("floor", "triton", "triton_det", "triton_ws1g", "cuda", "torch", "open_clip", "inf_cl")
 LARGE_WORKSPACE_MB = "1024"  # triton_ws1g: the triton backend with FASTCLIP_WORKSPACE_MB=1024
 GEMMS = {"fwd": 1, "fwd+bwd": 4}
 WORKSPACE_BYTES = 256 * 2**20
@@ -55,6 +56,8 @@ def make_inputs(batch: int, dim: int, device: str, dtype):
 
 def peer_unavailable(peer: str, dim: int, device: str) -> str | None:
     """Why ``peer`` cannot run here, or None."""
+    if peer == "cuda":
+        return _cuda_unavailable(device)
     if peer == "open_clip":
         try:
             import open_clip.loss  # noqa: F401
@@ -72,9 +75,20 @@ def peer_unavailable(peer: str, dim: int, device: str) -> str | None:
     return None
 
 
+def _cuda_unavailable(device: str) -> str | None:
+    if device != "cuda":
+        return "skipped: the CUDA kernels need a CUDA GPU"
+    import torch
+
+    from fastclip.ops import cuda_common
+
+    reasons = cuda_common.install_reasons() or cuda_common.arch_reasons(torch.cuda.get_device_capability())
+    return f"skipped: {'; '.join(reasons)}" if reasons else None
+
+
 def loss_function(peer: str):
     """(image, text, scale) -> scalar symmetric CLIP loss, for the loss peers."""
-    if peer in ("triton", "triton_det", "triton_ws1g", "torch"):
+    if peer in ("triton", "triton_det", "triton_ws1g", "cuda", "torch"):
         from fastclip.loss import ClipLoss
 
         return ClipLoss(backend="triton" if peer.startswith("triton") else peer, deterministic=peer == "triton_det")
@@ -179,7 +193,8 @@ def add_ratios(rows: list[dict]) -> None:
             row["loss_rel_diff_vs_torch"] = abs(row["loss"] - reference) / max(abs(reference), 1e-12)
 
 
-def run(output: Path, dims, batches, modes, device: str, dtype, repeats: int, budget_s: float) -> list[dict]:
+def run(output: Path, dims, batches, modes, device: str, dtype, repeats: int, budget_s: float,
+        peers=PEERS) -> list[dict]:
     deadline = time.monotonic() + budget_s
     all_rows = []
     for dim in dims:
@@ -187,7 +202,7 @@ def run(output: Path, dims, batches, modes, device: str, dtype, repeats: int, bu
         for batch in batches:
             for mode in modes:
                 rows = []
-                for peer in PEERS:
+                for peer in peers:
                     if time.monotonic() > deadline:
                         stopped.setdefault(peer, "skipped: time budget spent")
                     if peer in stopped:
@@ -237,7 +252,11 @@ def summarize(rows: list[dict], output: Path) -> str:
              check("B=32768 D=512 fwd+bwd speedup over Inf-CL", find("triton", 32768), "speedup_vs_inf_cl",
                    lambda v: v >= 2, ">= 2"),
              check("B=65536 D=512 extra peak memory / design bound", _memory_ratio(find("triton", 65536)),
-                   "memory_ratio", lambda v: v <= 1.0, "<= 1")]
+                   "memory_ratio", lambda v: v <= 1.0, "<= 1"),
+             check("cuda backend: B=65536 D=512 fwd+bwd time / 4-GEMM floor", find("cuda", 65536), "ratio_to_floor",
+                   lambda v: v <= 2, "<= 2"),
+             check("cuda backend: B=32768 D=512 fwd+bwd speedup over open_clip", find("cuda", 32768),
+                   "speedup_vs_open_clip", lambda v: v >= 2, ">= 2")]
     lines.append(f"largest B run by triton at D=512: {largest}")
     text = "\n".join(lines)
     (output / "clip_loss_gpu_summary.txt").write_text(text + "\n")
@@ -269,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new cases after this")
     parser.add_argument("--quick", action="store_true", help="D=512, B up to 16384")
     parser.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter at tiny sizes")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS, help="run only these peers")
     args = parser.parse_args(argv)
     if args.dry_run:  # before anything imports triton: the kernels then run on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -284,7 +305,8 @@ def main(argv=None) -> int:
     batches = [b for b in (args.min_batch * 2**k for k in range(20)) if b <= args.max_batch]
     print(_common.environment_info())
     args.output.mkdir(parents=True, exist_ok=True)
-    run(args.output, args.dims, batches, args.modes, device, torch.bfloat16, args.repeats, args.budget_s)
+    run(args.output, args.dims, batches, args.modes, device, getattr(torch, args.dtype), args.repeats, args.budget_s,
+        args.peers)
     return 0
 
 

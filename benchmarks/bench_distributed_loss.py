@@ -2,7 +2,8 @@
 
     python benchmarks/bench_distributed_loss.py            # gloo on CPU: W = 2, 4; b = 1024, 2048; D = 512
     python benchmarks/bench_distributed_loss.py --quick    # W = 2, 4; b = 256; D = 256 (about a minute)
-    torchrun --nproc_per_node=8 benchmarks/bench_distributed_loss.py --device cuda   # NCCL, one GPU per rank
+    python benchmarks/bench_distributed_loss.py --update-results   # append to benchmarks/results/ (committed)
+    torchrun --nproc_per_node=8 benchmarks/bench_distributed_loss.py --device cuda --out-dir OUT   # NCCL
     pytest benchmarks/bench_distributed_loss.py --benchmark-enable                   # pytest-benchmark view
 
 All three compute open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``: the same value and
@@ -17,7 +18,9 @@ Without torchrun each case runs in a fresh world of W forked CPU processes (gloo
 cores // W intra-op threads. Under torchrun the launched world runs every case in turn (NCCL on
 CUDA, where max_memory_allocated is reset per case; a CPU torchrun run's peak RSS is not, so its
 peak_mb only shows growth over the earlier cases).
-Rows go to benchmarks/results/bench_distributed_loss.csv/json, plots to bench_distributed_loss_<device>.png.
+Output: ``--out-dir`` (default: a scratch folder under the system temp dir, printed at the end), or
+``--update-results`` for benchmarks/results/: bench_distributed_loss.csv/json (rows appended) and
+bench_distributed_loss_<device>_w<W>.png.
 """
 from __future__ import annotations
 
@@ -56,34 +59,6 @@ def _features(batch: int, dim: int, device, dtype, seed: int):
     return [image.requires_grad_(), text.requires_grad_(), scale.requires_grad_()]
 
 
-def _peak_reset(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # VmHWM (peak RSS) := current RSS
-    except OSError:
-        pass
-    return _common.current_rss_bytes()
-
-
-def _peak(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return _common.peak_rss_bytes()
-
-
 def rank_case(rank: int, world_size: int, case: dict) -> dict:
     """One (implementation, b, D) on this rank of an initialised group: time, memory, bytes."""
     import torch
@@ -103,7 +78,7 @@ def rank_case(rank: int, world_size: int, case: dict) -> dict:
     step(_features(8, case["dim"], device, dtype, seed=rank))  # lazy imports and first-call setup, not measured
     tensors = _features(case["batch"], case["dim"], device, dtype, seed=1000 + rank)
     dist.barrier()
-    baseline = _peak_reset(device)
+    baseline = _common.reset_peak_memory(device)
     storages = {}
 
     def pack(tensor):
@@ -115,7 +90,7 @@ def rank_case(rank: int, world_size: int, case: dict) -> dict:
         loss = module(*tensors)
     loss.backward()
     del loss
-    peak = _peak(device)
+    peak = _common.peak_memory(device)
     with count_communication() as counter:
         step(tensors)
     samples = []
@@ -216,7 +191,7 @@ def _run_under_torchrun(args, dtype: str) -> list[dict] | None:
     return rows if rank == 0 else None
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, under torchrun)")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -225,6 +200,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="b = 256, D = 256, 3 repeats")
+    _common.add_output_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.dim, args.repeats = [256], 256, 3
@@ -239,13 +220,14 @@ def main(argv=None) -> int:
         rows = _run_local_worlds(args, dtype)
     ok = [row for row in rows if row.get("status") == "ok"]
     _print_and_ratios(ok)
-    path = _common.append_results("bench_distributed_loss", rows)
-    plot(ok, args.device.split(":")[0])
+    out = _common.output_dir(args)
+    path = _common.append_results("bench_distributed_loss", rows, out)
+    plot(ok, args.device.split(":")[0], out)
     print(f"results: {path}")
     return 0
 
 
-def plot(rows: list[dict], device_kind: str) -> None:
+def plot(rows: list[dict], device_kind: str, out: Path) -> None:
     """One PNG per world size: time, extra peak memory and bytes per step against the local batch b."""
     for world_size in sorted({row["world_size"] for row in rows}):
         group = [row for row in rows if row["world_size"] == world_size]
@@ -254,7 +236,7 @@ def plot(rows: list[dict], device_kind: str) -> None:
                                      ("comm_mb", "bytes communicated per step (MB)")],
                              title=f"distributed CLIP loss, W={world_size}, x = local batch b per rank, "
                                    f"D={group[0]['dim']}, {group[0]['dtype']}, {device_kind}",
-                             output=_common.RESULTS_DIR / f"bench_distributed_loss_{device_kind}_w{world_size}.png")
+                             output=out / f"bench_distributed_loss_{device_kind}_w{world_size}.png")
 
 
 # ---- pytest-benchmark view: a W=2 gloo world per implementation, small sizes -----------------------------

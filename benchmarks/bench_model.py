@@ -1,8 +1,12 @@
 """Benchmark: CLIP training step (forward + backward) of fastclip vs open_clip, and tokenisation.
 
-    python benchmarks/bench_model.py                 # quick CPU run (a few minutes): CSV/JSON/PNG in results/
-    python benchmarks/bench_model.py --configs ViT-B-16 --batch 128 --device cuda   # GPU
+    python benchmarks/bench_model.py                 # quick CPU run (a few minutes), to a scratch folder
+    python benchmarks/bench_model.py --update-results   # the same, appended to benchmarks/results/
+    python benchmarks/bench_model.py --configs ViT-B-16 --batch 128 --device cuda --out-dir OUT   # GPU
     python benchmarks/bench_model.py --tokenizer-only
+
+Output: ``--out-dir`` (default: a scratch folder under the system temp dir, printed at the end), or
+``--update-results`` for benchmarks/results/: bench_model.csv/json (rows appended), bench_model.png.
 
 Variants of one config: open_clip, and fastclip with each available ``attn_impl``, each with and
 without gradient checkpointing. The step is ``zero_grad -> model(image, text) -> symmetric CLIP
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -33,8 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (RESULTS_DIR, append_results, current_rss_bytes, peak_rss_bytes,  # noqa: E402
-                     run_case_in_subprocess, time_function)
+import _common  # noqa: E402
+from _common import (append_results, low_mmap_threshold, peak_memory, reset_peak_memory,  # noqa: E402
+                     run_case_in_subprocess, summarize_times, synchronize, time_function)
 
 NAME = "bench_model"
 QUICK_CPU = [("fastclip-tiny", 64), ("ViT-B-32", 16)]
@@ -115,26 +119,6 @@ def _saved_bytes(model, images, text) -> int:
     return sum(storages.values())
 
 
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return that RSS in bytes."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-    return current_rss_bytes()
-
-
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
-
-
 def _autocast(case):
     import torch
 
@@ -155,8 +139,6 @@ def run_timing(case) -> dict:
     On a shared machine the load drifts; interleaving gives every variant the same conditions.
     The variants of one library share one model (same weights), switched per step.
     """
-    import statistics
-
     import torch
 
     if case.get("threads"):
@@ -186,13 +168,10 @@ def run_timing(case) -> dict:
             samples[index].append(timing["ms_median"])
     rows = []
     for variant, times in zip(case["variants"], samples):
-        times.sort()
-        quantile = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
-        median = statistics.median(times)
+        timing = summarize_times(times)
         rows.append({**{k: v for k, v in case.items() if k not in ("variants", "op")}, **variant,
-                     "op": "train_step", "status": "ok", "ms_median": median, "ms_p20": quantile(0.2),
-                     "ms_p80": quantile(0.8), "ms_min": times[0], "repeats": len(times),
-                     "samples_per_s": case["batch"] / (median / 1e3),
+                     "op": "train_step", "status": "ok", **timing,
+                     "samples_per_s": case["batch"] / (timing["ms_median"] / 1e3),
                      "parameters_m": sum(p.numel() for p in models[variant["library"]].parameters()) / 1e6})
     return {"rows": rows}
 
@@ -219,17 +198,10 @@ def run_memory(case) -> dict:
     step()  # warm-up: lazy inits, kernel caches
     model.zero_grad(set_to_none=True)
     gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:  # the parent pins MALLOC_MMAP_THRESHOLD_ so freed tensors leave the RSS at once
-        baseline = _reset_peak_rss()
-        step()
-        peak = _peak_rss() - baseline
+    baseline = reset_peak_memory(device)  # CPU: the parent pinned a low mmap threshold (low_mmap_threshold)
+    step()
+    synchronize(device)
+    peak = peak_memory(device) - baseline
     model.zero_grad(set_to_none=True)
     saved = None if case["grad_checkpointing"] else _saved_bytes(model, images, text) / 2 ** 20
     return {**case, "status": "ok", "peak_mb": peak / 2 ** 20, "saved_mb": saved}
@@ -295,10 +267,7 @@ def run_config(script: Path, case: dict) -> list:
         return [{**case, **variant, "op": "train_step", "status": timing.get("status", "failed")}
                 for variant in case["variants"]]
     rows = timing["rows"]
-    # glibc keeps freed blocks below its adaptive mmap threshold resident: pin it low in the memory
-    # processes so their peak RSS tracks live tensors.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
+    with low_mmap_threshold():  # the memory processes' peak RSS then tracks live tensors
         for row in rows:
             memory_case = {key: row[key] for key in ("config", "batch", "device", "amp", "threads", "library",
                                                      "attn_impl", "grad_checkpointing")}
@@ -307,8 +276,6 @@ def run_config(script: Path, case: dict) -> list:
             if memory.get("status") != "ok":
                 row["status"] = f"ok (memory: {memory.get('status')})"
             _print_row(row)
-    finally:
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
     return rows
 
 
@@ -364,7 +331,7 @@ def plot(rows, output: Path):
     return output
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--configs", nargs="*", help="config names (default: quick CPU set or GPU set)")
@@ -379,8 +346,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-only", action="store_true")
     parser.add_argument("--no-tokenizer", action="store_true")
     parser.add_argument("--texts", type=int, default=20000, help="captions for the tokenizer rows")
-    parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-save", action="store_true", help="print only; write no CSV/JSON/PNG")
+    _common.add_output_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.case:
         case = json.loads(args.case)
         runners = {"tokenize": run_tokenizer_case, "time_config": run_timing, "memory": run_memory}
@@ -408,10 +380,11 @@ def main(argv=None) -> int:
                 _print_row(row)
                 rows.append(row)
     if not args.no_save:
-        csv_path = append_results(NAME, rows)
-        all_rows = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())
+        out = _common.output_dir(args)
+        csv_path = append_results(NAME, rows, out)
+        all_rows = json.loads((out / f"{NAME}.json").read_text())
         latest = [r for r in all_rows if r.get("date") == all_rows[-1].get("date")]
-        png = plot(latest, RESULTS_DIR / f"{NAME}.png")
+        png = plot(latest, out / f"{NAME}.png")
         print(f"results: {csv_path}" + (f", {png}" if png else ""))
     return 0
 

@@ -1,7 +1,11 @@
 """Benchmark: one full training step of fastclip's trainer vs open_clip's, samples/s and peak memory.
 
-    python benchmarks/bench_train.py --quick           # CPU, a few minutes: CSV/JSON/PNG in results/
+    python benchmarks/bench_train.py --quick           # CPU, a few minutes, to a scratch folder
+    python benchmarks/bench_train.py --quick --update-results   # the same, appended to benchmarks/results/
     python benchmarks/bench_train.py --device cuda --configs ViT-B-32:256 ViT-B-16:128 --precision amp_bf16
+
+Output: ``--out-dir`` (default: a scratch folder under the system temp dir, printed at the end), or
+``--update-results`` for benchmarks/results/: bench_train.csv/json (rows appended), bench_train_<cpu|gpu>.png.
 
 A step is what each trainer does per batch: ``zero_grad -> model(image, text) -> contrastive loss ->
 backward -> AdamW step -> clamp logit_scale``.
@@ -17,13 +21,12 @@ Same config, batch, precision and captions; with and without gradient checkpoint
 from one process per case that runs the two libraries round-robin (same machine load for both: CPU
 machines here are shared; one thread per process by default, as in bench_model.py); peak memory from
 a fresh process per variant (CUDA: max_memory_allocated; CPU: peak-RSS growth over one step, with
-glibc's mmap threshold pinned low so freed tensors leave the RSS, as in bench_model.py).
+glibc's mmap threshold pinned low so freed tensors leave the RSS: ``_common.low_mmap_threshold``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -31,7 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS_DIR, append_results, plot_results, run_case_in_subprocess, time_function  # noqa: E402
+import _common  # noqa: E402
+from _common import (append_results, low_mmap_threshold, peak_memory, plot_results, reset_peak_memory,  # noqa: E402
+                     run_case_in_subprocess, summarize_times, synchronize, time_function)
 
 NAME = "bench_train"
 QUICK_CPU = [("fastclip-tiny", 64), ("RN-Tiny", 128)]
@@ -130,36 +135,18 @@ class _SingleProcess:
         return bool(flag)
 
 
-def _synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure_memory(case: dict) -> dict:
     """Child process: peak memory of one step (after a warm-up step) above the state before it."""
-    import torch
-
     import gc
 
     step = TrainStep(case, case["library"])
     step()  # warm-up: optimizer state, lazy inits
     step.model.zero_grad(set_to_none=True)
     gc.collect()
-    _synchronize(step.device)
-    if step.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:  # the parent pins MALLOC_MMAP_THRESHOLD_ so freed tensors leave the RSS at once
-        from bench_model import _peak_rss, _reset_peak_rss
-
-        base = _reset_peak_rss()
-        step()
-        peak = _peak_rss() - base
+    base = reset_peak_memory(step.device)  # CPU: the parent pinned a low mmap threshold (low_mmap_threshold)
+    step()
+    synchronize(step.device)
+    peak = peak_memory(step.device) - base
     return {**case, "peak_mb": peak / 2**20, "status": "ok"}
 
 
@@ -174,11 +161,9 @@ def measure_time(case: dict) -> list[dict]:
             samples[library].append(time_function(steps[library], device=case["device"], warmup=0, repeats=1))
     rows = []
     for library in LIBRARIES:
-        medians = sorted(sample["ms_median"] for sample in samples[library])
-        middle = medians[len(medians) // 2]
-        rows.append({**case, "library": library, "ms_median": middle, "ms_p20": medians[int(0.2 * (len(medians) - 1))],
-                     "ms_p80": medians[int(round(0.8 * (len(medians) - 1)))],
-                     "samples_per_s": case["batch"] / (middle / 1e3), "status": "ok"})
+        timing = summarize_times([sample["ms_median"] for sample in samples[library]])
+        rows.append({**case, "library": library, **timing,
+                     "samples_per_s": case["batch"] / (timing["ms_median"] / 1e3), "status": "ok"})
     return rows
 
 
@@ -206,11 +191,8 @@ def run(configs, *, device: str, precision: str, repeats: int, threads: int | No
                 print(f"{config} ckpt={checkpointing}: {timing.get('status')}")
                 continue
             for row in timing["rows"]:
-                os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # glibc: freed blocks leave the RSS
-                try:
+                with low_mmap_threshold():
                     memory = run_case_in_subprocess(script, {**case, "what": "memory", "library": row["library"]})
-                finally:
-                    del os.environ["MALLOC_MMAP_THRESHOLD_"]
                 row = {key: value for key, value in row.items() if key not in ("what", "rows")}
                 row["peak_mb"] = memory.get("peak_mb")
                 rows.append(row)
@@ -226,7 +208,7 @@ def run(configs, *, device: str, precision: str, repeats: int, threads: int | No
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="small CPU configs, few repeats")
@@ -235,7 +217,12 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="*", default=None, help="NAME:BATCH ...")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU default 1)")
-    args = parser.parse_args(argv)
+    _common.add_output_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.case:
         _child(json.loads(args.case))
         return 0
@@ -248,15 +235,17 @@ def main(argv=None) -> int:
     rows = run(configs, device=args.device, precision=args.precision, repeats=repeats, threads=threads)
     if not rows:
         return 1
-    append_results(NAME, rows)
+    out = _common.output_dir(args)
+    path = append_results(NAME, rows, out)
     suffix = "cpu" if args.device == "cpu" else "gpu"
     for row in rows:
         row["variant"] = f"{row['library']}{' +ckpt' if row['grad_checkpointing'] else ''}"
         row["model_index"] = [config for config, _ in configs].index(row["config"]) + 1
-    plot_results(rows, x="model_index", series="variant", log_x=False, output=RESULTS_DIR / f"{NAME}_{suffix}.png",
+    plot_results(rows, x="model_index", series="variant", log_x=False, output=out / f"{NAME}_{suffix}.png",
                  panels=[("samples_per_s", "training samples / s"), ("peak_mb", "peak memory of a step (MB)")],
                  title=f"training step, {args.precision}, {args.device}: "
                        + ", ".join(f"{i + 1}={c}:B{b}" for i, (c, b) in enumerate(configs)))
+    print(f"results: {path}")
     return 0
 
 

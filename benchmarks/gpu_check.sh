@@ -16,13 +16,16 @@
 #      unless this tree is already the importable fastclip, kernels included (fastclip.kernels is the
 #      repository's kernels/ folder, mapped by setup.py);
 #   3. OUT_DIR/environment.txt lists versions and every peer that is missing, with what that skips;
+#   3b. when nvcc and a GPU are here, fastclip._C (csrc/) is built for its arch in the background;
 #   4. pytest -m gpu, then -m "not gpu" (in parallel with pytest-xdist when it is there: a fresh machine
 #      compiles every kernel variant cold, ~1-1.5 s each on sm90, ~60 variants), junit XML for each;
+#   4b. the cuda backend's tests and benchmarks/kernel_report_cuda.py on the built library;
 #   5. benchmarks/bench_clip_loss_gpu.py (D=512, B 4096..65536 on a GPU; --dry-run without one).
 # OUT_DIR gets: environment.txt, nvidia-smi.txt, install.log, gpu_tests.log/.xml,
 # small_shape_tests.log/.xml, bench.log, clip_loss_gpu.csv/json, clip_loss_gpu_D512.png,
-# clip_loss_gpu_summary.txt (measured targets). Exit status 0 when both test runs passed and the
-# benchmark ran. Every stage has its own limit, and no stage runs past SCRIPT_BUDGET_S (470 s) in total.
+# clip_loss_gpu_summary.txt (measured targets), cuda_build.log, cuda_tests.log/.xml, kernel_report_cuda.csv.
+# Exit status 0 when the test runs passed, the cuda backend built (where it can) and the benchmark ran.
+# Every stage has its own limit, and no stage runs past SCRIPT_BUDGET_S (470 s) in total.
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +41,8 @@ BENCH_BUDGET_S="${BENCH_BUDGET_S:-110}"                 # no new benchmark case 
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-150}"
 START_S=$SECONDS
 cd "$REPO"
+SCRATCH=()  # throw-away folders, removed on exit
+trap 'rm -rf "${SCRATCH[@]}"' EXIT
 
 limit() {  # the smaller of $1 and what is left of the script's budget (at least 10 s)
     local left=$((SCRIPT_BUDGET_S - (SECONDS - START_S)))
@@ -49,7 +54,7 @@ limit() {  # the smaller of $1 and what is left of the script's budget (at least
 : > "$OUT/install.log"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
     SITE="$(mktemp -d)"
-    trap 'rm -rf "$SITE"' EXIT
+    SCRATCH+=("$SITE")
     if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
             "$WHEELS"/*.whl >> "$OUT/install.log" 2>&1; then
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -113,6 +118,31 @@ if [ $env_status -ne 0 ]; then
     exit 1
 fi
 
+# 3b. the CUDA C++ backend (csrc/): fastclip._C built for this GPU's arch in the background, while the
+# Triton tests run (CUDA_BUILD=0 skips it); the library is linked into fastclip/ (*.so is git-ignored).
+# Logs: cuda_build.log, cuda_tests.log/.xml, kernel_report_cuda.csv.
+CUDA_BUILD_TIMEOUT_S="${CUDA_BUILD_TIMEOUT_S:-240}"
+CUDA_TESTS_TIMEOUT_S="${CUDA_TESTS_TIMEOUT_S:-90}"
+cuda_status=0
+cuda_build_pid=""
+CUDA_BUILD_DIR="$(mktemp -d)"
+SCRATCH+=("$CUDA_BUILD_DIR")
+if [ "${CUDA_BUILD:-1}" = "0" ]; then
+    echo "CUDA_BUILD=0: the cuda backend is not built or tested" | tee "$OUT/cuda_build.log"
+elif ! command -v nvcc >/dev/null 2>&1 && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    echo "no nvcc on PATH or in CUDA_HOME: the cuda backend cannot be built here (its tests skip)" | tee "$OUT/cuda_build.log"
+elif ! CUDA_ARCH="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)"; then
+    echo "no CUDA device: the cuda backend is built for the GPU it runs on, so nothing is built here" \
+        | tee "$OUT/cuda_build.log"
+else
+    echo "building fastclip._C for sm ${CUDA_ARCH} in the background (limit ${CUDA_BUILD_TIMEOUT_S} s)" \
+        | tee "$OUT/cuda_build.log"
+    (FASTCLIP_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$CUDA_ARCH" timeout "$(limit "$CUDA_BUILD_TIMEOUT_S")" \
+        "$PYTHON" setup.py -q build_ext --build-lib "$CUDA_BUILD_DIR/lib" --build-temp "$CUDA_BUILD_DIR/tmp") \
+        >> "$OUT/cuda_build.log" 2>&1 &
+    cuda_build_pid=$!
+fi
+
 # 4. the tests (pyproject's addopts are replaced: pytest-benchmark may be absent)
 tests_status=0
 run_tests() {  # $1: marker expression, $2: timeout in seconds, $3: log name, $4...: extra pytest options
@@ -137,6 +167,27 @@ else
     run_tests "not gpu" "$(limit "$SMALL_TESTS_TIMEOUT_S")" small_shape_tests "${parallel[@]}"
 fi
 
+# 4b. the CUDA C++ backend's tests and kernel report, once its build is done
+if [ -n "$cuda_build_pid" ]; then
+    wait "$cuda_build_pid"
+    cuda_status=$?
+    echo "cuda build exit status $cuda_status after $((SECONDS - START_S)) s of the script" | tee -a "$OUT/cuda_build.log"
+    built="$(ls "$CUDA_BUILD_DIR"/lib/fastclip/_C*.so 2>/dev/null | head -1)"
+    if [ $cuda_status -eq 0 ] && [ -n "$built" ]; then
+        ln -sf "$built" "$REPO/fastclip/$(basename "$built")"
+        SCRATCH+=("$REPO/fastclip/$(basename "$built")")  # the link goes with the build folder
+        "$PYTHON" benchmarks/kernel_report_cuda.py --library "$built" --out-dir "$OUT" >> "$OUT/cuda_build.log" 2>&1
+        timeout "$(limit "$CUDA_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q -o addopts="-ra" -p no:cacheprovider \
+            --junitxml "$OUT/cuda_tests.xml" tests/test_clip_loss_cuda.py tests/test_siglip_loss_cuda.py \
+            tests/test_build_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+        cuda_status=${PIPESTATUS[0]}
+        [ "$cuda_status" -eq 124 ] && echo "cuda tests stopped at their limit" | tee -a "$OUT/cuda_tests.log"
+    else
+        tail -20 "$OUT/cuda_build.log"
+        echo "the cuda backend did not build (see cuda_build.log): its tests and benchmark rows are skipped"
+    fi
+fi
+
 # 5. the benchmark
 bench_mode=(--dims 512 --max-batch 65536)
 if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -150,5 +201,5 @@ timeout "$bench_limit" "$PYTHON" benchmarks/bench_clip_loss_gpu.py "$OUT" --mode
 bench_status=$?
 [ $bench_status -eq 124 ] && echo "benchmark stopped at the ${bench_limit}s limit" | tee -a "$OUT/bench.log"
 
-echo "tests exit status: $tests_status, benchmark exit status: $bench_status, $((SECONDS - START_S)) s; results in $OUT"
-[ $tests_status -eq 0 ] && [ $bench_status -eq 0 ]
+echo "tests exit status: $tests_status, cuda backend status: $cuda_status, benchmark exit status: $bench_status, $((SECONDS - START_S)) s; results in $OUT"
+[ $tests_status -eq 0 ] && [ $bench_status -eq 0 ] && [ $cuda_status -eq 0 ]

@@ -134,19 +134,37 @@ def _triton_checks(inputs: LossInputs) -> list[str]:
     return reasons
 
 
+@torch.compiler.assume_constant_result
+def _cuda_install_reasons() -> tuple:
+    """Why this install cannot run the CUDA C++ kernels (fastclip._C), fixed for the process."""
+    from fastclip.ops.cuda_common import install_reasons  # loads the extension on first use, never at import
+
+    return install_reasons()
+
+
+@torch.compiler.assume_constant_result
+def _cuda_arch_reasons(major: int, minor: int) -> tuple:
+    from fastclip.ops.cuda_common import arch_reasons
+
+    return arch_reasons((major, minor))
+
+
 def _cuda_extension_checks(inputs: LossInputs) -> list[str]:
-    if importlib.util.find_spec("fastclip._C") is None:
-        return ["the CUDA C++ extension is not built (it arrives with the CUDA kernels issue; "
-                "then: FASTCLIP_BUILD_CUDA=1 pip install -e .)"]
-    return []
+    reasons = list(_cuda_install_reasons())
+    if not reasons and inputs.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(inputs.device)
+        if capability >= (7, 0):  # older GPUs get the min_compute_capability reason
+            reasons += _cuda_arch_reasons(*capability)
+    return reasons
 
 
 BACKENDS: dict[str, LossBackend] = {
     "cuda": LossBackend(
         name="cuda", device_types=("cuda",),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        min_compute_capability=(7, 0), max_compute_capability=(7, 9), deterministic=True,
-        description="CUDA C++ kernels for sm70-sm7x (V100, T4)", extra_checks=(_cuda_extension_checks,)),
+        min_compute_capability=(7, 0), deterministic=True,
+        description="CUDA C++ kernels for sm70+ (auto picks them on V100/T4, triton first on sm80+)",
+        extra_checks=(_cuda_extension_checks,)),
     "triton": LossBackend(
         name="triton", device_types=("cuda", "cpu"),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
@@ -159,7 +177,8 @@ BACKENDS: dict[str, LossBackend] = {
         description="portable chunked PyTorch (the reference backend)"),
 }
 
-AUTO_PRIORITY = ("cuda", "triton", "torch")
+# triton needs sm80, so auto takes cuda on sm70-sm7x and triton on sm80+; cuda by name runs on any sm70+.
+AUTO_PRIORITY = ("triton", "cuda", "torch")
 
 
 def select_backend(name: str, inputs: LossInputs) -> LossBackend:

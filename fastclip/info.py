@@ -35,6 +35,22 @@ def _versions() -> list[str]:
     return lines
 
 
+def cuda_kernels_report() -> list[str]:
+    """What the CUDA C++ kernels (backend="cuda") were built for, and whether this GPU can run them."""
+    from fastclip.ops import cuda_common
+
+    reasons = cuda_common.install_reasons()
+    if reasons:
+        return [f"CUDA kernels (backend='cuda'): {reasons[0]}"]
+    lines = [f"CUDA kernels (backend='cuda'): {cuda_common.build_summary()}"]
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        why_not = cuda_common.arch_reasons(capability)
+        lines.append(f"  this GPU (sm{capability[0]}{capability[1]}): "
+                     + ("runs them" if not why_not else "cannot run them: " + "; ".join(why_not)))
+    return lines
+
+
 def backend_report(dtype: torch.dtype = torch.float32) -> list[str]:
     lines = []
     for device in _probe_devices():
@@ -64,7 +80,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastclip info", description=__doc__)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)
-    for line in _versions() + backend_report(getattr(torch, args.dtype)) + attention_report():
+    for line in _versions() + cuda_kernels_report() + backend_report(getattr(torch, args.dtype)) + attention_report():
         print(line)
     return 0
 

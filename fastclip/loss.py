@@ -4,7 +4,7 @@
     loss = ClipLoss()(image_features, text_features, logit_scale)
     loss = clip_loss(image_features, text_features, logit_scale, normalize=True, reduction="mean")
 
-Same signatures, values and gradients as open_clip 3.x (see shared/DESIGN.md §1); ``logit_scale`` is
+Same signatures, values and gradients as open_clip 3.x (see docs/design.md, the loss contract); ``logit_scale`` is
 the already-exponentiated temperature, as CLIP models return it. ``backend`` picks the implementation
 ("auto" | "torch" | "triton" | "cuda", see ``fastclip.backends``); with ``world_size > 1`` the
 communication layer in ``fastclip.distributed`` computes each similarity entry once across ranks.

@@ -5,8 +5,8 @@
     _lse_merge_kernel       (kernels/common.py) merges the partials into row_lse / col_lse
 
 The launchers (fastclip/ops/clip_loss_triton.py) chain them; the two backward GEMMs dI = s G T and
-dT = s G^T I run on cuBLAS from the G workspace. Why semi-fused (shared/DESIGN.md "Known
-approaches"): a fully fused backward must merge dI/dT tiles of D = 512-1280 columns with atomics,
+dT = s G^T I run on cuBLAS from the G workspace. Why semi-fused (docs/design.md, section 3, "The
+Triton kernels"): a fully fused backward must merge dI/dT tiles of D = 512-1280 columns with atomics,
 about 2 (B/BLOCK_M) B D fp32 writes (~137 GB at B = 65k, D = 512), more than the GEMMs; writing G once
 in bf16 and reading it twice costs ~6 bytes per S element and is bitwise deterministic.
 """

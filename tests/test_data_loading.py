@@ -1,19 +1,15 @@
 """CSV / webdataset / synthetic datasets, corrupt-image skipping, per-rank sharding and resumable order."""
 import functools
-import io
-import random
-import tarfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fastclip
 from fastclip.data.collate import collate_pairs, trim_padding
 from fastclip.data.csv_dataset import CsvDataset
 from fastclip.data.loader import ShardedEpochSampler, TrainBatches
 from fastclip.data.synthetic import SyntheticShapesDataset
+from tests.data_utils import write_pairs, write_shards
 
 TOKENIZER = functools.partial(fastclip.tokenize, context_length=77, truncate=True)
 
@@ -22,28 +18,9 @@ def _transform(size=32):
     return fastclip.image_transform(size, train=False)
 
 
-def _write_pairs(folder, count, corrupt=()):
-    """``count`` random PNGs + a TSV; indices in ``corrupt`` get garbage, truncated or missing files."""
-    rng = np.random.default_rng(random.randrange(2**31))
-    lines = ["filepath\ttitle"]
-    for index in range(count):
-        name = f"img{index:03d}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        if index in corrupt:
-            kind = corrupt[index]
-            data = {"garbage": b"not an image at all", "truncated": data[: len(data) // 3], "missing": None}[kind]
-        if data is not None:
-            (folder / name).write_bytes(data)
-        lines.append(f"{name}\tcaption number {index}")
-    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
-    return folder / "pairs.csv"
-
-
 def test_csv_dataset_replaces_corrupt_images_and_counts_them(tmp_path):
-    corrupt = {3: "garbage", 4: "truncated", 11: "missing"}
-    dataset = CsvDataset(_write_pairs(tmp_path, 23, corrupt), _transform(), TOKENIZER)
+    corrupt = {3: "garbage", 4: "truncated", 9: "empty", 11: "missing"}
+    dataset = CsvDataset(write_pairs(tmp_path, 23, corrupt), _transform(), TOKENIZER)
     failed_reads = []
     original_load = dataset._load
     dataset._load = lambda i: failed_reads.append(i) if (image := original_load(i)) is None else image
@@ -62,7 +39,7 @@ def test_csv_dataset_replaces_corrupt_images_and_counts_them(tmp_path):
 
 def test_corrupt_images_never_crash_dataloader_workers(tmp_path):
     corrupt = {0: "garbage", 7: "truncated", 8: "garbage", 30: "missing"}
-    dataset = CsvDataset(_write_pairs(tmp_path, 37, corrupt), _transform(), TOKENIZER)
+    dataset = CsvDataset(write_pairs(tmp_path, 37, corrupt), _transform(), TOKENIZER)
     data = TrainBatches(dataset, batch_size=6, workers=2)
     batches = list(data.epoch(0))
     assert len(batches) == 37 // 6
@@ -99,7 +76,7 @@ def test_sampler_resume_yields_exactly_the_remaining_batches():
 
 
 def test_seeded_augmentation_replays_per_sample_and_leaves_the_global_rng_alone(tmp_path):
-    dataset = CsvDataset(_write_pairs(tmp_path, 5), fastclip.image_transform(32, train=True), TOKENIZER,
+    dataset = CsvDataset(write_pairs(tmp_path, 5), fastclip.image_transform(32, train=True), TOKENIZER,
                          seed=9, seed_augmentation=True)
     dataset.set_epoch(1)
     before = torch.get_rng_state()
@@ -133,29 +110,10 @@ def test_collate_trims_shared_padding_without_changing_text_features():
     assert images.shape == (2, 3, 2, 2) and skipped == 3 and torch.equal(batch_tokens, trimmed)
 
 
-def _write_shards(folder, shards, per_shard, corrupt_every=0):
-    rng = np.random.default_rng(random.randrange(2**31))
-    count = 0
-    for shard in range(shards):
-        with tarfile.open(folder / f"shard-{shard:02d}.tar", "w") as tar:
-            for item in range(per_shard):
-                buffer = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(buffer, format="PNG")
-                image = buffer.getvalue()
-                if corrupt_every and count % corrupt_every == 0:
-                    image = b"\x89PNG broken"
-                count += 1
-                for suffix, data in (("png", image), ("txt", f"pair {shard} {item}".encode())):
-                    info = tarfile.TarInfo(f"s{shard:02d}_{item:04d}.{suffix}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return str(folder / ("shard-{00..%02d}.tar" % (shards - 1)))
-
-
 def test_webdataset_reads_shards_per_rank_skips_corrupt_images_and_replays_an_epoch(tmp_path):
     from fastclip.data.webdataset_dataset import WebDatasetPairs
 
-    urls = _write_shards(tmp_path, shards=4, per_shard=20, corrupt_every=9)
+    urls = write_shards(tmp_path, shards=4, per_shard=20, corrupt_every=9)
     counts = []
     for rank in range(2):
         dataset = WebDatasetPairs(urls, _transform(), TOKENIZER, rank=rank, world_size=2, seed=1, shuffle_buffer=8)

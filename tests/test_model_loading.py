@@ -14,7 +14,7 @@ from fastclip.model import CONFIGS, create_model, infer_config, model_from_state
 open_clip = pytest.importorskip("open_clip")
 
 PARITY_NAMES = ["RN50", "ViT-B-32", "ViT-B-32-quickgelu", "fastclip-tiny"]
-PARITY_ATOL = 1e-5  # max abs difference of encode_image / encode_text, fp32 (DESIGN.md section 2)
+PARITY_ATOL = 1e-5  # max abs difference of encode_image / encode_text, fp32 (docs/design.md, the model)
 CAPTIONS = ["a photo of a cat", "two red circles and a blue square on a striped background, drawn by hand"]
 
 

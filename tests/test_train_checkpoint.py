@@ -1,10 +1,7 @@
 """Checkpoints: a run killed (SIGKILL) at step k and resumed gives the per-step losses of an uninterrupted
 run; corrupt checkpoints are reported and the previous one used; atomic writes and keep-last-N."""
-import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from safetensors.torch import load_file
 
 from fastclip.train import checkpoint
 from fastclip.train.main import main
+from tests.train_utils import logged_losses, run_with_fault
 
 KILL_AT_STEP = 8  # mid second epoch (6 steps per epoch), so the data position is mid-epoch
 
@@ -25,26 +23,6 @@ def tiny_run_args(output_dir, *extra):
             "--output-dir", str(output_dir), *extra]
 
 
-def _losses(output_dir):
-    records = [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
-    return {record["step"]: record["loss"] for record in records if record["kind"] == "train"}
-
-
-KILLER = """
-import os, signal, sys
-import fastclip.train.loop as loop
-save_checkpoint = loop.save_checkpoint
-def save_then_die(output_dir, step, *args, **kwargs):
-    path = save_checkpoint(output_dir, step, *args, **kwargs)
-    if step == {step}:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash
-    return path
-loop.save_checkpoint = save_then_die
-from fastclip.train.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -53,14 +31,13 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_killed_and_resumed_run_matches_the_uninterrupted_one_step_for_step(uninterrupted, tmp_path):
-    killed = subprocess.run([sys.executable, "-c", KILLER.format(step=KILL_AT_STEP), *tiny_run_args(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    killed = run_with_fault(f"kill-after-save:{KILL_AT_STEP}", tiny_run_args(tmp_path), timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     steps = [int(path.name.split("_")[1]) for path in checkpoint.list_checkpoints(tmp_path)]
     assert steps[-1] == KILL_AT_STEP
 
     assert main(tiny_run_args(tmp_path, "--resume", "latest")) == 0
-    expected, resumed = _losses(uninterrupted), _losses(tmp_path)
+    expected, resumed = logged_losses(uninterrupted), logged_losses(tmp_path)
     assert sorted(expected) == list(range(1, 13))
     assert resumed == expected  # bitwise: same floats at every step, before and after the kill
 
@@ -105,7 +82,7 @@ def test_resume_from_a_corrupt_checkpoint_trains_on_from_the_previous_one(uninte
     assert main(tiny_run_args(tmp_path / "run", "--resume", "latest", "--max-steps", "9")) == 0
     output = capsys.readouterr().out
     assert "corrupt" in output and f"resumed from {older}" in output
-    assert _losses(tmp_path / "run")[9] == _losses(uninterrupted)[9]
+    assert logged_losses(tmp_path / "run")[9] == logged_losses(uninterrupted)[9]
 
 
 def test_resume_from_an_explicit_corrupt_path_falls_back_to_its_older_sibling(uninterrupted, tmp_path):

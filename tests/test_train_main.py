@@ -133,12 +133,13 @@ def test_module_entry_point_and_cli_router_show_the_flags():
             assert flag in completed.stdout
 
 
-def test_bad_flags_are_reported_with_the_fix(capsys):
+def test_bad_flags_are_reported_with_the_fix(capsys, tmp_path):
     assert train_main(["--batch-size", "10", "--accum-freq", "3"]) == 2
     assert "not divisible by --accum-freq" in capsys.readouterr().err
     assert train_main(["--dataset-type", "webdataset", "--train-data", "x.tar"]) == 2
     assert "--train-num-samples" in capsys.readouterr().err
-    assert train_main(["--dataset-type", "synthetic", "--model", "no-such-model", "--output-dir", "/nonexistent/x"]) == 2
+    assert train_main(["--dataset-type", "synthetic", "--model", "no-such-model", "--output-dir", str(tmp_path)]) == 2
     assert "no-such-model" in capsys.readouterr().err
-    assert train_main(["--dataset-type", "synthetic", "--siglip", "--force-image-size", "32"]) == 2
+    assert train_main(["--dataset-type", "synthetic", "--siglip", "--force-image-size", "32", "--output-dir",
+                       str(tmp_path)]) == 2
     assert "logit_bias" in capsys.readouterr().err

@@ -37,13 +37,19 @@ def load_rgb_image(source: str | os.PathLike | bytes):
         return None
 
 
-def first_readable(index: int, length: int, load: Callable[[int], object]):
+class UnreadableDataError(ValueError):
+    """Data that cannot feed training at all: a long run of unreadable images, or a source with no sample."""
+
+
+def first_readable(index: int, length: int, load: Callable[[int], object],
+                   describe: Callable[[int], str] | None = None):
     """Call ``load(i)`` for ``index`` and then deterministic replacements until one is not ``None``.
 
     Returns ``(result, used_index, skipped)``: ``skipped`` counts the unreadable samples passed over. The
     replacement order is a fixed stride through the dataset, so a resumed run replaces a bad image with
     the same sample as the original run did, and the batch size never changes (DDP gathers need equal
-    batch sizes on every rank).
+    batch sizes on every rank). ``describe(i)`` names sample ``i`` in the error raised when
+    ``MAX_CONSECUTIVE_BAD_IMAGES`` in a row cannot be read.
     """
     stride = 7919 % length or 1  # a prime stride: walks away from clustered bad files
     for skipped in range(min(MAX_CONSECUTIVE_BAD_IMAGES, length)):
@@ -51,6 +57,7 @@ def first_readable(index: int, length: int, load: Callable[[int], object]):
         result = load(candidate)
         if result is not None:
             return result, candidate, skipped
-    raise RuntimeError(
-        f"{MAX_CONSECUTIVE_BAD_IMAGES} images in a row around index {index} could not be read; "
-        "check the dataset paths (relative paths are resolved against the CSV's folder)")
+    example = f" (the first: {describe(index)})" if describe is not None else ""
+    raise UnreadableDataError(
+        f"{min(MAX_CONSECUTIVE_BAD_IMAGES, length)} images in a row around index {index} could not be read{example}; "
+        "check that the image files exist and decode (relative paths are resolved against the CSV's folder)")

@@ -248,9 +248,7 @@ def _write_split(config: ShapesConfig, root: Path, split: str) -> None:
     with open(root / f"{split}.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, delimiter="\t")
         writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
+        writer.writerows(rows)  # inside atomic_dir's staging folder, fsync'ed with it
 
 
 def default_cache_dir() -> Path:
@@ -272,13 +270,15 @@ def ensure_shapes_dataset(config: ShapesConfig = ShapesConfig(), cache_dir: str 
                           log=print) -> Path:
     """Generate the set once (cached) and return its folder with ``<split>.csv`` files.
 
-    Generation writes into a temporary folder and renames it into place, under a file lock, so a
-    crashed or concurrent run (e.g. several torchrun ranks) never sees a half-written set.
+    Generation writes into a temporary folder that ``fastclip.io.atomic_dir`` renames into place, under
+    a file lock, so a crashed or concurrent run (e.g. several torchrun ranks) never sees a half-written
+    set; what a killed generator left is removed by the next one.
     """
     import fcntl
-    import shutil
-    import tempfile
+    import re
     import time
+
+    from fastclip.io import atomic_dir, remove_stale_temporaries
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = cache_dir / config.cache_name()
@@ -289,19 +289,13 @@ def ensure_shapes_dataset(config: ShapesConfig = ShapesConfig(), cache_dir: str 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / "COMPLETE").exists():
             return root
+        remove_stale_temporaries(cache_dir, re.escape(config.cache_name()))  # a killed generator's (we hold the lock)
         start = time.perf_counter()
         total = sum(config.split_sizes().values())
         log(f"generating the embedded shapes set ({total} images, once) in {root}")
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{config.cache_name()}."))
-        try:
+        with atomic_dir(root, replace=True) as staging:  # replaces an incomplete folder only once this one is whole
             for split in SPLITS:
                 _write_split(config, staging, split)
             (staging / "COMPLETE").write_text(f"{config}\n")
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         log(f"generated in {time.perf_counter() - start:.1f} s")
     return root

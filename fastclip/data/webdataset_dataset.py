@@ -2,20 +2,39 @@
 
 Shards are shuffled per epoch with a (seed, epoch) generator, dealt to ranks and then to DataLoader
 workers; samples are shuffled in a buffer seeded the same way, so an epoch's order is reproducible and
-a resumed run can replay it. Unreadable images are counted and skipped.
+a resumed run can replay it. Samples without an image or caption, and images that do not decode,
+are counted and skipped; a shard that cannot be read is logged and skipped; shards that yield no
+usable sample in a whole pass are an error (never an endless loop).
 """
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import random
 from typing import Callable
 
 import torch
 
-from fastclip.data.image_io import load_rgb_image
+from fastclip.data.image_io import UnreadableDataError, load_rgb_image
+
+logger = logging.getLogger("fastclip.data")
+_REPORT_LIMIT = 10  # shards reported per worker
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption", "text")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _no_sample_message(shards: list[str], tally: dict) -> str:
+    names = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+    return (f"a full pass over {len(shards)} shard(s) ({names}) gave no usable sample: {tally['incomplete']} "
+            f"sample(s) lacked an image ({'/'.join(IMAGE_EXTENSIONS)}) or a caption ({'/'.join(CAPTION_EXTENSIONS)}), "
+            f"{tally['unreadable']} image(s) did not decode, {tally['bad_shards']} shard(s) could not be read. "
+            "Check the shards (tar -tf), or give --train-data shards that hold image-caption pairs")
 
 
 def expand_urls(urls: str) -> list[str]:
@@ -42,6 +61,10 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
         self.shards = expand_urls(urls)
         if not self.shards:
             raise ValueError(f"--train-data {urls!r} names no shards")
+        missing = [url for url in self.shards if _is_local(url) and not os.path.isfile(url)]
+        if missing:
+            raise ValueError(f"--train-data: {len(missing)} of {len(self.shards)} shards do not exist (e.g. "
+                             f"{', '.join(missing[:3])}); check the path and the {{first..last}} range")
         self.transform, self.tokenizer = transform, tokenizer
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
@@ -61,32 +84,59 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
         random.Random(f"{self.seed}-{self.epoch}-{pass_index}").shuffle(order)
         return order[self.rank * num_workers + worker_id:: consumers]
 
-    def _samples(self):
+    def _samples(self, shards: list[str], tally: dict):
+        """The raw samples of one pass over ``shards``. A shard that cannot be opened or read (missing,
+        not a tar, truncated) is logged and counted in ``tally["bad_shards"]``, and the pass goes on."""
         import webdataset as wds
 
-        for pass_index in itertools.count():
-            stream = wds.tarfile_to_samples(handler=wds.warn_and_continue)(
-                {"url": url} for url in self._my_shards(pass_index))
-            yield from stream
+        def skip_shard(error: Exception) -> bool:
+            tally["bad_shards"] += 1
+            if tally["bad_shards"] <= _REPORT_LIMIT:
+                url = next((arg for arg in reversed(error.args) if isinstance(arg, str) and arg in shards), "a shard")
+                logger.warning("skipping (the rest of) %s: %s: %s", url, type(error).__name__, error.args[0])
+            return True
 
-    def __iter__(self):
-        buffer: list = []
-        rng = random.Random(f"{self.seed}-{self.epoch}-buffer-{self.rank}")
-        skipped = 0
-        for sample in self._samples():
+        return wds.tarfile_to_samples(handler=skip_shard)({"url": url} for url in shards)
+
+    def _fill(self, shards: list[str], buffer: list, rng: random.Random, tally: dict):
+        """One pass over ``shards`` through the shuffle buffer: yields an encoded (image, caption) pair
+        drawn at random from the buffer each time a new pair fills it."""
+        for sample in self._samples(shards, tally):
             image_key = next((key for key in IMAGE_EXTENSIONS if key in sample), None)
             text_key = next((key for key in CAPTION_EXTENSIONS if key in sample), None)
             if image_key is None or text_key is None:
-                skipped += 1
+                tally["incomplete"] += 1
+                tally["skipped"] += 1
                 continue
             buffer.append((sample[image_key], sample[text_key]))
-            if len(buffer) < self.shuffle_buffer:
-                continue
-            encoded, caption = buffer.pop(rng.randrange(len(buffer)))
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+
+    def _serve(self, pairs, tally: dict):
+        """Decode encoded pairs into ``(pixels, tokens, skipped)``; images that do not decode are counted."""
+        for encoded, caption in pairs:
             image = load_rgb_image(encoded)
             if image is None:
-                skipped += 1
+                tally["unreadable"] += 1
+                tally["skipped"] += 1
                 continue
-            caption = caption.decode("utf-8") if isinstance(caption, bytes) else caption
-            yield self.transform(image), self.tokenizer([caption])[0], skipped
-            skipped = 0
+            caption = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else caption
+            yield self.transform(image), self.tokenizer([caption])[0], tally["skipped"]
+            tally["skipped"] = 0
+            tally["yielded"] += 1
+
+    def __iter__(self):
+        """Endless passes over this worker's shards. A pass that yields nothing (fewer pairs than the
+        buffer holds, or only bad ones) empties the buffer in random order; if that yields nothing
+        either, the shards hold no usable sample, which is an error rather than an endless loop."""
+        buffer: list = []
+        rng = random.Random(f"{self.seed}-{self.epoch}-buffer-{self.rank}")
+        tally = {"incomplete": 0, "unreadable": 0, "bad_shards": 0, "skipped": 0, "yielded": 0}
+        for pass_index in itertools.count():
+            shards = self._my_shards(pass_index)
+            tally["yielded"] = 0
+            yield from self._serve(self._fill(shards, buffer, rng, tally), tally)
+            if not tally["yielded"]:
+                yield from self._serve((buffer.pop(rng.randrange(len(buffer))) for _ in range(len(buffer))), tally)
+            if not tally["yielded"]:
+                raise UnreadableDataError(_no_sample_message(shards, tally))

@@ -55,16 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.device, precision: str):
     """The model of a trainer checkpoint folder or a weights file, in eval mode."""
     import fastclip
-    from fastclip.train.checkpoint import MODEL_FILE, load_checkpoint
+    from fastclip.train.checkpoint import MODEL_FILE, load_checkpoint, read_weights
     from fastclip.train.precision import parameter_dtype
 
     path = Path(checkpoint)
     if path.is_dir():
-        load_checkpoint(path)  # verifies the checksums; raises CorruptCheckpointError
+        load_checkpoint(path)  # verifies the manifest and checksums; raises CorruptCheckpointError (a ValueError)
         path = path / MODEL_FILE
     if not path.is_file():
         raise ValueError(f"--checkpoint {checkpoint!r} is neither a checkpoint folder nor a weights file")
-    model = fastclip.model_from_state_dict(str(path), name=model_name)
+    model = read_weights(path, lambda weights: fastclip.model_from_state_dict(str(weights), name=model_name))
     return model.to(device=device, dtype=parameter_dtype(precision)).eval()
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastclip eval: {error}", file=sys.stderr)
         return 2
     if args.output:
-        from fastclip.train.main import _atomic_write_json
+        from fastclip.io import atomic_write_json
 
-        _atomic_write_json(Path(args.output), results)
+        atomic_write_json(Path(args.output), results)
     return 0

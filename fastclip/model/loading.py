@@ -10,14 +10,17 @@ Accepted state-dict formats (all normalised to OpenAI's key layout, which fastcl
   fp16 weights (cast to the model's dtype on load).
 - open_clip: the same keys (``CLIP``), or the ``text.``-prefixed text tower of ``CustomTextCLIP``;
   training checkpoints ``{"state_dict": {"module.visual...": ...}, "epoch": ...}`` too.
-- fastclip: ``save_model`` writes the OpenAI layout plus the config in the safetensors metadata.
+- fastclip: ``save_model`` writes the OpenAI layout plus the config in the safetensors metadata
+  (so the image size and context length a model was trained at come back with it).
+
+Where a file is taken, a trainer checkpoint folder is too (its ``model.safetensors``); ``create_model``
+also takes open_clip pretrained tags already in the local caches (``pretrained``).
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -26,9 +29,12 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from fastclip.io import atomic_write
+
 from .attention import check_attn_impl
 from .clip import CLIP
 from .config import CONFIGS, CLIPConfig, TextConfig, VisionConfig, get_config
+from .pretrained import resolve_pretrained, weights_file
 
 __all__ = ["create_model", "model_from_state_dict", "load_checkpoint", "normalize_state_dict", "infer_config",
            "likely_config_names", "save_model", "load_weights"]
@@ -45,13 +51,12 @@ _METADATA_CONFIG_KEY = "fastclip_config"
 
 
 def load_checkpoint(path: PathLike) -> tuple:
-    """Read a checkpoint file safely -> (state_dict in OpenAI layout, CLIPConfig or None).
+    """Read a weights file or trainer checkpoint folder safely -> (state_dict in OpenAI layout, CLIPConfig or None).
 
-    The config is present when the file was written by ``save_model``.
+    The config is present when the file was written by ``save_model`` (trainer checkpoints are).
+    A missing path raises ``pretrained.WeightsNotFoundError`` (a FileNotFoundError and ValueError).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    path = weights_file(path)
     config = None
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -228,19 +233,29 @@ def _mismatch_message(config, state_dict, missing, unexpected, mismatched) -> st
                  + listing("shape mismatches", mismatched))
     try:
         inferred = infer_config(state_dict)
-        names = likely_config_names(inferred)
-        resized = likely_config_names(inferred, sizes=False)
-        if names:
-            hint = f"the checkpoint looks like {' / '.join(names)}"
-        elif resized:
-            hint = (f"the checkpoint looks like {' / '.join(resized)} at image_size={inferred.vision.image_size}, "
-                    f"context_length={inferred.text.context_length}")
-        else:
-            hint = f"the checkpoint looks like: {_describe(inferred)} (no registered name)"
-        lines.append(f"\n  {hint}; model_from_state_dict(path) builds it from the weights.")
+        lines.append(f"\n  {_fix_hint(config, inferred)}")
     except ValueError as error:
         lines.append(f"\n  could not infer the checkpoint's config: {error}")
     return "".join(lines)
+
+
+def _fix_hint(config: CLIPConfig, inferred: CLIPConfig) -> str:
+    """What to call instead: the registered name and the input sizes the weights were made for."""
+    names = likely_config_names(inferred) or likely_config_names(inferred, sizes=False)
+    if not names:
+        return (f"the checkpoint looks like: {_describe(inferred)} (no registered name); "
+                "create_model(None, pretrained=path) builds that model from the weights")
+    sizes = {}
+    registered = CONFIGS[names[0]]
+    if inferred.vision.image_size != registered.vision.image_size:
+        sizes["image_size"] = inferred.vision.image_size
+    if inferred.text.context_length != registered.text.context_length:
+        sizes["context_length"] = inferred.text.context_length
+    call = ", ".join([repr(names[0]), "pretrained=path"] + [f"{key}={value}" for key, value in sizes.items()])
+    flags = f"--model {names[0]}" + (f" --force-image-size {sizes['image_size']}" if "image_size" in sizes else "")
+    return (f"the checkpoint looks like {' / '.join(names)}"
+            + (f" at {', '.join(f'{key}={value}' for key, value in sizes.items())}" if sizes else "")
+            + f": create_model({call}) loads it (fastclip train: {flags})")
 
 
 def _resize_position_embeddings(model: CLIP, state_dict: dict) -> None:
@@ -296,23 +311,29 @@ def create_model(name: Optional[str], *, pretrained: Optional[PathLike] = None, 
     """Build the registered config ``name`` (see ``fastclip.model.config``), random or from weights.
 
     pretrained: a local ``.safetensors``/``.pt``/``.pth``/``.bin`` file in OpenAI, open_clip or
-        fastclip format; with ``name=None`` the config is read from the file (``model_from_state_dict``).
+        fastclip format, a trainer checkpoint folder, or an open_clip pretrained tag of ``name``
+        (``"openai"``, ``"laion2b_s34b_b79k"``, ...) already in the local open_clip / Hugging Face
+        cache (``fastclip.model.pretrained``; nothing is downloaded). With ``name=None`` the config
+        is read from the file (``model_from_state_dict``).
+        What the weights record wins over the name's defaults: the image size and context length
+        stored by ``save_model`` (a model trained at 32 px reloads at 32 px), and the activation an
+        open_clip tag was trained with (QuickGELU for ``"openai"``).
     attn_impl: "auto" | "sdpa" | "xformers" | "math", one attention op for both towers.
     grad_checkpointing: recompute every block in backward (non-reentrant), both towers.
     patch_dropout: FLIP patch dropout in training (ViT towers), e.g. 0.5.
-    image_size / context_length: override the config's input sizes (embeddings are resized on load).
+    image_size / context_length: override the input sizes (embeddings are resized on load).
     The model is returned in train mode, like ``nn.Module``s are.
     """
-    if name is None:
-        if pretrained is None:
+    options = dict(attn_impl=attn_impl, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout,
+                   device=device, dtype=dtype, image_size=image_size, context_length=context_length)
+    if pretrained is None:
+        if name is None:
             raise ValueError("give a model name, or pretrained=path to read the config from the weights")
-        return model_from_state_dict(pretrained, attn_impl=attn_impl, grad_checkpointing=grad_checkpointing,
-                                     patch_dropout=patch_dropout, device=device, dtype=dtype,
-                                     image_size=image_size, context_length=context_length)
-    config = get_config(name).replace(image_size=image_size, context_length=context_length)
-    state_dict = load_checkpoint(pretrained)[0] if pretrained is not None else None
-    return _build(config, attn_impl=attn_impl, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout,
-                  device=device, dtype=dtype, state_dict=state_dict, owned=True)
+        config = get_config(name).replace(image_size=image_size, context_length=context_length)
+        return _build(config, attn_impl=attn_impl, grad_checkpointing=grad_checkpointing,
+                      patch_dropout=patch_dropout, device=device, dtype=dtype)
+    weights = resolve_pretrained(pretrained, name)
+    return model_from_state_dict(weights.path, name, quick_gelu=weights.quick_gelu, **options)
 
 
 def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[str] = None, *,
@@ -321,12 +342,14 @@ def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[s
                           image_size: Optional[int] = None, context_length: Optional[int] = None) -> CLIP:
     """A model for these weights, with the config inferred from the keys (OpenAI's ``build_model``).
 
-    state_dict: a mapping (any accepted format) or a checkpoint path.
-    name: use this registered config instead of inferring one (a config stored by ``save_model``
-        still sets the image size and context length).
-    quick_gelu: the activation, which weights do not record. Default: the config stored by
+    state_dict: a mapping (any accepted format), a weights file or a trainer checkpoint folder.
+    name: use this registered config instead of inferring one; a config stored by ``save_model``
+        still sets the image size, context length and activation (with a warning when the
+        activation differs from the name's).
+    quick_gelu: the activation, which plain weights do not record. Default: the config stored by
         ``save_model`` or given by ``name``; otherwise QuickGELU, as OpenAI's ``build_model`` does
         (with a warning: open_clip's LAION models use GELU, pass ``quick_gelu=False`` for them).
+    image_size / context_length: override every other source of the input sizes.
     """
     stored_config, owned = None, isinstance(state_dict, (str, os.PathLike))
     if owned:
@@ -335,9 +358,16 @@ def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[s
         state_dict = normalize_state_dict(state_dict)
     if name is not None:
         config = get_config(name)
-        if stored_config is not None:  # keep the sizes the weights were saved with
+        recorded = quick_gelu if quick_gelu is not None else (stored_config.quick_gelu if stored_config else None)
+        if recorded is not None and recorded != config.quick_gelu:
+            other = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else f"{name}-quickgelu"
+            warnings.warn(f"these weights were trained with {'QuickGELU' if recorded else 'GELU'}, which {name!r} "
+                          f"does not use: building {other!r}'s activation instead (name {other!r} to silence this)",
+                          UserWarning, stacklevel=2)
+        if stored_config is not None:  # keep the sizes and activation the weights were saved with
             config = config.replace(image_size=stored_config.vision.image_size,
-                                    context_length=stored_config.text.context_length)
+                                    context_length=stored_config.text.context_length,
+                                    quick_gelu=stored_config.quick_gelu)
     elif stored_config is not None:
         config = stored_config
     else:
@@ -369,20 +399,10 @@ def save_model(model: CLIP, path: PathLike) -> Path:
         model = getattr(model, wrapper, model)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_model writes safetensors; give a path ending in .safetensors, not {path.name!r}")
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": "pt", _METADATA_CONFIG_KEY: json.dumps(model.config.to_dict())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_write(path, "wb") as handle:  # whole or not at all: temporary, fsync, rename
+        handle.write(save(tensors, metadata=metadata))
     return path

@@ -2,7 +2,7 @@
 
 A primitive that walks the B_rows x B_cols similarity matrix in row chunks keeps a few
 (chunk x B_cols) fp32 buffers alive at a time. Their total is capped by ``workspace_bytes()``:
-128 MiB by default (DESIGN caps the default at 256), changed with the environment variable ``FASTCLIP_WORKSPACE_MB`` (read at call
+128 MiB by default (docs/design.md: at most 256 by default), changed with the environment variable ``FASTCLIP_WORKSPACE_MB`` (read at call
 time, so a script can set it before the first loss call).
 """
 import math

@@ -10,6 +10,7 @@ import datetime
 import os
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
+RUNS_ROOT = "runs"  # where runs without --output-dir go
 DATASET_TYPES = ("csv", "webdataset", "synthetic")
 
 #: Settings of the no-argument run: RN-Tiny (a small ModifiedResNet; 12.4 M parameters, half of them
@@ -101,11 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--gather-with-grad", action="store_true")
     dist.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     dist.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    dist.add_argument("--dist-timeout", type=float, default=1800.0,
+                      help="seconds a collective may wait for the other ranks before this rank gives up with an "
+                           "error (the process group timeout, as NCCL's), so a stalled or dead rank cannot hang "
+                           "the others forever")
     dist.add_argument("--seed", type=int, default=0)
 
     out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", default=None, help="default ./runs/<timestamp>")
-    out.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument("--output-dir", default=None, help="default ./runs/<timestamp>; with --resume latest, the "
+                     "newest run under ./runs")
+    out.add_argument("--resume", default=None, help="'latest' (the newest checkpoint of the run in --output-dir) "
+                     "or a checkpoint folder (another folder than --output-dir's starts a branch there)")
     out.add_argument("--save-frequency", type=int, default=1, help="save every N epochs (0: never)")
     out.add_argument("--save-every-n-steps", type=int, default=0, help="also save every N steps")
     out.add_argument("--keep-last", type=int, default=None, help="checkpoints kept (0: all; default 3, 1 for "
@@ -129,19 +136,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in {**GENERIC_DEFAULTS, **defaults}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.output_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        args.output_dir = os.path.join("runs", stamp)
     _validate(args)
     return args
+
+
+def timestamped_output_dir(root: str = RUNS_ROOT) -> str:
+    """``<root>/<date_time>``, with ``-2``, ``-3`` ... appended when a run started in the same second."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    candidate, count = os.path.join(root, stamp), 1
+    while os.path.exists(candidate):
+        count += 1
+        candidate = os.path.join(root, f"{stamp}-{count}")
+    return candidate
+
+
+_ZERO_MEANS = {"--keep-last": "keep every checkpoint", "--save-every-n-steps": "only at epoch ends",
+               "--save-frequency": "never at epoch ends", "--zeroshot-frequency": "only at the end",
+               "--workers": "load in the main process", "--warmup": "no warm-up", "--profile": "no trace"}
 
 
 def _validate(args: argparse.Namespace) -> None:
     positive = {"--batch-size": args.batch_size, "--accum-freq": args.accum_freq, "--epochs": args.epochs,
                 "--max-nonfinite-steps": args.max_nonfinite_steps}
+    if args.max_steps is not None:
+        positive["--max-steps"] = args.max_steps
+    if args.train_num_samples is not None:
+        positive["--train-num-samples"] = args.train_num_samples
+    positive["--log-every-n-steps"] = args.log_every_n_steps
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    not_negative = {"--keep-last": args.keep_last, "--save-every-n-steps": args.save_every_n_steps,
+                    "--save-frequency": args.save_frequency, "--zeroshot-frequency": args.zeroshot_frequency,
+                    "--workers": args.workers, "--warmup": args.warmup, "--profile": args.profile}
+    for flag, value in not_negative.items():
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0 (0 means {_ZERO_MEANS[flag]}), got {value}")
+    if not args.dist_timeout > 0:  # also rejects nan
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.batch_size % args.accum_freq:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --accum-freq {args.accum_freq}; "
                          "each step splits the batch into accum-freq equal micro-batches")

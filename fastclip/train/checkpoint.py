@@ -1,16 +1,21 @@
-"""Atomic, verifiable, step-exact checkpoints.
+"""Atomic, verifiable, step-exact checkpoints, each tagged with the lineage (run) that wrote it.
 
 Layout: ``<output-dir>/checkpoints/step_00000120/`` holding
 
 - ``model.safetensors``: the weights (``fastclip.model.save_model``: OpenAI layout + the config);
 - ``state.pt``: optimizer, GradScaler, schedule, data position and every rank's RNG states, all as
   tensors and plain Python types, so it loads with ``torch.load(weights_only=True)`` (no pickled code);
-- ``manifest.json``: step, model name and the SHA-256 of both files, written last.
+- ``manifest.json``: step, model name, the lineage (``run_id``, ``parent``), the batch and world size,
+  and the SHA-256 of both files.
 
-A checkpoint is written into a hidden temporary folder, each file fsync'ed, then the folder is renamed
-into place (atomic on POSIX) and the parent fsync'ed, so a crash leaves either the old set or the new
-one. Loading verifies the checksums; ``--resume latest`` reports a corrupt checkpoint and falls back to
-the previous one.
+A checkpoint is staged in a hidden folder and renamed into place whole (``fastclip.io.atomic_dir``),
+so a crash leaves either the old set or the new one; an existing step folder is never overwritten.
+Loading verifies the manifest's structure and both checksums: anything unreadable is a
+:class:`CorruptCheckpointError`, and ``--resume`` falls back to the previous checkpoint.
+
+A *lineage* is the chain of checkpoints written by one run and the resumes that continue it; it is
+named by the ``run_id`` of the run that started it. ``--keep-last`` prunes only the lineage being
+written, never the checkpoint just written, and never a folder whose manifest it cannot read.
 """
 from __future__ import annotations
 
@@ -24,18 +29,28 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from fastclip.io import atomic_dir, atomic_write_json, fsync_dir, remove_stale_temporaries, temporary_prefix
+
 logger = logging.getLogger("fastclip.train")
 
 MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
+MANIFEST_FORMAT = 2  # 1: step, model, sha256 only (no lineage); still readable
+CORRUPT_SUFFIX = ".corrupt"
 _STEP_PATTERN = re.compile(r"^step_(\d+)$")
+_STATE_KEYS = {"train": dict, "optimizer": dict, "rng": list, "world_size": int}
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint folder that is incomplete, fails its checksum, or cannot be decoded."""
+class CorruptCheckpointError(ValueError):
+    """A checkpoint folder or weights file that is incomplete, fails its checksum, or cannot be decoded."""
+
+
+class CheckpointExistsError(ValueError):
+    """A checkpoint of this step already exists: fastclip never overwrites one."""
 
 
 # ------------------------------------------------------------------------------------------- RNG
@@ -79,68 +94,136 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_folder_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def remove_stale_staging(output_dir: str | Path) -> list[Path]:
+    """Delete the hidden ``.step_N.*`` folders a killed writer or pruner left (call on the main rank, at start)."""
+    return remove_stale_temporaries(checkpoint_dir(output_dir), _STEP_PATTERN.pattern.strip("^$"))
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, state: dict, *,
-                    model_name: str, keep_last: int = 0) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` (0 = all).
+                    model_name: str, run_id: str | None = None, parent: dict | None = None,
+                    details: dict | None = None, keep_last: int = 0) -> Path:
+    """Write checkpoint ``step`` atomically, then prune the lineage ``run_id`` to its newest ``keep_last``.
 
     model: the unwrapped model (not DDP). state: optimizer/scaler/schedule/data/RNG state, tensors and
-    plain types only. Returns the checkpoint folder.
+    plain types only. parent: the checkpoint this lineage segment resumed from ({"run_id", "step",
+    "path"}) or None. details: extra manifest fields (batch size, world size, ...). keep_last: 0 keeps
+    all. Raises :class:`CheckpointExistsError` when ``step`` already has a folder. Returns the folder.
     """
     from fastclip.model import save_model
 
-    root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
+    final = checkpoint_dir(output_dir) / step_folder_name(step)
+    if final.exists():
+        raise CheckpointExistsError(
+            f"{final} already exists and fastclip never overwrites a checkpoint; move it away or train into "
+            "a new --output-dir")
     try:
-        save_model(model, staging / MODEL_FILE)  # fsync'ed by save_model
-        with open(staging / STATE_FILE, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        manifest = {"step": step, "model": model_name,
-                    "sha256": {name: _sha256(staging / name) for name in (MODEL_FILE, STATE_FILE)}}
-        with open(staging / MANIFEST_FILE, "w") as handle:
-            json.dump(manifest, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _fsync_path(staging)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_path(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with atomic_dir(final) as staging:
+            save_model(model, staging / MODEL_FILE)
+            with open(staging / STATE_FILE, "wb") as handle:
+                torch.save(state, handle)
+            manifest = {"format": MANIFEST_FORMAT, "step": step, "model": model_name, "run_id": run_id,
+                        "parent": parent, **(details or {}),
+                        "sha256": {name: _sha256(staging / name) for name in (MODEL_FILE, STATE_FILE)}}
+            atomic_write_json(staging / MANIFEST_FILE, manifest)
+    except FileExistsError as error:  # another writer got there between the check and the rename
+        raise CheckpointExistsError(f"{final} appeared while it was being written: {error}") from error
     if keep_last > 0:
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_lineage(output_dir, run_id, keep_last, keep=final)
     return final
+
+
+def _retire(folder: Path) -> None:
+    """Delete ``folder`` so that a kill at any moment leaves it whole or hidden: rename it to a hidden
+    temporary (which :func:`remove_stale_staging` clears at the next start), then delete that."""
+    retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temporary_prefix(folder.name)))
+    os.replace(folder, retired / folder.name)
+    fsync_dir(folder.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def prune_lineage(output_dir: str | Path, run_id: str | None, keep_last: int, *, keep: Path) -> list[Path]:
+    """Delete the checkpoints of lineage ``run_id`` beyond the newest ``keep_last``; ``keep`` always stays.
+
+    Checkpoints of other lineages and folders whose manifest cannot be read are never touched.
+    Returns the folders deleted.
+    """
+    mine = []
+    for path in list_checkpoints(output_dir):
+        try:
+            manifest = read_manifest(path)
+        except CorruptCheckpointError:
+            continue
+        if manifest.get("run_id") == run_id and run_id is not None:
+            mine.append(path)
+    newest = set(mine[-keep_last:]) | {keep}
+    removed = [path for path in mine if path not in newest]
+    for path in removed:
+        _retire(path)
+    return removed
+
+
+def set_aside_corrupt(path: Path) -> Path:
+    """Rename a corrupt checkpoint folder to ``step_N.corrupt`` (``.corrupt-2``, ...): kept for inspection,
+    no longer a checkpoint, and its step number free for the resumed run to write."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    count = 1
+    while target.exists():
+        count += 1
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}-{count}")
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    return target
 
 
 # ------------------------------------------------------------------------------------------ load
 
 
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete-looking checkpoint folders under ``output_dir``, oldest first (by step)."""
+    """Checkpoint folders (``step_N``) under ``output_dir``, oldest first by step; not verified."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in root.iterdir()
-             if path.is_dir() and (match := _STEP_PATTERN.match(path.name))]
+    found = [(checkpoint_step(path), path) for path in root.iterdir() if path.is_dir() and checkpoint_step(path)
+             is not None]
     return [path for _, path in sorted(found)]
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The validated ``manifest.json`` of a checkpoint folder; CorruptCheckpointError if it is unusable."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({error})") from error
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} holds a {type(manifest).__name__}, not an object")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} has no valid 'step' (got {step!r})")
+    folder_step = checkpoint_step(path)
+    if folder_step is not None and folder_step != step:
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} says step {step}, the folder name step {folder_step}")
+    checksums = manifest.get("sha256")
+    if not isinstance(checksums, dict) or not all(isinstance(checksums.get(name), str)
+                                                  for name in (MODEL_FILE, STATE_FILE)):
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} lacks the sha256 of {MODEL_FILE} and {STATE_FILE}")
+    for key in ("model", "run_id"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} field {key!r} is not a string")
+    return manifest
 
 
 @dataclass
@@ -149,6 +232,11 @@ class LoadedCheckpoint:
     step: int
     model_name: str
     state: dict
+    manifest: dict
+
+    @property
+    def run_id(self) -> str | None:
+        return self.manifest.get("run_id")
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -157,37 +245,85 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     Raises CorruptCheckpointError naming what is wrong.
     """
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({error})") from error
-    for name, expected in manifest.get("sha256", {}).items():
+    manifest = read_manifest(path)
+    for name in (MODEL_FILE, STATE_FILE):
         if not (path / name).is_file():
             raise CorruptCheckpointError(f"{path}: {name} is missing")
-        if _sha256(path / name) != expected:
+        if _sha256(path / name) != manifest["sha256"][name]:
             raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged archive
         raise CorruptCheckpointError(f"{path}: {STATE_FILE} cannot be loaded ({error})") from error
-    return LoadedCheckpoint(path=path, step=int(manifest["step"]), model_name=manifest.get("model", ""),
-                            state=state)
+    wrong = [key for key, kind in _STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)]
+    if wrong:
+        raise CorruptCheckpointError(f"{path}: {STATE_FILE} lacks {wrong} (not a fastclip training state)")
+    return LoadedCheckpoint(path=path, step=manifest["step"], model_name=manifest.get("model") or "",
+                            state=state, manifest=manifest)
+
+
+def _is_damaged_file_error(error: Exception) -> bool:
+    """What safetensors and torch.load raise on a truncated, empty or garbled file (not on a bug)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, RuntimeError) and not isinstance(error, SafetensorError):
+        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
+    return isinstance(error, (SafetensorError, EOFError, OSError))
+
+
+def read_weights(path: str | Path, reader: Callable):
+    """``reader(path)``, with the errors a damaged weights file raises turned into one
+    CorruptCheckpointError naming the file (a missing file is a ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    try:
+        return reader(path)
+    except Exception as error:
+        if not _is_damaged_file_error(error):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptCheckpointError(f"{path}: cannot be read as weights, the file is damaged or truncated "
+                                     f"({message})") from error
+
+
+def describe_mismatch(weights: dict, model: torch.nn.Module, limit: int = 3) -> str | None:
+    """A short account of how ``weights`` do not fit ``model`` (None when they fit)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    reshaped = [f"{key}: {tuple(weights[key].shape)} saved, {tuple(expected[key].shape)} here"
+                for key in sorted(set(weights) & set(expected)) if weights[key].shape != expected[key].shape]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
+        if keys:
+            parts.append(f"{len(keys)} tensor(s) {label} (e.g. {'; '.join(keys[:limit])})")
+    return ", ".join(parts)
 
 
 def load_weights_into(model: torch.nn.Module, checkpoint_path: str | Path) -> None:
-    """Load ``model.safetensors`` of a checkpoint folder into ``model`` (strict)."""
+    """Load ``model.safetensors`` of a checkpoint folder into ``model`` (strict).
+
+    Weights that do not fit the model raise ValueError with a short summary (not every key).
+    """
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(checkpoint_path) / MODEL_FILE), device="cpu")
+    weights = read_weights(Path(checkpoint_path) / MODEL_FILE, lambda path: load_file(str(path), device="cpu"))
+    mismatch = describe_mismatch(weights, model)
+    if mismatch:
+        raise ValueError(f"the weights of {checkpoint_path} do not fit this model: {mismatch}. Resume with the "
+                         "--model and --force-image-size of the run that wrote it")
     model.load_state_dict(weights, strict=True)
 
 
-def find_resume_checkpoint(resume: str, output_dir: str | Path, log=logger.warning) -> LoadedCheckpoint | None:
+def find_resume_checkpoint(resume: str, output_dir: str | Path, log=logger.warning,
+                           on_corrupt: Callable[[Path], None] | None = None) -> LoadedCheckpoint | None:
     """``resume`` = "latest" (newest valid in ``output_dir``) or a checkpoint folder.
 
-    A corrupt checkpoint is reported through ``log`` and the previous one is tried, down to the oldest.
-    Returns None when ``resume="latest"`` finds nothing (a fresh start).
+    A corrupt checkpoint is reported through ``log`` (and handed to ``on_corrupt``) and the previous
+    one is tried, down to the oldest. Returns None when ``resume="latest"`` finds nothing.
     """
     if resume == "latest":
         candidates = list_checkpoints(output_dir)
@@ -198,11 +334,15 @@ def find_resume_checkpoint(resume: str, output_dir: str | Path, log=logger.warni
         if not chosen.is_dir():
             raise ValueError(f"--resume {resume!r} is not a checkpoint folder; give 'latest' or "
                              "<output-dir>/checkpoints/step_NNNNNNNN")
-        older = [path for path in list_checkpoints(chosen.parent.parent) if path.name < chosen.name]
+        step = checkpoint_step(chosen)
+        older = [path for path in list_checkpoints(chosen.parent.parent)
+                 if step is not None and checkpoint_step(path) < step]
         candidates = older + [chosen]
     for path in reversed(candidates):
         try:
             return load_checkpoint(path)
         except CorruptCheckpointError as error:
             log(f"checkpoint {path} is corrupt, trying the previous one: {error}")
+            if on_corrupt is not None:
+                on_corrupt(path)
     raise CorruptCheckpointError(f"no loadable checkpoint among {[str(path) for path in candidates]}")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,6 +56,61 @@ class DistributedContext:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def decide_on_main(self, decide: Callable[[], object]):
+        """``decide()`` on rank 0 only; its result reaches every rank, and so does its exception.
+
+        For decisions that touch shared files (which checkpoint to resume, cleaning up): one rank acts,
+        and an error there stops every rank at once instead of leaving the others waiting in a collective.
+        """
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = (True, decide())
+            except Exception as error:
+                outcome = (False, error)
+        if self.distributed:
+            shared = self.broadcast_object(_picklable(outcome) if self.is_main else None)
+            outcome = outcome if self.is_main else shared  # rank 0 keeps its own error, traceback and all
+        passed, value = outcome
+        if not passed:
+            raise value
+        return value
+
+    def all_or_none(self, action: Callable[[], object]):
+        """``action()`` on every rank; if it fails on any rank, every rank raises the first failure."""
+        error = None
+        try:
+            result = action()
+        except Exception as caught:
+            error = caught
+        if self.distributed:
+            failures = [item for item in self.gather_objects(_picklable((error is None, error))) if not item[0]]
+            if failures and error is None:
+                raise failures[0][1]
+        if error is not None:
+            raise error
+        return result
+
+
+def _picklable(outcome: tuple) -> tuple:
+    """``(passed, value)`` with an exception that cannot be pickled replaced by a RuntimeError of its text."""
+    passed, value = outcome
+    if not passed:
+        try:
+            pickle.dumps(value)
+        except Exception:
+            value = RuntimeError(f"{type(value).__name__}: {value}")
+    return passed, value
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that timed out or lost its peer (gloo/NCCL messages), rather than a bug."""
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return any(sign in text for sign in ("Timed out", "timed out", "Timeout", "Connection closed by peer",
+                                         "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted"))
+
 
 def _pick_device(requested: str | None, local_rank: int) -> torch.device:
     if requested:
@@ -66,10 +123,13 @@ def _pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_distributed(device: str | None = None, backend: str | None = None) -> DistributedContext:
+def init_distributed(device: str | None = None, backend: str | None = None,
+                     timeout_seconds: float = 1800.0) -> DistributedContext:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group.
 
-    Without torchrun this is one process and no group. SLURM launches go through torchrun (README).
+    ``timeout_seconds`` bounds how long any collective waits for the other ranks (``--dist-timeout``):
+    gloo then raises on the waiting rank; NCCL's watchdog aborts the process. Without torchrun this
+    is one process and no group. SLURM launches go through torchrun (README).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -80,8 +140,21 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
         kwargs = {"device_id": torch_device} if torch_device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_seconds)
+        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=rank,
+                                world_size=world_size, **kwargs)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """torchrun's ``env://`` store, with its keys under a prefix of this restart attempt.
+
+    After an elastic restart the workers share the agent's store with the attempt that died, and
+    gloo's address exchange could read a dead worker's address from it (connection refused, the
+    restart fails); ``TORCHELASTIC_RESTART_COUNT`` keeps each attempt's keys apart.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"fastclip/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown_distributed() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from fastclip.data.image_io import UnreadableDataError
 from fastclip.train.accumulation import forward_backward
 from fastclip.train.checkpoint import capture_rng_state, save_checkpoint
 from fastclip.train.optim import clamp_logit_scale
@@ -53,6 +55,7 @@ class TrainParts:
     max_nonfinite_steps: int = 20
     ranges: Callable | None = None
     trainable: list = field(default_factory=list)
+    lineage: dict = field(default_factory=dict)  # {"run_id", "parent"} recorded in each checkpoint (run_dir.py)
 
 
 def _no_ranges(name: str):
@@ -117,10 +120,11 @@ def train_step(parts: TrainParts, state: TrainState, images: torch.Tensor, token
             "skipped_step": int(not applied)}
 
 
-def checkpoint_state(parts: TrainParts, state: TrainState) -> dict:
+def checkpoint_state(parts: TrainParts, state: TrainState, batch_size: int) -> dict:
     """The non-weight part of a checkpoint. Collective: every rank must call it (RNG gather)."""
     rng_states = parts.ctx.gather_objects(capture_rng_state(parts.ctx.device))
     return {
+        "batch_size": batch_size,  # per process; with world_size, what step-exact resume needs
         "train": state.to_dict(),
         "optimizer": parts.optimizer.state_dict(),
         "scaler": parts.scaler.state_dict() if parts.scaler is not None else {},
@@ -131,12 +135,19 @@ def checkpoint_state(parts: TrainParts, state: TrainState) -> dict:
 
 
 def save(parts: TrainParts, state: TrainState, args) -> None:
-    """Save a checkpoint of the current step (rank 0 writes; all ranks take part)."""
-    payload = checkpoint_state(parts, state)
-    if parts.ctx.is_main:
-        save_checkpoint(args.output_dir, state.step, parts.unwrapped, payload, model_name=args.model,
-                        keep_last=args.keep_last)
-    parts.ctx.barrier()
+    """Save a checkpoint of the current step (rank 0 writes; all ranks take part, and all raise if it fails)."""
+    payload = checkpoint_state(parts, state, args.batch_size)
+
+    def write() -> None:
+        if parts.ctx.is_main:
+            details = {"batch_size": args.batch_size, "world_size": parts.ctx.world_size,
+                       "accum_freq": parts.accum_freq,
+                       "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            save_checkpoint(args.output_dir, state.step, parts.unwrapped, payload, model_name=args.model,
+                            run_id=parts.lineage.get("run_id"), parent=parts.lineage.get("parent"),
+                            details=details, keep_last=args.keep_last)
+
+    parts.ctx.all_or_none(write)
 
 
 def run_epochs(parts: TrainParts, state: TrainState, data, args, *, total_steps: int, metrics,
@@ -153,6 +164,11 @@ def run_epochs(parts: TrainParts, state: TrainState, data, args, *, total_steps:
             with ranges("data"):
                 batch = next(batches, None)
                 if batch is None:
+                    if state.batch_in_epoch < data.num_batches:  # never loop on a source that ran dry
+                        raise UnreadableDataError(
+                            f"the training data ended after batch {state.batch_in_epoch} of epoch {state.epoch}, "
+                            f"short of the {data.num_batches} batches an epoch holds; check --train-num-samples "
+                            "and the data")
                     break
                 images, tokens, skipped = batch
                 images = images.to(parts.ctx.device, non_blocking=True)

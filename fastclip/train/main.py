@@ -6,28 +6,30 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
-import json
 import logging
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastclip.io import atomic_write_json
+from fastclip.model.config import get_config
 from fastclip.train.args import parse_args
-from fastclip.train.checkpoint import (CorruptCheckpointError, find_resume_checkpoint, load_weights_into,
-                                      restore_rng_state)
-from fastclip.train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, load_checkpoint, load_weights_into,
+                                      read_weights, restore_rng_state)
+from fastclip.train.distributed import DistributedContext, init_distributed, is_peer_failure, shutdown_distributed
 from fastclip.train.loop import NonFiniteAbort, TrainParts, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger
 from fastclip.train.optim import LearningRateSchedule, build_optimizer, find_parameter
 from fastclip.train.precision import check_precision_supported, make_grad_scaler, parameter_dtype
 from fastclip.train.profiling import NvtxRanges, StepProfiler
+from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
 
 logger = logging.getLogger("fastclip.train")
 
@@ -46,10 +48,13 @@ def _say(ctx: DistributedContext, message: str) -> None:
 def build_model(args, ctx: DistributedContext):
     import fastclip
 
-    model = fastclip.create_model(args.model, pretrained=args.pretrained, attn_impl=args.attn_impl,
-                                  grad_checkpointing=args.grad_checkpointing, patch_dropout=args.patch_dropout,
-                                  device=ctx.device, dtype=parameter_dtype(args.precision),
-                                  image_size=args.force_image_size)
+    def create(pretrained=None):
+        return fastclip.create_model(args.model, pretrained=pretrained, attn_impl=args.attn_impl,
+                                     grad_checkpointing=args.grad_checkpointing, patch_dropout=args.patch_dropout,
+                                     device=ctx.device, dtype=parameter_dtype(args.precision),
+                                     image_size=args.force_image_size)
+
+    model = read_weights(args.pretrained, create) if args.pretrained else create()
     image_size = model.config.vision.image_size
     return model, image_size, model.context_length
 
@@ -119,43 +124,88 @@ def prepare_embedded_set(args, ctx: DistributedContext, image_size: int) -> Path
     return ensure_shapes_dataset(config, args.cache_dir) if root is None else root
 
 
-def resume_if_asked(args, ctx, parts: TrainParts) -> TrainState:
-    """Load the checkpoint ``--resume`` names (or the newest valid one) into ``parts``; return the state."""
-    if not args.resume:
+def planned_total_steps(args, data, state: TrainState) -> int:
+    """Steps taken plus the steps left in ``--epochs`` (capped by ``--max-steps``).
+
+    That is ``epochs * batches per epoch`` unless a resume changed the batch size or process count.
+    """
+    remaining = (args.epochs - state.epoch) * data.num_batches - state.batch_in_epoch
+    total = state.step + max(remaining, 0)
+    return min(total, args.max_steps) if args.max_steps else total
+
+
+def _prepare_output(args, ctx: DistributedContext):
+    """Rank 0 checks the output folder and picks the checkpoint (run_dir.py); every rank gets the plan."""
+    holder = {}
+
+    def decide() -> RunPlan:
+        plan, holder["loaded"] = prepare_output(args)
+        return plan
+
+    plan = ctx.decide_on_main(decide)
+    for note in plan.notes:
+        _say(ctx, note)
+    return plan, holder.get("loaded")
+
+
+def resume_if_asked(args, ctx, parts: TrainParts, data, plan: RunPlan, loaded) -> TrainState:
+    """Load the checkpoint ``plan`` names into ``parts`` on every rank; return the training state.
+
+    ``loaded`` is rank 0's copy (already verified by :func:`prepare_output`). A failure on any rank
+    (a mismatched model, a file another node cannot read) stops every rank with the same error.
+    """
+    if plan.resume_path is None:
         return TrainState()
-    found = find_resume_checkpoint(args.resume, args.output_dir, log=lambda message: _say(ctx, "WARNING: " + message))
-    if found is None:
-        _say(ctx, f"--resume latest: no checkpoint in {args.output_dir}, starting from scratch")
-        return TrainState()
-    load_weights_into(parts.unwrapped, found.path)
+    found = ctx.all_or_none(lambda: _restore(args, parts, loaded or load_checkpoint(plan.resume_path)))
     state = found.state
-    parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.scaler is not None and state.get("scaler"):
-        parts.scaler.load_state_dict(state["scaler"])
-    rng_states = state.get("rng", [])
-    if state.get("world_size") == ctx.world_size and len(rng_states) > ctx.rank:
-        restore_rng_state(rng_states[ctx.rank], ctx.device)
+    train = TrainState(**{key: value for key, value in state["train"].items()
+                          if key in TrainState.__dataclass_fields__})
+    saved_world, saved_batch = state["world_size"], state.get("batch_size", args.batch_size)
+    if saved_world == ctx.world_size and saved_batch == args.batch_size and len(state["rng"]) > ctx.rank:
+        restore_rng_state(state["rng"][ctx.rank], ctx.device)
     else:
-        _say(ctx, f"WARNING: the checkpoint was written by {state.get('world_size')} processes, this run has "
-                  f"{ctx.world_size}: the data order and RNG streams restart (not step-exact)")
+        # Every epoch's global sample order is one (seed, epoch) permutation, whatever the batch shape:
+        # go on from the same sample of it.
+        consumed = train.batch_in_epoch * saved_batch * saved_world
+        train.batch_in_epoch = consumed // (args.batch_size * ctx.world_size)
+        if train.batch_in_epoch >= data.num_batches:
+            train.epoch, train.batch_in_epoch = train.epoch + 1, 0
+        _say(ctx, f"WARNING: NOT STEP-EXACT: {found.path} was written with --batch-size {saved_batch} on "
+                  f"{saved_world} process(es), this run has --batch-size {args.batch_size} on {ctx.world_size}. "
+                  f"Training goes on after sample {consumed} of the epoch's order, but the batches, the schedule "
+                  "and the random streams differ from an uninterrupted run. Resume with the same batch size and "
+                  "process count for a step-exact continuation.")
         seed_everything(args.seed + ctx.rank + found.step)
     _say(ctx, f"resumed from {found.path} (step {found.step})")
-    return TrainState(**state["train"])
+    return train
 
 
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+def _restore(args, parts: TrainParts, found):
+    """Check that checkpoint ``found`` fits this run, then load its weights, optimiser and scaler."""
+    if found.model_name and found.model_name != args.model:
+        raise ValueError(f"{found.path} was trained with --model {found.model_name}, this run has --model "
+                         f"{args.model}: resume with --model {found.model_name}, or start from its weights in a new "
+                         f"--output-dir with --pretrained {found.path / MODEL_FILE} (no --resume)")
+    if not isinstance(found.state["train"].get("step"), int):
+        raise CorruptCheckpointError(f"{found.path}: its training state has no step")
+    load_weights_into(parts.unwrapped, found.path)
+    try:
+        parts.optimizer.load_state_dict(found.state["optimizer"])
+        if parts.scaler is not None and found.state.get("scaler"):
+            parts.scaler.load_state_dict(found.state["scaler"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"the optimiser state in {found.path} does not fit this run ({error}); resume with the "
+                         "flags of the run that wrote it") from None
+    return found
 
 
 def run(args, ctx: DistributedContext) -> dict:
     """Train as ``args`` says; returns the results dict (rank 0 also writes results.json)."""
     wall_start = time.perf_counter()
     check_precision_supported(args.precision, ctx.device)
+    get_config(args.model)  # an unknown --model: the list of names, before anything is written
+    plan, loaded = _prepare_output(args, ctx)  # before anything slow: a refused folder costs nothing
+    args.output_dir = plan.output_dir
     seed_everything(args.seed)  # identical initial weights on every rank
     model, image_size, context_length = build_model(args, ctx)
     data, eval_transform, tokenizer, embedded_root = build_train_data(args, ctx, image_size, context_length)
@@ -166,25 +216,25 @@ def run(args, ctx: DistributedContext) -> dict:
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     optimizer, optimizer_name = build_optimizer(model, lr=args.lr, weight_decay=args.wd,
                                                 betas=(args.beta1, args.beta2), eps=args.eps)
-    total_steps = args.epochs * data.num_batches
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
     parts = TrainParts(model=ddp_model, unwrapped=model, loss_fn=build_loss(args, ctx, model), optimizer=optimizer,
-                       schedule=LearningRateSchedule(args.lr, args.warmup, total_steps, args.lr_scheduler),
-                       scaler=make_grad_scaler(args.precision, ctx.device),
+                       schedule=None, scaler=make_grad_scaler(args.precision, ctx.device),
                        logit_scale=find_parameter(model, "logit_scale"), ctx=ctx, precision=args.precision,
                        accum_freq=args.accum_freq, grad_clip_norm=args.grad_clip_norm,
                        max_nonfinite_steps=args.max_nonfinite_steps, ranges=NvtxRanges(enabled=True),
-                       trainable=[p for p in model.parameters() if p.requires_grad])
-    state = resume_if_asked(args, ctx, parts)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                       trainable=[p for p in model.parameters() if p.requires_grad],
+                       lineage={"run_id": plan.run_id, "parent": plan.parent})
+    state = resume_if_asked(args, ctx, parts, data, plan, loaded)
+    total_steps = planned_total_steps(args, data, state)
+    parts.schedule = LearningRateSchedule(args.lr, args.warmup, total_steps, args.lr_scheduler)
+    del loaded  # rank 0's copy of the optimiser state
     _say(ctx, f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
               f"{optimizer_name}, precision {args.precision}, {ctx.world_size} process(es) on {ctx.device}, "
               f"{data.num_batches} steps/epoch x {args.epochs} epochs of {args.batch_size * ctx.world_size} "
               f"samples, output {args.output_dir}")
     metrics = MetricsLogger(args.output_dir, is_main=ctx.is_main, report_to=args.report_to,
                             total_steps=total_steps, initial_step=state.step,
-                            progress=not args.no_progress and sys.stderr.isatty())
+                            progress=not args.no_progress and sys.stderr.isatty(),
+                            say=lambda message: _say(ctx, message))
     evaluate = functools.partial(_evaluate_embedded, args, ctx, model, embedded_root, eval_transform, tokenizer)
     on_epoch_end = None
     if embedded_root is not None and args.zeroshot_frequency:
@@ -212,6 +262,7 @@ def run(args, ctx: DistributedContext) -> dict:
         "samples_seen": state.samples_seen,
         "nonfinite_steps": state.nonfinite_total,
         "skipped_images": sum(ctx.gather_objects(state.skipped_images)),
+        "skipped_rows": len(getattr(data.dataset, "skipped_rows", ())),
         "world_size": ctx.world_size,
         "precision": args.precision,
         "model": args.model,
@@ -220,15 +271,17 @@ def run(args, ctx: DistributedContext) -> dict:
         "evaluation": evaluation,
     }
     if ctx.is_main:
-        _atomic_write_json(Path(args.output_dir) / "results.json", results)
+        atomic_write_json(Path(args.output_dir) / RESULTS_FILE, results)  # a NaN (no step trained) becomes null
         if embedded_root is not None:
             from fastclip.eval.embedded import format_report
 
             print(format_report(evaluation), flush=True)
-        print(f"{state.step} steps, {timing['samples_per_second']:.0f} samples/s in training, "
-              f"{results['wall_seconds']:.0f} s in all; results in {Path(args.output_dir) / 'results.json'}",
-              flush=True)
+        speed = (f"{timing['samples_per_second']:.0f} samples/s in training" if timing["trained_samples"]
+                 else "no step left to train")
+        print(f"{state.step} steps, {speed}, {results['wall_seconds']:.0f} s in all; results in "
+              f"{Path(args.output_dir) / RESULTS_FILE}", flush=True)
     return results
+
 
 
 def _evaluate_embedded(args, ctx, model, root, transform, tokenizer) -> dict:
@@ -268,8 +321,29 @@ def _evaluate_val_data(args, ctx, model, transform, tokenizer) -> dict:
     return results
 
 
+def _user_message(error: BaseException) -> str:
+    """The error's text, without the traceback a DataLoader worker wraps around an exception it re-raises."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        lines = text.rstrip().splitlines()
+        for index in range(len(lines) - 1, 0, -1):
+            head, _, rest = lines[index].partition(": ")
+            if rest and not lines[index].startswith(" ") and head.replace(".", "").replace("_", "").isalnum():
+                return " ".join([rest, *lines[index + 1:]]) + " (raised in a DataLoader worker)"
+    return text
+
+
+#: OSErrors that the machine causes, not fastclip: disk full, quota, read-only file system, permissions
+_ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastclip train`` / ``python -m fastclip.train``; returns the exit status."""
+    """Entry point of ``fastclip train`` / ``python -m fastclip.train``; returns the exit status.
+
+    0: done. 2: a user error (flags, paths, data, checkpoints) or a full/read-only disk, with the fix.
+    3: training diverged (too many non-finite steps). 4: another process stalled or died
+    (``--dist-timeout``). A traceback means a bug in fastclip.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
@@ -278,13 +352,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(args, init_distributed(args.device, args.dist_backend))
+        run(args, init_distributed(args.device, args.dist_backend, args.dist_timeout))
         return 0
     except NonFiniteAbort as error:
         print(f"fastclip train: aborted: {error}", file=sys.stderr)
         return 3
-    except (ValueError, ImportError, CorruptCheckpointError) as error:  # user-fixable: say what to change
-        print(f"fastclip train: {type(error).__name__}: {error}", file=sys.stderr)
+    except (ValueError, ImportError) as error:  # user-fixable: say what to change
+        print(f"fastclip train: {type(error).__name__}: {_user_message(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if not is_peer_failure(error):
+            raise
+        print(f"fastclip train: rank {os.environ.get('RANK', '0')}: a collective operation failed because another "
+              f"process stalled or died ({str(error).splitlines()[0]}). Collectives wait at most --dist-timeout "
+              f"{args.dist_timeout:g} s; the other processes' logs say which one failed first. If a step, a "
+              "checkpoint write or the evaluation on rank 0 legitimately takes longer, raise --dist-timeout.",
+              file=sys.stderr)
+        return 4
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        print(f"fastclip train: {error.strerror}: {error.filename or error}; free space or choose another "
+              "--output-dir (checkpoints already saved are untouched)", file=sys.stderr)
         return 2
     finally:
         shutdown_distributed()

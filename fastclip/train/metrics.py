@@ -1,11 +1,18 @@
-"""Rank-0 metrics: ``metrics.jsonl`` (one object per logged step), tensorboard, a tqdm progress bar."""
+"""Rank-0 metrics: ``metrics.jsonl`` (one object per logged step), tensorboard, a tqdm progress bar.
+
+A run that starts at step s (a resume, or a fresh start after a crash before the first checkpoint)
+moves the lines of steps after s out of ``metrics.jsonl`` into ``metrics.superseded.jsonl``: the
+run logs those steps again, and nothing logged before is lost.
+"""
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from fastclip.io import atomic_write
+
+METRICS_FILE, SUPERSEDED_FILE = "metrics.jsonl", "metrics.superseded.jsonl"
 
 
 def _plain(value):
@@ -20,15 +27,19 @@ class MetricsLogger:
     """Writes on the main rank only; every method is a no-op elsewhere."""
 
     def __init__(self, output_dir: str | Path, *, is_main: bool, report_to: str = "", total_steps: int = 0,
-                 initial_step: int = 0, progress: bool = True):
+                 initial_step: int = 0, progress: bool = True, say=print):
         self.is_main = is_main
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self._writer = None
         self._bar = None
         if not is_main:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self._truncate_after(initial_step)
+        self.superseded_path = Path(output_dir) / SUPERSEDED_FILE
+        moved = self._set_aside_after(initial_step)
+        if moved:
+            say(f"{self.path.name}: {moved} line(s) of steps after {initial_step}, which this run trains again, "
+                f"moved to {self.superseded_path}")
         self._handle = open(self.path, "a", encoding="utf-8")
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
@@ -40,24 +51,29 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              desc="train")
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume from ``step``, drop lines of later steps: the resumed run redoes them (atomic rewrite)."""
+    def _set_aside_after(self, step: int) -> int:
+        """Move the lines of steps after ``step`` (which this run redoes) and lines cut short by a kill
+        from metrics.jsonl to the end of metrics.superseded.jsonl. Returns how many lines moved."""
         if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+            return 0
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        kept, moved = [], []
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
+                logged = record.get("step") if isinstance(record, dict) else None
             except ValueError:
-                continue  # a line cut short by a kill
-            if record.get("step", -1) <= step:
-                kept.append(line)
-        descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.")
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in kept))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+                logged = None
+            later = not isinstance(logged, int) or logged > step
+            (moved if later else kept).append(line)
+        if moved:
+            previous = self.superseded_path.read_text(encoding="utf-8") if self.superseded_path.exists() else ""
+            with atomic_write(self.superseded_path) as handle:  # first: a kill in between duplicates, never loses
+                handle.write(previous + "".join(line + "\n" for line in moved))
+        if moved or not text.endswith("\n"):
+            with atomic_write(self.path) as handle:
+                handle.write("".join(line + "\n" for line in kept))
+        return len(moved)
 
     def log(self, step: int, values: dict, *, kind: str = "train") -> None:
         if not self.is_main:

@@ -1,0 +1,70 @@
+"""Benchmarks write to a scratch folder unless asked to update benchmarks/results/ (never the checkout)."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+SCRIPTS = ["bench_clip_loss", "bench_siglip_loss", "bench_model", "bench_train", "bench_distributed_loss"]
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _git_status() -> str:
+    completed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        pytest.skip(f"not a git checkout: {completed.stderr.strip()}")
+    return completed.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_output_folder_flags(name, tmp_path):
+    common = _load("_common")
+    parser = _load(name).build_parser()
+    default = common.output_dir(parser.parse_args([]))
+    assert default == common.SCRATCH_DIR and REPO not in default.resolve().parents
+    assert common.output_dir(parser.parse_args(["--update-results"])) == BENCHMARKS / "results"
+    assert common.output_dir(parser.parse_args(["--out-dir", str(tmp_path)])) == tmp_path
+    with pytest.raises(SystemExit) as error:  # argparse: the two flags exclude each other
+        parser.parse_args(["--out-dir", str(tmp_path), "--update-results"])
+    assert error.value.code == 2
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_quick_benchmark_leaves_the_checkout_clean(tmp_path):
+    """A --quick run with no output flag writes its CSV/JSON/PNG to the scratch folder only; its two
+    implementations computed the same loss (open_clip's value), so the timing compares like with like."""
+    pytest.importorskip("open_clip")
+    before = _git_status()
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}  # the scratch folder lives under the temp dir
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_siglip_loss.py"), "--quick", "--batches", "96", "--dim", "40",
+         "--modes", "fwd+bwd", "--repeats", "1"], cwd=REPO, env=environment, capture_output=True, text=True,
+        timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert _git_status() == before, "the benchmark changed the checkout"
+    scratch = tmp_path / "fastclip-benchmarks"
+    rows = json.loads((scratch / "bench_siglip_loss.json").read_text())
+    assert (scratch / "bench_siglip_loss.csv").is_file()
+    assert {row["implementation"]: row["status"] for row in rows} == {"fastclip": "ok", "open_clip": "ok"}
+    losses = {row["implementation"]: row["loss"] for row in rows}
+    assert losses["fastclip"] == pytest.approx(losses["open_clip"], rel=1e-5)
+    fastclip_row = next(row for row in rows if row["implementation"] == "fastclip")
+    assert fastclip_row["time_vs_open_clip"] > 0 and fastclip_row["extra_peak_mb"] >= 0
+    assert {"date", "torch", "cpu"} <= set(fastclip_row)
