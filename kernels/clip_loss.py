@@ -22,7 +22,12 @@ from .common import (MERGE_BLOCK, TileConfig, _block_range, _locked_column_merge
 # 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
 # thread at 8 warps, leaving room for the exp tiles of the row and column softmax; ptxas (Triton 3.8)
 # reports no spills for any listed config. Forward defaults use BLOCK_D = 32 with 4 stages: on sm90
-# that is 175 registers/thread against 255 for BLOCK_D = 64; the backward keeps 64 (239 vs 238).
+# that is 175 registers/thread against 255 for BLOCK_D = 64; the backward keeps 64. Backward, bf16,
+# offline compile (Triton 3.8, cuobjdump -res-usage): 255 registers and no local memory for the
+# 128x128/8-warp and 64x128/4-warp tiles on sm90 and sm80 (the log-softmax scale sum raised sm80's
+# default from 196); so 128x128 runs 1 CTA per SM and 64x128 (4 warps x 32 x 256 = 32768 of 65536
+# registers, 25 KB shared) fits 2: which is faster is for FASTCLIP_AUTOTUNE, not measured on GPU.
+# With EVEN_N the G stores compile to STG.E.128 (16 bytes), otherwise to STG.E.U16.
 # Shared memory stays under the ~100 KB of sm86/89 for the sm80 list (stages x (BM + BN) x BD x 2 B).
 # The interpreter config is large: its cost is per tile operation, not per element.
 # FASTCLIP_AUTOTUNE=1 times every config of the GPU's list once per shape and keeps the fastest.
@@ -136,6 +141,9 @@ def _clip_loss_fwd_kernel(
 
 @triton.heuristics({
     "EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0,
+    # Whole column tiles: G's stores need no column mask, so each thread's run of 8 contiguous 16-bit
+    # G values is one 16-byte store (n_cols is not specialised, so the compiler cannot see this itself).
+    "EVEN_N": lambda args: args["n_cols"] % args["BLOCK_N"] == 0,
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
@@ -147,7 +155,7 @@ def _clip_loss_bwd_kernel(
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim, stride_grad_row,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_POSITIVES: tl.constexpr):
+        EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, HAS_POSITIVES: tl.constexpr):
     """G = dL/dS for a chunk of rows against all columns, times a storage multiplier.
 
     Math: with P = exp(S - row_lse) (row softmax), Q = exp(S - col_lse) (column softmax) and the
@@ -194,4 +202,7 @@ def _clip_loss_bwd_kernel(
              tl.sum(tl.sum(scale_terms, axis=1), axis=0))
     g = row_part + col_part
     out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
-    tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=valid)
+    if EVEN_N:
+        tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=valid)

@@ -99,7 +99,8 @@ def run_triton(image, text, scale, bias, row_coef, col_coef, positive_offset, de
 
 
 # (dtype, rows b, columns n, D, positive_offset): awkward B and D, b != n blocks as the distributed
-# layer calls them (offset = rank * b), an out-of-range offset (no positives), D = 64 (EVEN_D).
+# layer calls them (offset = rank * b), an out-of-range offset (no positives), D = 64 (EVEN_D), n = 128
+# (EVEN_N: whole column tiles, G stored without a column mask) with a partial last row block.
 PRIMITIVE_CASES = [
     (torch.float32, 37, 37, 200, 0),
     (torch.bfloat16, 37, 37, 257, 0),
@@ -110,6 +111,7 @@ PRIMITIVE_CASES = [
     (torch.float16, 70, 100, 64, 1000),
     (torch.float32, 300, 37, 64, -5),
     (torch.bfloat16, 300, 300, 200, 0),
+    (torch.float16, 100, 128, 200, 10),
 ]
 
 

@@ -87,32 +87,25 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
 
 
 def _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset: int, config):
-    n_rows = image.shape[0]
     n_cols, dim = text.shape
     headroom = common.FP16_HEADROOM if image.dtype == torch.float16 else 1.0
     coef_norm = torch.maximum(row_coef.abs().amax(), col_coef.abs().amax()).float().clamp_min(1e-30)
     multiplier = headroom / coef_norm  # 0-dim, on the device: no host sync
     row_lse, col_lse = row_lse.contiguous(), col_lse.contiguous()
     row_coef, col_coef = row_coef.float().contiguous(), col_coef.float().contiguous()
-    col_tiles = common.cdiv(n_cols, config.block_n)
-    scale_partials = common.allocate((common.cdiv(n_rows, config.block_m) * col_tiles,), torch.float32,
-                                     image.device)
     options = common.launch_options(config, image.dtype, dim)
 
-    def write_chunk(start, rows, image_rows, grad_rows):
-        blocks = common.cdiv(rows, config.block_m)
-        first_partial = (start // config.block_m) * col_tiles
-        _clip_loss_bwd_kernel[(blocks, col_tiles)](
+    def write_chunk(start, rows, image_rows, grad_rows, tile_sums):
+        _clip_loss_bwd_kernel[(common.cdiv(rows, config.block_m), common.cdiv(n_cols, config.block_n))](
             image_rows, text, scale, bias, row_lse[start:start + rows], col_lse,
-            row_coef[start:start + rows], col_coef, multiplier, grad_rows,
-            scale_partials[first_partial:first_partial + blocks * col_tiles],
+            row_coef[start:start + rows], col_coef, multiplier, grad_rows, tile_sums,
             rows, n_cols, dim, positive_offset + start,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1), grad_rows.stride(0),
             **options)
 
-    grad_image, grad_text = common.chunked_backward(image, text, config, write_chunk)
+    grad_image, grad_text, scale_share = common.chunked_backward(image, text, config, write_chunk)
     undo = coef_norm / headroom
-    grad_scale = scale_partials.sum() * undo / scale.float()
+    grad_scale = scale_share * undo / scale.float()
     undo = undo * scale.float()
     return grad_image.mul_(undo), grad_text.mul_(undo), grad_scale
 
