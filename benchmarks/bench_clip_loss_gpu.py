@@ -13,14 +13,14 @@ Peers (each skipped, with the reason in the CSV, when it cannot run here):
     triton     fastclip.loss.ClipLoss(backend="triton") (default: locked column merge in the forward)
     triton_det the same with deterministic=True (fixed-order column partials: bitwise repeatable)
     cuda       fastclip.loss.ClipLoss(backend="cuda") (the CUDA C++ kernels; needs FASTCLIP_BUILD_CUDA=1)
-    triton_ws1g  the same with a 1 GiB workspace (FASTCLIP_WORKSPACE_MB=1024, default 256): fewer
+    triton_ws1g  the same with a 1 GiB workspace (FASTCLIP_WORKSPACE_MB=1024; default: fastclip.ops.workspace): fewer
                backward chunks, so less fp32 re-reading of grad_text - what a larger bound buys
     torch      fastclip.loss.ClipLoss(backend="torch") (chunked PyTorch)
     open_clip  open_clip.loss.ClipLoss (materialises B x B logits)
     inf_cl     Inf-CL's cal_inf_loss, symmetric = mean of the two directions (D must be a multiple of 256)
 Modes: fwd (autograd on, as in training) and fwd+bwd. Columns: median/p20/p80 ms, TFLOP/s counting
 2 B^2 D per GEMM-equivalent (fwd 1, fwd+bwd 4), extra peak memory over the inputs
-(max_memory_allocated), the memory bound of the design (2 B D elt + 256 MiB workspace + 64 B bytes),
+(max_memory_allocated), the memory bound of the design (2 B D elt + the workspace + 64 B bytes),
 time / floor, and speedups over open_clip and Inf-CL. B doubles from 4096 until a peer runs out of
 memory, gets too slow for the time budget, or --max-batch. Rows: OUT_DIR/clip_loss_gpu.csv/json,
 plots: OUT_DIR/clip_loss_gpu_D<dim>.png.
@@ -39,7 +39,6 @@ import _common  # noqa: E402
 PEERS = ("floor", "triton", "triton_det", "triton_ws1g", "cuda", "torch", "open_clip", "inf_cl")
 LARGE_WORKSPACE_MB = "1024"  # triton_ws1g: the triton backend with FASTCLIP_WORKSPACE_MB=1024
 GEMMS = {"fwd": 1, "fwd+bwd": 4}
-WORKSPACE_BYTES = 256 * 2**20
 SLOW_CALL_MS = 1500.0  # a peer slower than this per call is not run at the next (4x costlier) B
 
 
@@ -169,7 +168,9 @@ def measure(peer: str, batch: int, dim: int, mode: str, device: str, dtype, repe
         if device == "cuda":
             torch.cuda.empty_cache()
     flops = 2.0 * GEMMS[mode] * batch * batch * dim
-    workspace = int(LARGE_WORKSPACE_MB) * 2**20 if peer == "triton_ws1g" else WORKSPACE_BYTES
+    from fastclip.ops.workspace import workspace_bytes  # the default, or FASTCLIP_WORKSPACE_MB as set
+
+    workspace = int(LARGE_WORKSPACE_MB) * 2**20 if peer == "triton_ws1g" else workspace_bytes()
     element = tensors[0].element_size()
     return {**row, **timing, "status": "ok", "tflops": flops / (timing["ms_median"] * 1e-3) / 1e12,
             "extra_peak_mb": extra / 2**20,

@@ -7,14 +7,20 @@ capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<ba
     clip_loss_fwd(image, text, scale, bias, with_expectations: bool, deterministic: bool)
         -> (row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,))
     clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
-                  positive_offset: int, deterministic: bool) -> (grad_image (b, D), grad_text (n, D))
+                  positive_offset: int, deterministic: bool)
+        -> (grad_image (b, D), grad_text (n, D), grad_scale ())
     siglip_loss_fwd(image, text, scale, bias, positive_offset: int, deterministic: bool) -> loss_sum ()
     siglip_loss_bwd(image, text, scale, bias, positive_offset: int, grad_coef, deterministic: bool)
         -> (grad_image (b, D), grad_text (n, D), grad_bias ())
 
 image (b, D) rows against text (n, D) columns; scale, bias, grad_coef 0-dim; the positives are the
 pairs j = i + positive_offset (the distributed layer passes rank * b); outputs in the accumulation
-dtype. ``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
+dtype. clip_loss_bwd's G = R + C, R_ij = row_coef_i (P_ij - [pos]), C_ij = col_coef_j (Q_ij - [pos])
+(P, Q: exp(S - row_lse), exp(S - col_lse)); grad_image = scale G @ text, grad_text = scale G.T @ image,
+and grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale, this block's share of d/d scale: over
+any split of the whole S into blocks (the exchanges' row and column blocks) the shares add up to
+sum_ij G_ij x_ij (x = image @ text.T), because every row of R and column of C of the whole sums to 0.
+That form keeps the digits the fp32 log-sum-exps' rounding would cost sum G x (see kernels/clip_loss.py). ``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
 faster path whose last bits vary from run to run (triton: the locked column merge of its forward).
 A backend declares ``deterministic=True`` when it can honour deterministic=True. (The exact math is
 in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend; the autograd

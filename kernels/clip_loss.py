@@ -22,7 +22,12 @@ from .common import (MERGE_BLOCK, TileConfig, _block_range, _locked_column_merge
 # 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
 # thread at 8 warps, leaving room for the exp tiles of the row and column softmax; ptxas (Triton 3.8)
 # reports no spills for any listed config. Forward defaults use BLOCK_D = 32 with 4 stages: on sm90
-# that is 175 registers/thread against 255 for BLOCK_D = 64; the backward keeps 64 (239 vs 238).
+# that is 175 registers/thread against 255 for BLOCK_D = 64; the backward keeps 64. Backward, bf16,
+# offline compile (Triton 3.8, cuobjdump -res-usage): 255 registers and no local memory for the
+# 128x128/8-warp and 64x128/4-warp tiles on sm90 and sm80 (the log-softmax scale sum raised sm80's
+# default from 196); so 128x128 runs 1 CTA per SM and 64x128 (4 warps x 32 x 256 = 32768 of 65536
+# registers, 25 KB shared) fits 2: which is faster is for FASTCLIP_AUTOTUNE, not measured on GPU.
+# With EVEN_N the G stores compile to STG.E.128 (16 bytes), otherwise to STG.E.U16.
 # Shared memory stays under the ~100 KB of sm86/89 for the sm80 list (stages x (BM + BN) x BD x 2 B).
 # The interpreter config is large: its cost is per tile operation, not per element.
 # FASTCLIP_AUTOTUNE=1 times every config of the GPU's list once per shape and keeps the fastest.
@@ -136,18 +141,21 @@ def _clip_loss_fwd_kernel(
 
 @triton.heuristics({
     "EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0,
+    # Whole column tiles: G's stores need no column mask, so each thread's run of 8 contiguous 16-bit
+    # G values is one 16-byte store (n_cols is not specialised, so the compiler cannot see this itself).
+    "EVEN_N": lambda args: args["n_cols"] % args["BLOCK_N"] == 0,
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
 @triton.jit(do_not_specialize=["n_rows", "n_cols", "positive_offset"])
 def _clip_loss_bwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr,
-        grad_multiplier_ptr, grad_logits_ptr,
+        grad_multiplier_ptr, grad_logits_ptr, scale_partial_ptr,
         n_rows, n_cols, dim, positive_offset,
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim, stride_grad_row,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_POSITIVES: tl.constexpr):
+        EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, HAS_POSITIVES: tl.constexpr):
     """G = dL/dS for a chunk of rows against all columns, times a storage multiplier.
 
     Math: with P = exp(S - row_lse) (row softmax), Q = exp(S - col_lse) (column softmax) and the
@@ -156,9 +164,18 @@ def _clip_loss_bwd_kernel(
     stored as G * grad_multiplier in grad_logits' dtype (the input dtype). The multiplier (set by the
     launcher: 1 / max|coef|, times 2^8 for fp16) keeps G in the normal range of fp16/bf16 even when
     the coefficients are ~1/B; the GEMMs' result is scaled back by scale / multiplier.
+    d scale: with R = row_coef (P - [pos]) and C = col_coef (Q - [pos]) (G = R + C),
+        sum_ij G_ij x_ij = (1 / scale) sum_ij (R_ij log P_ij + C_ij log Q_ij),
+    because S - log P = row_lse is constant along a row and R's rows sum to zero there (each row
+    softmax sums to one; likewise C's columns), so the identity holds for the sum over every block of
+    S, which is what the callers add up. Why the logs: near a positive the terms of sum G (S - bias)
+    are ~|S| and cancel, and the fp32 log-sum-exps' rounding (~|S| eps) leaves sum_j P_ij off 1 by as
+    much, which that form multiplies by |S|; this one multiplies it by the small entropy. Each
+    program writes its tile's sum (times the multiplier); the launcher adds them in a fixed order.
     Tiling: grid (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N)), one S tile per program, D looped.
     Saved: nothing; G is a transient workspace of at most FASTCLIP_WORKSPACE_MB, consumed by two
-    cuBLAS GEMMs (grad_image rows = G @ T, grad_text += G.T @ I_rows) before the next chunk.
+    cuBLAS GEMMs (grad_image rows = G @ T, grad_text += G.T @ I_rows) before the next chunk; the
+    d scale partials go to scale_partial[pid_m * n_col_tiles + pid_n].
     """
     rows, row_valid = _block_range(tl.program_id(0), n_rows, BLOCK_M)
     cols, col_valid = _block_range(tl.program_id(1), n_cols, BLOCK_N)
@@ -170,11 +187,22 @@ def _clip_loss_bwd_kernel(
     col_lse = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0)
     row_coef = tl.load(row_coef_ptr + rows, mask=row_valid, other=0.0) * multiplier
     col_coef = tl.load(col_coef_ptr + cols, mask=col_valid, other=0.0) * multiplier
-    p = tl.exp(logits - row_lse[:, None])
-    q = tl.exp(logits - col_lse[None, :])
-    g = row_coef[:, None] * p + col_coef[None, :] * q
+    # log P and log Q: the exponents, kept for the scale gradient's sum below.
+    row_log = logits - row_lse[:, None]
+    col_log = logits - col_lse[None, :]
+    row_part = row_coef[:, None] * tl.exp(row_log)
+    col_part = col_coef[None, :] * tl.exp(col_log)
     if HAS_POSITIVES:
         positive = cols[None, :] == rows[:, None] + positive_offset
-        g = tl.where(positive, g - (row_coef[:, None] + col_coef[None, :]), g)
+        row_part = tl.where(positive, row_part - row_coef[:, None], row_part)
+        col_part = tl.where(positive, col_part - col_coef[None, :], col_part)
+    valid = row_valid[:, None] & col_valid[None, :]
+    scale_terms = tl.where(valid, row_part * row_log + col_part * col_log, 0.0)
+    tl.store(scale_partial_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(scale_terms, axis=1), axis=0))
+    g = row_part + col_part
     out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
-    tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+    if EVEN_N:
+        tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(out, g.to(grad_logits_ptr.dtype.element_ty), mask=valid)

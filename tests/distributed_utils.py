@@ -22,9 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 60
-# fork reuses the parent's imports (torch, open_clip's loss: seconds per rank on a busy 2-core CI box);
-# the ranks only ever touch CPU tensors, and each sets one intra-op thread before any work.
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+# forkserver forks the ranks from a clean server that has imported torch once (seconds per rank saved
+# on a busy 2-core CI box). Plain fork is not safe: once this pytest process has run a backward on
+# autograd's worker threads (torch.compile's tests do), a forked rank's backward refuses to run.
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+SERVER_PRELOAD = ["torch", "torch.distributed"]
 
 
 def open_clip_loss_module():
@@ -65,6 +67,8 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, kwargs: dict
 
 def run_in_world(fn, world_size: int, *, timeout_s: float = 240, **kwargs) -> list:
     """fn(rank, world_size, **kwargs) on each of ``world_size`` spawned gloo ranks -> [result of rank r]."""
+    if START_METHOD == "forkserver":
+        mp.set_forkserver_preload(SERVER_PRELOAD)  # read when the server starts (first world only)
     with tempfile.TemporaryDirectory(prefix="fastclip-dist-") as out_dir:
         context = mp.start_processes(_entry, args=(fn, world_size, free_port(), out_dir, kwargs),
                                      nprocs=world_size, join=False, start_method=START_METHOD)

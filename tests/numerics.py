@@ -48,3 +48,9 @@ def assert_matches_reference(ours: torch.Tensor, reference: torch.Tensor, *, nam
         index = tuple(int(i) for i in torch.unravel_index(error.argmax(), error.shape)) if error.dim() else ()
         raise AssertionError(f"{name}: max |ours - reference| = {worst:.3e} at {index} exceeds "
                              f"{rtol:.0e} * max|reference| = {rtol * scale:.3e}")
+
+
+def rms(values) -> float:
+    """Root mean square of a few error measurements (of one method over several random inputs)."""
+    values = [float(value) for value in values]
+    return (sum(value * value for value in values) / len(values)) ** 0.5

@@ -39,15 +39,38 @@ def test_clip_loss_bwd_torch_opcheck_and_values(positive_offset):
     row_coef, col_coef = torch.rand(37, generator=generator), torch.rand(53, generator=generator)
     arguments = (image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, False)
     torch.library.opcheck(clip_loss_torch.clip_loss_bwd, arguments)
-    grad_image, grad_text = clip_loss_torch.clip_loss_bwd(*arguments)
+    grad_image, grad_text, grad_scale = clip_loss_torch.clip_loss_bwd(*arguments)
     positives = torch.zeros_like(logits)
     rows = torch.arange(37)
     valid = (rows + positive_offset >= 0) & (rows + positive_offset < 53)
     positives[rows[valid], rows[valid] + positive_offset] = 1
-    grad_logits = (row_coef.double()[:, None] * (logits.softmax(1) - positives)
-                   + col_coef.double()[None, :] * (logits.softmax(0) - positives))
+    log_p, log_q = logits - row_lse.double()[:, None], logits - col_lse.double()[None, :]
+    row_part = row_coef.double()[:, None] * (log_p.exp() - positives)
+    col_part = col_coef.double()[None, :] * (log_q.exp() - positives)
+    grad_logits = row_part + col_part
     assert_matches_reference(grad_image, 9.0 * grad_logits @ text.double(), name="grad_image")
     assert_matches_reference(grad_text, 9.0 * grad_logits.T @ image.double(), name="grad_text")
+    # This block's share of d scale (backends.py): it differs from sum G x here, since the block's rows
+    # and columns do not each hold one positive; test_grad_scale_shares_add_up_to_sum_g_x adds shares.
+    assert_matches_reference(grad_scale, (row_part * log_p + col_part * log_q).sum() / 9.0, name="grad_scale",
+                             floor=1e-3)
+
+
+def test_grad_scale_shares_add_up_to_sum_g_x():
+    """Split a square problem as the distributed layer does (row blocks x column blocks, offsets):
+    the blocks' grad_scale shares add up to sum_ij G_ij x_ij of the whole, which is d loss / d scale."""
+    image, text, scale, bias = _block(60, 60, 20, seed=3)
+    text = 0.7 * text + 0.7 * image  # aligned pairs: the softmaxes sit mostly on their positives
+    logits = scale * image.double() @ text.double().T + bias
+    row_lse, col_lse = logits.logsumexp(1).float(), logits.logsumexp(0).float()
+    coef = torch.full((60,), 0.5 / 60)
+    total = 0.0
+    for rows in (slice(0, 20), slice(20, 60)):
+        for cols in (slice(0, 35), slice(35, 60)):
+            total += clip_loss_torch.clip_loss_bwd(image[rows], text[cols], scale, bias, row_lse[rows], col_lse[cols],
+                                                   coef[rows], coef[cols], rows.start - cols.start, False)[2]
+    grad_logits = (0.5 / 60) * (logits.softmax(1) + logits.softmax(0) - 2 * torch.eye(60, dtype=torch.float64))
+    assert_matches_reference(total, (grad_logits * (image.double() @ text.double().T)).sum(), name="sum of shares")
 
 
 def test_siglip_loss_torch_ops_opcheck():

@@ -22,7 +22,8 @@ Gradients on rank r, exactly what open_clip's autograd produces:
 
 How: the global objective runs one sweep with G0 = (kappa/2)(P + Q - 2[pos]) (kappa = 1/B for mean,
 1 for sum), then one 2-float all-reduce gives sum_r g_r and the scale gradient
-sum_ij G0_ij x_ij (each rank's rows contribute sum_i I_i . dI0_i / s); gradients are scaled after.
+sum_ij G0_ij x_ij (each rank's rows contribute the backward primitive's grad_scale shares, which
+add up to it over all ranks and blocks); gradients are scaled after.
 The local objective weights pair i by c_i = g / b (or g_i for "none"): row_coef = c_i / 2 on the
 local rows and col_coef_j = c_j / 2 on column j, delivered from its owner by the exchange; its scale
 gradient needs the expectations E^row_i = sum_j P_ij x_ij and E^col_j = sum_i Q_ij x_ij, which the
@@ -36,7 +37,7 @@ import torch
 from fastclip.distributed.comm import World, all_reduce_
 from fastclip.distributed.exchange import GradientPass
 from fastclip.ops.chunking import accumulate_dtype
-from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs, scale_grad_from_rows
+from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs
 
 
 class DistributedClip:
@@ -77,9 +78,10 @@ class DistributedClip:
         if self.global_objective(reduction):
             kappa = 1.0 / (b * self.world.size) if reduction == "mean" else 1.0
             half = torch.full((), 0.5 * kappa, dtype=accumulate, device=image.device)
-            grad_image, grad_text = run([GradientPass(half.expand(b).contiguous(), half, image=True, text=True)])
+            grad_image, grad_text, partial_scale = run([GradientPass(half.expand(b).contiguous(), half, image=True,
+                                                                     text=True)])
             upstream = grad_output.reshape(()).to(accumulate)
-            partial_scale = scale_grad_from_rows(image, grad_image, scale) if want_scale else torch.zeros_like(upstream)
+            partial_scale = partial_scale if want_scale else torch.zeros_like(upstream)
             sums = None
             if self.gather_with_grad or want_scale:  # [sum_r g_r, sum_ij G0_ij x_ij]
                 sums = all_reduce_(self.world, torch.stack([upstream, partial_scale]))
@@ -89,13 +91,13 @@ class DistributedClip:
             return grad_image, grad_text, upstream * sums[1] if want_scale else None
         weights = pair_weights(grad_output, reduction, b, accumulate)  # c_i for this rank's pairs
         if self.gather_with_grad:
-            grad_image, grad_text = run([GradientPass(0.5 * weights, 0.5 * weights, image=True, text=True)])
+            grad_image, grad_text, _ = run([GradientPass(0.5 * weights, 0.5 * weights, image=True, text=True)])
         else:
             zero, half = (torch.full((), value, dtype=accumulate, device=image.device) for value in (0.0, 0.5))
             passes = [GradientPass(0.5 * weights, zero, image=True, text=False)]
             if want_text:  # the column cross-entropies of this rank's texts, against every rank's rows
                 passes.append(GradientPass(torch.zeros_like(weights), half, image=False, text=True))
-            grad_image, grad_text = run(passes)
+            grad_image, grad_text, _ = run(passes)
             grad_text = grad_text * weights[:, None] if grad_text is not None else None
         grad_scale = (weights * pair_scale_grad).sum() if want_scale else None
         return grad_image, grad_text, grad_scale

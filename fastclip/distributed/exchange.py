@@ -104,17 +104,20 @@ class GatherExchange:
                            (texts, col_lse))
 
     def clip_gradients(self, op, image, text, scale, bias, row_lse, saved, passes, want_text, deterministic):
-        """(grad_image (b, D) fp32, grad_text (b, D) fp32 summed over every rank's rows, or None)."""
+        """(grad_image (b, D) fp32, grad_text (b, D) fp32 summed over every rank's rows or None, and
+        sum_ij G_ij x_ij over this rank's rows, summed over the passes)."""
         texts, col_lse = saved
         b = image.shape[0]
-        grad_image = grad_texts = None
+        grad_image = grad_texts = grad_scale = None
         for sweep in passes:
             if sweep.col_coef.dim() == 0:
                 col_coef = sweep.col_coef.expand(texts.shape[0]).contiguous()
             else:
                 col_coef = all_gather_rows(self.world, sweep.col_coef)
-            part_image, part_texts = op.clip_loss_bwd(image, texts, scale, bias, row_lse, col_lse, sweep.row_coef,
-                                                      col_coef, self.world.rank * b, deterministic)
+            part_image, part_texts, part_scale = op.clip_loss_bwd(
+                image, texts, scale, bias, row_lse, col_lse, sweep.row_coef, col_coef, self.world.rank * b,
+                deterministic)
+            grad_scale = _accumulate(grad_scale, part_scale)
             if sweep.image:
                 grad_image = _accumulate(grad_image, part_image)
             if sweep.text:
@@ -122,7 +125,7 @@ class GatherExchange:
         grad_text = None
         if want_text:
             grad_text = reduce_scatter_rows(self.world, grad_texts.to(text.dtype)).to(grad_texts.dtype)
-        return grad_image, grad_text
+        return grad_image, grad_text, grad_scale
 
     def siglip_sum(self, op, image, text, scale, bias, deterministic):
         texts = all_gather_rows(self.world, text)
@@ -177,6 +180,7 @@ class RingExchange:
         # What travels with each text block: its columns' global lse and the owner's column coefficients.
         column_info = torch.stack([col_lse] + [sweep.col_coef for sweep in passes if sweep.col_coef.dim() == 1])
         grad_image = torch.zeros(image.shape, dtype=row_lse.dtype, device=image.device)
+        grad_scale = torch.zeros((), dtype=row_lse.dtype, device=image.device)
 
         def visit(owner, block):
             block_text, block_info = block
@@ -186,9 +190,10 @@ class RingExchange:
                     col_coef = sweep.col_coef.expand(b).contiguous()
                 else:
                     col_coef, slot = block_info[slot], slot + 1
-                part_image, part_text = op.clip_loss_bwd(image, block_text, scale, bias, row_lse, block_info[0],
-                                                         sweep.row_coef, col_coef, self._offset(owner, b),
-                                                         deterministic)
+                part_image, part_text, part_scale = op.clip_loss_bwd(
+                    image, block_text, scale, bias, row_lse, block_info[0], sweep.row_coef, col_coef,
+                    self._offset(owner, b), deterministic)
+                grad_scale.add_(part_scale)
                 if sweep.image:
                     grad_image.add_(part_image)
                 if sweep.text:
@@ -196,7 +201,7 @@ class RingExchange:
             return [grad_block] if want_text else None
 
         routed = self.ring.run([text, column_info], visit, _add_received, wire_dtypes=[text.dtype])
-        return grad_image, routed[0] if want_text else None
+        return grad_image, routed[0] if want_text else None, grad_scale
 
     def siglip_sum(self, op, image, text, scale, bias, deterministic):
         b = image.shape[0]

@@ -10,7 +10,8 @@ Backward, with g_i = dL/dloss_i and P/Q the row/column softmax of S:
 
     dL/dS_ij = g_i/2 (P_ij - [i=j]) + g_j/2 (Q_ij - [i=j])        (the backend's G, recomputed in chunks)
     dI = scale * G @ T,  dT = scale * G.T @ I
-    dscale = sum_ij G_ij (I_i . T_j) = sum_i I_i . dI_i / scale   (no extra pass)
+    dscale = sum_ij G_ij (I_i . T_j)   (summed by the backward primitive beside G, in log-softmax
+                                        form for precision: fastclip/backends.py; no extra pass)
     dbias = sum_ij G_ij = 0 exactly (each softmax sums to one: a shared bias cancels in CE)
 
 Saved for backward: the (normalised) inputs, the O(B) row/column log-sum-exp and, with
@@ -61,11 +62,6 @@ def pair_weights(grad_output: torch.Tensor, reduction: str, n: int, dtype: torch
     return weights
 
 
-def scale_grad_from_rows(image: torch.Tensor, grad_image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """sum_ij G_ij x_ij over these rows = sum_i I_i . dI_i / scale (dI = scale * G @ T)."""
-    return (image.to(grad_image.dtype) * grad_image).sum() / scale
-
-
 class ClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, bias, backend: LossBackend, normalize: bool, reduction: str,
@@ -106,9 +102,9 @@ class ClipLossFunction(torch.autograd.Function):
         else:
             row_lse, col_lse = saved
             coef = 0.5 * pair_weights(grad_output, ctx.reduction, image.shape[0], row_lse.dtype)
-            grad_image, grad_text = op.clip_loss_bwd(image, text, scale_value, bias_value, row_lse, col_lse,
-                                                     coef, coef, 0, ctx.deterministic)
-            grad_scale = scale_grad_from_rows(image, grad_image, scale_value) if want_scale else None
+            grad_image, grad_text, grad_scale = op.clip_loss_bwd(image, text, scale_value, bias_value, row_lse,
+                                                                 col_lse, coef, coef, 0, ctx.deterministic)
+            grad_scale = grad_scale if want_scale else None
         grad_bias = None
         if grad_scale is not None:
             grad_scale = grad_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])

@@ -9,6 +9,8 @@ With S = scale * image @ text.T + bias over a block of rows (image, b x D) and c
     clip_loss_bwd -> with P = exp(S - row_lse), Q = exp(S - col_lse), positives j = i + positive_offset,
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos])
                      grad_image = scale * G @ text,  grad_text = scale * G.T @ image   (fp32)
+                     grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale   (G = R + C, the two
+                     terms above; the block's share of d/d scale, see fastclip/backends.py)
 
 Equivalent plain PyTorch (materialises S, which this file never does)::
 
@@ -17,7 +19,11 @@ Equivalent plain PyTorch (materialises S, which this file never does)::
 
 A shared bias shifts every logit equally, so it only adds to the log-sum-exps and cancels in P and Q:
 the chunks work on scale * x alone. Rows are walked in chunks sized by ``fastclip.ops.workspace``
-(two reusable chunk x n fp32 buffers), so memory stays O(chunk * n + (b + n) * D).
+(two reusable chunk x n fp32 buffers forward, three backward), so memory stays O(chunk * n + (b + n) * D).
+grad_scale sums each part of G times the exponent it came from (log P or log Q, the chunk's logits
+minus the saved log-sum-exps), with torch's cascade sum. Where a softmax sits almost all on its
+positive, d/d scale is a small difference; sum G x would multiply the lse's fp32 rounding (which
+leaves sum_j P_ij off 1 by ~|S| eps) by |S|, this form by the entropy: open_clip's precision or better.
 
 Forward column statistics reuse the row pass: with P'_ij = exp(S_ij - m_i) (m_i the row max) and
 M the chunk max, sum_i exp(S_ij - M) = sum_i exp(m_i - M) P'_ij is one GEMV. Where that sum falls
@@ -97,10 +103,26 @@ def _(image, text, scale, bias, with_expectations, deterministic):
             image.new_empty(expect[0], dtype=accumulate), image.new_empty(expect[1], dtype=accumulate))
 
 
+def _softmax_part(log_softmax: torch.Tensor, out: torch.Tensor, weights, positives) -> torch.Tensor:
+    """out = w (exp(log_softmax) - [pos]), one direction's part of G; returns sum out * log_softmax.
+
+    weights: None (w = 1) or (w broadcast over the chunk, w at each positive). The sum is the scale
+    gradient's share of this part, times scale: see the module docstring. log_softmax is overwritten.
+    """
+    rows, cols = positives
+    torch.exp(log_softmax, out=out)
+    if weights is None:
+        out[rows, cols] -= 1.0
+    else:
+        out.mul_(weights[0])
+        out[rows, cols] -= weights[1]
+    return torch.mul(out, log_softmax, out=log_softmax).sum()  # torch's cascade sum, not one long dot
+
+
 @torch.library.custom_op("fastclip::clip_loss_bwd_torch", mutates_args=())
 def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   row_lse: torch.Tensor, col_lse: torch.Tensor, row_coef: torch.Tensor, col_coef: torch.Tensor,
-                  positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
@@ -112,25 +134,30 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     common = uniform_value(row_coef, col_coef)
     grad_image = torch.empty(image.shape, dtype=accumulate, device=image.device)
     grad_text = torch.zeros(text.shape, dtype=accumulate, device=image.device)
-    buffers = ChunkBuffers(n_rows, n_cols, 2, accumulate, image.device)
-    for start, stop, (logits, grad_logits) in buffers.ranges():
-        scaled_logits_into(logits, image_gemm[start:stop], text_gemm, scale)
-        torch.sub(logits, row_shift[start:stop], out=grad_logits).exp_()  # P
-        logits.sub_(col_shift).exp_()  # Q, in place of the logits
-        rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
+    grad_scale = torch.zeros((), dtype=accumulate, device=image.device)  # scale * the share, below
+    buffers = ChunkBuffers(n_rows, n_cols, 3, accumulate, image.device)
+    for start, stop, (row_log, grad_logits, col_log) in buffers.ranges():
+        scaled_logits_into(row_log, image_gemm[start:stop], text_gemm, scale)  # scale * x
+        torch.sub(row_log, col_shift, out=col_log)  # log Q
+        row_log.sub_(row_shift[start:stop])  # log P, in place of the logits
+        positives = positive_entries(start, stop, n_cols, positive_offset, image.device)
+        rows, cols = positives
         if common is None:
-            grad_logits.mul_(row_coef[start:stop, None]).add_(logits.mul_(col_coef[None, :]))
-            grad_logits[rows, cols] -= row_coef[rows + start] + col_coef[cols]
+            row_weights, col_weights = (row_coef[start:stop, None], row_coef[rows + start]), (col_coef, col_coef[cols])
         else:
-            grad_logits.add_(logits)
-            grad_logits[rows, cols] -= 2.0
+            row_weights = col_weights = None
+        grad_scale += _softmax_part(row_log, grad_logits, row_weights, positives)  # row part in grad_logits
+        grad_scale += _softmax_part(col_log, row_log, col_weights, positives)  # column part in row_log
+        grad_logits.add_(row_log)  # G (divided by the coefficient when it is uniform)
         feature_grads_of_chunk(grad_logits, image_gemm[start:stop], text_gemm, grad_image[start:stop], grad_text)
+    grad_scale = grad_scale / scale
     if common is not None:
-        scale = scale * common
-    return grad_image.mul_(scale), grad_text.mul_(scale)
+        scale, grad_scale = scale * common, (grad_scale * common).reshape(())
+    return grad_image.mul_(scale), grad_text.mul_(scale), grad_scale
 
 
 @clip_loss_bwd.register_fake
 def _(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, deterministic):
     accumulate = accumulate_dtype(image)
-    return image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate)
+    return (image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate),
+            image.new_empty((), dtype=accumulate))

@@ -3,8 +3,9 @@
 With S = scale * image @ text.T + bias over a block of rows (image, b x D) and columns (text, n x D):
 
     clip_loss_fwd -> (row_lse (b,), col_lse (n,) partial over these rows, row_expect, col_expect)
-    clip_loss_bwd -> (grad_image (b, D), grad_text (n, D)), fp32, for
+    clip_loss_bwd -> (grad_image (b, D), grad_text (n, D), grad_scale ()), fp32, for
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]),  pos: j = i + positive_offset
+                     (grad_scale: the block's share of d/d scale, defined in fastclip/backends.py)
 
 Equivalent plain PyTorch (materialising S, which this never does)::
 
@@ -94,18 +95,19 @@ def _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, po
     row_coef, col_coef = row_coef.float().contiguous(), col_coef.float().contiguous()
     options = common.launch_options(config, image.dtype, dim)
 
-    def write_chunk(start, rows, image_rows, grad_rows):
-        grid = (common.cdiv(rows, config.block_m), common.cdiv(n_cols, config.block_n))
-        _clip_loss_bwd_kernel[grid](
+    def write_chunk(start, rows, image_rows, grad_rows, tile_sums):
+        _clip_loss_bwd_kernel[(common.cdiv(rows, config.block_m), common.cdiv(n_cols, config.block_n))](
             image_rows, text, scale, bias, row_lse[start:start + rows], col_lse,
-            row_coef[start:start + rows], col_coef, multiplier, grad_rows,
+            row_coef[start:start + rows], col_coef, multiplier, grad_rows, tile_sums,
             rows, n_cols, dim, positive_offset + start,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1), grad_rows.stride(0),
             **options)
 
-    grad_image, grad_text = common.chunked_backward(image, text, config, write_chunk)
-    undo = scale.float() * coef_norm / headroom
-    return grad_image.mul_(undo), grad_text.mul_(undo)
+    grad_image, grad_text, scale_share = common.chunked_backward(image, text, config, write_chunk)
+    undo = coef_norm / headroom
+    grad_scale = scale_share * undo / scale.float()
+    undo = undo * scale.float()
+    return grad_image.mul_(undo), grad_text.mul_(undo), grad_scale
 
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_triton", mutates_args=())
@@ -134,8 +136,8 @@ def _(image, text, scale, bias, with_expectations, deterministic):
 @torch.library.custom_op("fastclip::clip_loss_bwd_triton", mutates_args=())
 def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   row_lse: torch.Tensor, col_lse: torch.Tensor, row_coef: torch.Tensor, col_coef: torch.Tensor,
-                  positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_image (b, D), grad_text (n, D)) in fp32; row_*: (b,), col_*: (n,) fp32."""
+                  positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_image (b, D), grad_text (n, D), grad_scale ()) in fp32; row_*: (b,), col_*: (n,) fp32."""
     common.check_inputs(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef)
     config = common.choose_config(
         "clip_loss_bwd", CLIP_BWD_CONFIGS, image.device, common.shape_key(image, text),
@@ -145,4 +147,6 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 @clip_loss_bwd.register_fake
 def _(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, deterministic):
-    return image.new_empty(image.shape, dtype=torch.float32), text.new_empty(text.shape, dtype=torch.float32)
+    fp32 = torch.float32
+    return (image.new_empty(image.shape, dtype=fp32), text.new_empty(text.shape, dtype=fp32),
+            image.new_empty((), dtype=fp32))

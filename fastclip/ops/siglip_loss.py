@@ -23,7 +23,11 @@ import torch
 
 from fastclip.backends import LossBackend
 from fastclip.ops.chunking import accumulate_dtype
-from fastclip.ops.clip_loss import scale_grad_from_rows
+
+
+def scale_grad_from_rows(image: torch.Tensor, grad_image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum_ij G_ij x_ij over these rows = sum_i I_i . dI_i / scale (dI = scale * G @ T)."""
+    return (image.to(grad_image.dtype) * grad_image).sum() / scale
 
 
 class SigLipLossFunction(torch.autograd.Function):

@@ -41,29 +41,22 @@ def _forward(image, text, scale, bias, positive_offset: int, config) -> torch.Te
 
 
 def _backward(image, text, scale, bias, positive_offset: int, grad_coef, config):
-    n_rows = image.shape[0]
     n_cols, dim = text.shape
     headroom = common.FP16_HEADROOM if image.dtype == torch.float16 else 1.0
     multiplier = torch.full((), headroom, dtype=torch.float32, device=image.device)
-    col_tiles = common.cdiv(n_cols, config.block_n)
-    bias_partials = common.allocate((common.cdiv(n_rows, config.block_m) * col_tiles,), torch.float32,
-                                    image.device)
     options = common.launch_options(config, image.dtype, dim)
 
-    def write_chunk(start, rows, image_rows, grad_rows):
-        blocks = common.cdiv(rows, config.block_m)
-        first_partial = (start // config.block_m) * col_tiles
-        _siglip_loss_bwd_kernel[(blocks, col_tiles)](
-            image_rows, text, scale, bias, multiplier, grad_rows,
-            bias_partials[first_partial:first_partial + blocks * col_tiles],
+    def write_chunk(start, rows, image_rows, grad_rows, tile_sums):
+        _siglip_loss_bwd_kernel[(common.cdiv(rows, config.block_m), common.cdiv(n_cols, config.block_n))](
+            image_rows, text, scale, bias, multiplier, grad_rows, tile_sums,
             rows, n_cols, dim, positive_offset + start,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1), grad_rows.stride(0),
             **options)
 
-    grad_image, grad_text = common.chunked_backward(image, text, config, write_chunk)
+    grad_image, grad_text, grad_sum = common.chunked_backward(image, text, config, write_chunk)
     grad_coef = grad_coef.float()
     undo = grad_coef * scale.float() / headroom
-    return grad_image.mul_(undo), grad_text.mul_(undo), bias_partials.sum() * grad_coef
+    return grad_image.mul_(undo), grad_text.mul_(undo), grad_sum * grad_coef
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd_triton", mutates_args=())

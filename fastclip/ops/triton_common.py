@@ -152,7 +152,7 @@ def gemm_operand(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.device.type == "cpu" else tensor
 
 
-_MM_OUT_DTYPE_FAILED: set = set()  # gemm_kind() keys where torch.mm(out_dtype=) raised once
+_OUT_DTYPE_FAILED: set = set()  # (op, gemm_kind()) where a torch GEMM with out_dtype=float32 raised once
 
 
 def gemm_kind(left: torch.Tensor, right: torch.Tensor) -> tuple:
@@ -163,66 +163,79 @@ def gemm_kind(left: torch.Tensor, right: torch.Tensor) -> tuple:
     return left.device.index, left.dtype, layout(left), layout(right)
 
 
-def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right as fp32, accumulated in fp32.
+def _with_fp32_out(op: str, left: torch.Tensor, right: torch.Tensor, fast, fallback):
+    """fast() (a torch GEMM with out_dtype=float32: 16-bit operands, fp32 products summed and written
+    in fp32 by cuBLAS, torch >= 2.8) unless this (op, kind) raised before; else fallback(). The first
+    call of each kind is the probe: a failure is remembered, so it is tried once per process."""
+    key = (op, gemm_kind(left, right))
+    if left.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and key not in _OUT_DTYPE_FAILED:
+        try:
+            return fast()
+        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+            _OUT_DTYPE_FAILED.add(key)
+    return fallback()
 
-    fp16/bf16 on CUDA use cuBLAS with an fp32 output (torch.mm out_dtype, torch >= 2.8) so a chunk's
-    product is not rounded to 16 bits before it is summed; older torch falls back to a 16-bit
-    product upcast, the torch backend's precision.
-    """
+
+def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right as fp32, accumulated in fp32 (older torch: a 16-bit product, upcast)."""
     if left.dtype == torch.float32:
         return torch.mm(left, right)
-    key = gemm_kind(left, right)
-    if left.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and key not in _MM_OUT_DTYPE_FAILED:
-        try:
-            return torch.mm(left, right, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE_FAILED.add(key)
-    return torch.mm(left, right).float()
+    return _with_fp32_out("mm", left, right, lambda: torch.mm(left, right, out_dtype=torch.float32),
+                          lambda: torch.mm(left, right).float())
+
+
+def mm_fp32_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """out (fp32) = left @ right, written by the GEMM itself where torch allows (no transient)."""
+    if left.dtype == out.dtype:
+        return torch.mm(left, right, out=out)
+    return _with_fp32_out("mm_out", left, right,
+                          lambda: torch.mm(left, right, out_dtype=out.dtype, out=out),
+                          lambda: out.copy_(matmul_fp32(left, right)))
+
+
+def addmm_fp32_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """out (fp32) += left @ right inside the GEMM (cuBLAS beta = 1 on the fp32 out, out_dtype for 16-bit
+    operands where torch allows): no (rows, D) fp32 transient. Otherwise one fp32 product is added."""
+    if left.dtype == out.dtype:
+        return out.addmm_(left, right)
+    return _with_fp32_out("addmm", left, right,
+                          lambda: torch.addmm(out, left, right, out_dtype=out.dtype, out=out),
+                          lambda: out.add_(matmul_fp32(left, right)))
 
 
 def chunked_backward(image: torch.Tensor, text: torch.Tensor, config, write_chunk):
     """The semi-fused backward's row-chunk loop, shared by both losses.
 
-    For each chunk of rows (whole row blocks whose G fits workspace_bytes()), ``write_chunk(start,
-    rows, image_rows, grad_rows)`` launches the loss's kernel, which writes G (the chunk's rows
-    against all columns, in the input dtype) into ``grad_rows``; then two cuBLAS GEMMs consume it:
-    grad_image[rows] = G @ text and grad_text += G.T @ image[rows]. Returns both, fp32 and unscaled.
+    For each chunk of rows (whole row blocks whose G and tile sums fit workspace_bytes()),
+    ``write_chunk(start, rows, image_rows, grad_rows, tile_sums)`` launches the loss's kernel, which
+    writes G (the chunk's rows against all columns, in the input dtype) into ``grad_rows`` and one
+    fp32 sum per S tile into ``tile_sums[pid_m * n_col_tiles + pid_n]``; then two cuBLAS GEMMs
+    consume G, each writing fp32 straight into its output: grad_image[rows] = G @ text and
+    grad_text (+)= G.T @ image[rows]. Returns (grad_image, grad_text, the sum of every tile sum):
+    fp32, unscaled; the tile sums are added chunk by chunk in a fixed order. Extra memory: the two
+    (., D) fp32 outputs and the workspace (G and the chunk's tile sums).
     """
     n_rows, n_cols = image.shape[0], text.shape[0]
     block_m = config.block_m
-    chunk = row_chunk(n_rows, block_m, bytes_per_block=block_m * n_cols * image.element_size(),
+    col_tiles = cdiv(n_cols, config.block_n)
+    chunk = row_chunk(n_rows, block_m, bytes_per_block=block_m * n_cols * image.element_size() + 4 * col_tiles,
                       elements_per_block=block_m * n_cols)
     grad_logits = allocate((chunk, n_cols), image.dtype, image.device)
-    grad_image = allocate(tuple(image.shape), torch.float32, image.device) if chunk < n_rows else None
+    tile_sums = allocate((cdiv(chunk, block_m) * col_tiles,), torch.float32, image.device)
+    grad_image = allocate(tuple(image.shape), torch.float32, image.device)
+    grad_text = allocate(tuple(text.shape), torch.float32, image.device)
+    total = torch.zeros((), dtype=torch.float32, device=image.device)
     image_gemm, text_gemm = gemm_operand(image), gemm_operand(text)
-    grad_text = None
     for start in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - start)
-        grad_rows = grad_logits[:rows]
-        write_chunk(start, rows, image[start:start + rows], grad_rows)
-        grad_image_rows, grad_text = grad_products(grad_rows, image_gemm[start:start + rows], text_gemm, grad_text)
-        if grad_image is None:
-            grad_image = grad_image_rows
-        else:
-            grad_image[start:start + rows] = grad_image_rows
-    return grad_image, grad_text
-
-
-def grad_products(grad_logits: torch.Tensor, image_rows: torch.Tensor, text: torch.Tensor,
-                  grad_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G @ text, grad_text + G.T @ image_rows), both fp32; grad_text=None starts the sum.
-
-    grad_logits: (rows, n) G chunk; image_rows: (rows, D) and text: (n, D) are GEMM operands
-    (gemm_operand). grad_text is updated in place when given.
-    """
-    if grad_logits.dtype != text.dtype:
-        grad_logits = grad_logits.to(text.dtype)
-    grad_image_rows = matmul_fp32(grad_logits, text)
-    # grad_text is re-read and re-written once per chunk (8-16 bytes per element of (n, D)): the price
-    # of the bounded G workspace; a larger FASTCLIP_WORKSPACE_MB means fewer chunks.
-    if grad_text is None:
-        return grad_image_rows, matmul_fp32(grad_logits.t(), image_rows)
-    if grad_logits.dtype == torch.float32:
-        return grad_image_rows, grad_text.addmm_(grad_logits.t(), image_rows)
-    return grad_image_rows, grad_text.add_(matmul_fp32(grad_logits.t(), image_rows))
+        grad_rows, chunk_sums = grad_logits[:rows], tile_sums[:cdiv(rows, block_m) * col_tiles]
+        write_chunk(start, rows, image[start:start + rows], grad_rows, chunk_sums)
+        total += chunk_sums.sum()
+        if grad_rows.dtype != text_gemm.dtype:
+            grad_rows = grad_rows.to(text_gemm.dtype)  # CPU: the fp32 GEMM operands of gemm_operand
+        mm_fp32_into(grad_image[start:start + rows], grad_rows, text_gemm)
+        # grad_text is read and written once per chunk (8 bytes per element of (n, D)): the price of
+        # the bounded G workspace; a larger FASTCLIP_WORKSPACE_MB means fewer chunks.
+        accumulate_product = mm_fp32_into if start == 0 else addmm_fp32_
+        accumulate_product(grad_text, grad_rows.t(), image_gemm[start:start + rows])
+    return grad_image, grad_text, total
