@@ -14,7 +14,7 @@ triton_common.chunked_backward):
    chunk is the most whole row blocks whose G fits the workspace (triton_common.row_chunk;
    FASTCLIP_WORKSPACE_MB, default fastclip.ops.workspace.DEFAULT_WORKSPACE_MB).
 3. Per chunk, on cuBLAS: grad_image[rows] = G @ T and grad_text += G^T @ I[rows] (fp32 out), the
-   grad_text sum costing GRAD_TEXT_FP32_PASSES passes over the (B, D) fp32 array per chunk.
+   grad_text sum costing GRAD_TEXT_FP32_PASSES_IN_GEMM passes over the (B, D) fp32 array per chunk.
 4. Once: the fp32 rescale of both gradients (mul_ in place); the O(B) merges are left out.
 
 Each S-tile kernel takes max(memory, compute) with
@@ -36,10 +36,11 @@ fraction of peak as the floor's, so the ratio to the floor counts only the extra
 modelled: spills (configs that spill are not candidates), L2 hits of G (a chunk of G is 128 MiB+,
 over the 40-50 MB L2), launch gaps, tail effects of partial waves, and cuBLAS below peak.
 
-Scenarios (SCENARIOS), each adding one change of issue 10 section 3 to the one above: the code as
-compiled with the default configs; grad_text accumulated inside the GEMM (2 fp32 passes per chunk
-instead of 4); 16-byte G stores (1/8 of the backward's store instructions); the declared configs
-(non-spilling, same flags) the model finds fastest; a 256 MiB workspace (half the chunks).
+Scenarios (SCENARIOS): the default configs with grad_text summed outside the GEMM (4 fp32 passes
+per chunk, as before issue 10 section 3); the code as compiled and run today (grad_text accumulated
+in the GEMM: 2 passes; the G stores as compiled, 16-byte where EVEN_N); the declared configs
+(non-spilling, same flags) the model finds fastest; those with a 1 GiB workspace (a quarter of the
+chunks).
 """
 from __future__ import annotations
 
@@ -75,10 +76,10 @@ GPUS = (Gpu("A100-SXM4-80GB", 80, 312e12, 2.039e12, 108, 1.41e9, 64),
         Gpu("H200-SXM-141GB", 90, 989e12, 4.8e12, 132, 1.98e9, 128))
 MUFU_PER_SM_CLOCK = 16
 STORE_LANES_PER_SM_CLOCK = 32
-# grad_text += G^T @ I[rows] in triton_common.grad_products: the GEMM writes a fresh fp32 (B, D)
-# product (1 pass), add_ reads it and grad_text and writes grad_text (3 passes). Accumulating in the
-# GEMM (beta = 1) reads and writes grad_text only: 2 passes.
-GRAD_TEXT_FP32_PASSES = 4
+# grad_text += G^T @ I[rows]: summed outside the GEMM (before issue 10 section 3), the GEMM wrote a
+# fresh fp32 (B, D) product (1 pass) and add_ read it and grad_text and wrote grad_text (3 passes).
+# triton_common.addmm_fp32_ accumulates in the GEMM (beta = 1): it reads and writes grad_text only.
+GRAD_TEXT_FP32_PASSES_OUTSIDE_GEMM = 4
 GRAD_TEXT_FP32_PASSES_IN_GEMM = 2
 LOSSES = {"clip": ("clip_loss_fwd", "clip_loss_bwd"), "siglip": ("siglip_loss_fwd", "siglip_loss_bwd")}
 
@@ -109,19 +110,17 @@ class TileKernel:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    grad_text_passes: int = GRAD_TEXT_FP32_PASSES
-    store_vector: int = 1  # divides the backward's store instructions (8: 16-byte bf16 stores from 2-byte)
+    grad_text_passes: int = GRAD_TEXT_FP32_PASSES_IN_GEMM
     best_configs: bool = False  # the declared (fwd, bwd) configs the model finds fastest, not the defaults
     workspace_mb: int | None = None  # FASTCLIP_WORKSPACE_MB for this scenario (None: as set, or the default)
 
 
-# As compiled and run today, then the backward changes of issue 10 section 3, one more per line.
-SCENARIOS = (Scenario("as compiled (default configs)"),
-             Scenario("+ dT accumulated in the GEMM", GRAD_TEXT_FP32_PASSES_IN_GEMM),
-             Scenario("+ 16-byte G stores", GRAD_TEXT_FP32_PASSES_IN_GEMM, store_vector=8),
-             Scenario("+ fastest declared configs", GRAD_TEXT_FP32_PASSES_IN_GEMM, store_vector=8, best_configs=True),
-             Scenario("+ 256 MiB workspace", GRAD_TEXT_FP32_PASSES_IN_GEMM, store_vector=8, best_configs=True,
-                      workspace_mb=256))
+# The default configs with grad_text summed outside the GEMM (as before issue 10 section 3), as
+# compiled and run today, then what the declared configs and a larger workspace could still add.
+SCENARIOS = (Scenario("grad_text summed outside the GEMM", GRAD_TEXT_FP32_PASSES_OUTSIDE_GEMM),
+             Scenario("as compiled (default configs)"),
+             Scenario("+ fastest declared configs", best_configs=True),
+             Scenario("+ 1 GiB workspace", best_configs=True, workspace_mb=1024))
 
 
 def _tile_kernel_ms(gpu: Gpu, kernel: TileKernel, ctas: int, elements: float, memory_bytes: float) -> dict:
@@ -166,10 +165,8 @@ def estimate(gpu: Gpu, forward: TileKernel, backward: TileKernel, scenario: Scen
     terms = {"fwd kernel": _tile_kernel_ms(gpu, forward, fwd_ctas, elements, (1 + waves) * b * d * ELEMENT)}
     chunk = chunk_rows(backward.block_m, scenario.workspace_mb)
     chunks = math.ceil(b / chunk)
-    vector = scenario.store_vector if backward.stores >= 0.5 else 1  # already vectorised: nothing to gain
-    bwd = replace(backward, stores=backward.stores / vector)
     bwd_bytes = b * d * ELEMENT + chunks * b * d * ELEMENT + elements * ELEMENT  # I, T per chunk, G written
-    terms["bwd kernel (G)"] = _tile_kernel_ms(gpu, bwd, backward.ctas_per_sm, elements,
+    terms["bwd kernel (G)"] = _tile_kernel_ms(gpu, backward, backward.ctas_per_sm, elements,
                                               bwd_bytes)
     g_bytes = chunk * b * ELEMENT
     dense_fp32 = b * d * 4

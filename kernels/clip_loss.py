@@ -16,40 +16,47 @@ import triton
 import triton.language as tl
 
 from .common import (MERGE_BLOCK, TileConfig, _block_range, _locked_column_merge, _logits_tile,  # noqa: F401
-                     _lse_merge_kernel, _similarity_tile)
+                     _lse_merge_kernel, _similarity_tile, with_default_first)
 
-# Tile configurations, default first; block_d counts 16-bit elements (fp32 uses half: same bytes).
-# 128 x 128 S tiles hold the fp32 accumulator in 64 registers per
-# thread at 8 warps, leaving room for the exp tiles of the row and column softmax; ptxas (Triton 3.8)
-# reports no spills for any listed config. Forward defaults use BLOCK_D = 32 with 4 stages: on sm90
-# that is 175 registers/thread against 255 for BLOCK_D = 64; the backward keeps 64. Backward, bf16,
-# offline compile (Triton 3.8, cuobjdump -res-usage): 255 registers and no local memory for the
-# 128x128/8-warp and 64x128/4-warp tiles on sm90 and sm80 (the log-softmax scale sum raised sm80's
-# default from 196); so 128x128 runs 1 CTA per SM and 64x128 (4 warps x 32 x 256 = 32768 of 65536
-# registers, 25 KB shared) fits 2: which is faster is for FASTCLIP_AUTOTUNE, not measured on GPU.
+# Tile configurations; block_d counts 16-bit elements (fp32 uses half: same bytes). A 128 x 128 S
+# tile holds the fp32 accumulator in 64 registers per thread at 8 warps. Forward lists use BLOCK_D = 32
+# with 4 stages where it saves registers (sm90: 175 against 255 for BLOCK_D = 64). Offline compiles
+# (Triton 3.8, cuobjdump; benchmarks/kernel_report.py writes every figure to
+# benchmarks/results/kernel_report.csv) find no spills in the default of each list; some non-default
+# configs do spill (the report lists them), and autotuning simply finds them slower.
 # With EVEN_N the G stores compile to STG.E.128 (16 bytes), otherwise to STG.E.U16.
 # Shared memory stays under the ~100 KB of sm86/89 for the sm80 list (stages x (BM + BN) x BD x 2 B).
 # The interpreter config is large: its cost is per tile operation, not per element.
-# FASTCLIP_AUTOTUNE=1 times every config of the GPU's list once per shape and keeps the fastest.
-CLIP_FWD_CONFIGS = {
+
+# Every tile config a launcher may take (FASTCLIP_AUTOTUNE=1 times them all), 128 x 128 first.
+FWD_TILE_CONFIGS = {
     "sm90": (TileConfig(128, 128, 32, 8, 4), TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4),
              TileConfig(64, 128, 64, 4, 4), TileConfig(64, 64, 64, 4, 3)),
     "sm80": (TileConfig(128, 128, 32, 8, 4), TileConfig(128, 64, 32, 4, 4), TileConfig(64, 128, 32, 4, 4),
              TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 3)),
     "interpreter": (TileConfig(64, 64, 128, 4, 1),),
 }
-# With expectations the x tile stays live beside the logits: 128-wide tiles spill on sm80, so the
-# 64 x 64 tile (216 registers sm80, 168 sm90, no spill) leads that list.
-CLIP_FWD_EXPECTATION_CONFIGS = {
-    arch: (TileConfig(64, 64, 64, 4, 3),) + tuple(c for c in configs if c != TileConfig(64, 64, 64, 4, 3))
-    for arch, configs in CLIP_FWD_CONFIGS.items() if arch != "interpreter"}
-CLIP_FWD_EXPECTATION_CONFIGS["interpreter"] = CLIP_FWD_CONFIGS["interpreter"]
-CLIP_BWD_CONFIGS = {
+BWD_TILE_CONFIGS = {
     "sm90": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 32, 8, 4), TileConfig(128, 64, 64, 4, 4),
              TileConfig(64, 128, 64, 4, 4), TileConfig(64, 64, 64, 4, 3)),
-    "sm80": CLIP_FWD_CONFIGS["sm80"],
-    "interpreter": CLIP_FWD_CONFIGS["interpreter"],
+    "sm80": FWD_TILE_CONFIGS["sm80"],
+    "interpreter": FWD_TILE_CONFIGS["interpreter"],
 }
+
+
+# CLIP defaults: tiles that run 2 (forward) and 3 (backward) CTAs per SM without spilling, so one CTA's
+# exp/store epilogue hides behind another's MMA. The backward's log-softmax d-scale sum needs both
+# the logits and G live: every 128-wide backward tile spills there (kernel report: 16-56 STL/LDL),
+# 64 x 64 takes ~150 registers. The choice follows the report's roofline model
+# (python benchmarks/kernel_report.py), not a GPU measurement.
+CLIP_FWD_CONFIGS = with_default_first(FWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
+                                               "sm80": TileConfig(64, 128, 32, 4, 4)})
+# With expectations the x tile stays live beside the logits: 128-wide tiles spill on sm80, so the
+# 64 x 64 tile (216 registers sm80, 168 sm90, no spill) leads that list.
+CLIP_FWD_EXPECTATION_CONFIGS = with_default_first(CLIP_FWD_CONFIGS, {"sm90": TileConfig(64, 64, 64, 4, 3),
+                                                           "sm80": TileConfig(64, 64, 64, 4, 3)})
+CLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 64, 64, 4, 3),
+                                               "sm80": TileConfig(64, 64, 64, 4, 3)})
 # Sizes and offsets change from call to call (do_not_specialize): one compiled kernel per dtype and
 # flag set, not one per batch size. Strides and D stay specialised (16-divisibility -> vector loads).
 

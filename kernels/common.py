@@ -33,6 +33,12 @@ class TileConfig:
                 "num_stages": self.num_stages}
 
 
+def with_default_first(configs_by_arch: dict, defaults: dict) -> dict:
+    """The same config lists with each named arch's default moved to the front (the launcher's pick)."""
+    return {arch: (defaults[arch],) + tuple(c for c in configs if c != defaults[arch]) if arch in defaults
+            else configs for arch, configs in configs_by_arch.items()}
+
+
 @triton.jit
 def _block_range(block, length, BLOCK: tl.constexpr):
     """(block * BLOCK + [0, BLOCK), which of those indices are < length)."""

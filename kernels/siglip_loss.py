@@ -12,13 +12,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .clip_loss import CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS
-from .common import _block_range, _log1p, _logits_tile, _similarity_tile
+from .clip_loss import BWD_TILE_CONFIGS, FWD_TILE_CONFIGS
+from .common import TileConfig, with_default_first, _block_range, _log1p, _logits_tile, _similarity_tile
 
-# One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile, so
-# the same tile shapes are GEMM-bound too. Declared per architecture like the CLIP configs.
-SIGLIP_FWD_CONFIGS = CLIP_FWD_CONFIGS
-SIGLIP_BWD_CONFIGS = CLIP_BWD_CONFIGS
+# One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile. The
+# same declared lists; defaults at 2 CTAs per SM without spilling (the kernel report's roofline model
+# finds them fastest, so that one CTA's epilogue hides behind another's MMA; not measured on a GPU).
+SIGLIP_FWD_CONFIGS = with_default_first(FWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
+                                                 "sm80": TileConfig(64, 128, 32, 4, 4)})
+SIGLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
+                                                 "sm80": TileConfig(128, 64, 32, 4, 4)})
 
 
 @triton.heuristics({
@@ -67,6 +70,7 @@ def _siglip_loss_fwd_kernel(
 
 @triton.heuristics({
     "EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0,
+    "EVEN_N": lambda args: args["n_cols"] % args["BLOCK_N"] == 0,  # unmasked columns: 16-byte G stores
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
@@ -77,7 +81,7 @@ def _siglip_loss_bwd_kernel(
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim, stride_grad_row,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_POSITIVES: tl.constexpr):
+        EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, HAS_POSITIVES: tl.constexpr):
     """G = sigmoid(S) - [pos] for a chunk of rows (= d softplus(-y S) / dS), and its per-tile sums.
 
     Math: negatives G = sigmoid(S); positives G = -sigmoid(-S) (never 1 - sigmoid(S), which cancels).
@@ -102,4 +106,7 @@ def _siglip_loss_bwd_kernel(
     g = tl.where(valid, g, 0.0)
     tl.store(bias_partial_ptr + pid_m * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, axis=1), axis=0))
     out = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :]
-    tl.store(out, (g * multiplier).to(grad_logits_ptr.dtype.element_ty), mask=valid)
+    if EVEN_N:  # the row mask alone keeps each thread's 8 contiguous columns one vector store
+        tl.store(out, (g * multiplier).to(grad_logits_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(out, (g * multiplier).to(grad_logits_ptr.dtype.element_ty), mask=valid)

@@ -83,8 +83,6 @@ def test_s_tiles_run_on_tensor_cores(default_rows):
     assert any(row["tensor_core_kind"] == "HGMMA" for row in default_rows if row["arch"] == "sm90")
 
 
-@pytest.mark.xfail(strict=True, reason="the backward kernels store G with scalar 2-byte STG.E.U16 (the column mask "
-                                       "is per element); branch `kernels` is vectorising them (issue 10, section 3)")
 def test_g_stores_are_16_bytes_when_the_column_count_allows(default_rows):
     # the roofline case has n_cols = 65536 and a row stride of 65536: every 8-column group is aligned and whole
     widths = {(row["arch"], row["kernel"]): row["main_store_bytes"] for row in default_rows if row["writes_g"]}
