@@ -20,7 +20,10 @@ dtype. clip_loss_bwd's G = R + C, R_ij = row_coef_i (P_ij - [pos]), C_ij = col_c
 and grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale, this block's share of d/d scale: over
 any split of the whole S into blocks (the exchanges' row and column blocks) the shares add up to
 sum_ij G_ij x_ij (x = image @ text.T), because every row of R and column of C of the whole sums to 0.
-That form keeps the digits the fp32 log-sum-exps' rounding would cost sum G x (see kernels/clip_loss.py). ``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
+That form keeps the digits the fp32 log-sum-exps' rounding would cost sum G x (see kernels/clip_loss.py);
+torch and triton return it. The cuda backend returns the block's sum_ij G_ij x_ij itself, which is also
+a share (it adds up to the same total) but keeps fewer digits near zero loss (README, CUDA backend).
+``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
 faster path whose last bits vary from run to run (triton: the locked column merge of its forward).
 A backend declares ``deterministic=True`` when it can honour deterministic=True. (The exact math is
 in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend; the autograd
