@@ -2,6 +2,7 @@
 
 Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file only routes.
 """
+import re
 import sys
 from importlib import import_module
 
@@ -10,6 +11,14 @@ SUBCOMMANDS = {
     "train": ("fastclip.train.main", "train CLIP (no flags: the embedded synthetic set on CPU)"),
     "eval": ("fastclip.eval.main", "zero-shot / retrieval / linear-probe evaluation of a checkpoint"),
 }
+
+
+def plain_text(docstring: str) -> str:
+    """A docstring's reStructuredText as the plain text ``--help`` prints: ````x```` -> ``x``, a
+    paragraph-ending ``::`` -> ``:``, ``\\`` line continuations kept (they are shell)."""
+    text = re.sub(r"``([^`]+)``", r"\1", docstring)
+    text = re.sub(r"(?<=\S)::$", ":", text, flags=re.MULTILINE)
+    return re.sub(r"^::$\n?", "", text, flags=re.MULTILINE)
 
 
 def _usage() -> str:
