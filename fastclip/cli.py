@@ -2,6 +2,7 @@
 
 Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file only routes.
 """
+import argparse
 import re
 import sys
 from importlib import import_module
@@ -19,6 +20,20 @@ def plain_text(docstring: str) -> str:
     text = re.sub(r"``([^`]+)``", r"\1", docstring)
     text = re.sub(r"(?<=\S)::$", ":", text, flags=re.MULTILINE)
     return re.sub(r"^::$\n?", "", text, flags=re.MULTILINE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each default shown once: ``(default: X)`` is added to a flag's help unless the help
+    already names its default, or the default is nothing to show (None, False, a suppressed value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default is argparse.SUPPRESS
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        shown = repr(default) if isinstance(default, str) and (not default or default.isspace()) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def _usage() -> str:

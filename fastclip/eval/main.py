@@ -32,10 +32,10 @@ TASKS = ("zeroshot", "retrieval", "linear-probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastclip.cli import plain_text
+    from fastclip.cli import HelpFormatter, plain_text
 
     parser = argparse.ArgumentParser(prog="fastclip eval", description=plain_text(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=TASKS, required=True, help="what to measure")
     parser.add_argument("--checkpoint", required=True,
                         help="a trainer checkpoint folder, or a weights file (.safetensors/.pt/.bin)")
