@@ -5,6 +5,7 @@ Each subcommand lives in its own module and exposes ``main(argv) -> int``; this 
 import argparse
 import re
 import sys
+import textwrap
 from importlib import import_module
 
 SUBCOMMANDS = {
@@ -24,7 +25,8 @@ def plain_text(docstring: str) -> str:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` with each default shown once: ``(default: X)`` is added to a flag's help unless the help
-    already names its default, or the default is nothing to show (None, False, a suppressed value)."""
+    already names its default, or the default is nothing to show (None, False, a suppressed value).
+    The description is printed as written (RawDescription)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -34,6 +36,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         shown = repr(default) if isinstance(default, str) and (not default or default.isspace()) else "%(default)s"
         return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+    def _split_lines(self, text: str, width: int) -> list:
+        """Wrap at spaces only: names such as ViT-bigG-14 and --lock-text stay whole."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _usage() -> str:

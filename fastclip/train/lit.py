@@ -8,13 +8,18 @@ from __future__ import annotations
 import torch
 
 
-def apply_locks(model: torch.nn.Module, config) -> list[str]:
-    """Lock ``model``'s towers as ``config``'s ``lock_*`` fields say. Returns lines describing what was locked."""
-    notes = []
+def check_lock_options(config) -> None:
+    """The refining flags need the lock they refine (open_clip ignores them silently; fastclip says so)."""
     if not config.lock_image and (config.lock_image_unlocked_groups or config.lock_image_freeze_bn_stats):
         raise ValueError("--lock-image-unlocked-groups / --lock-image-freeze-bn-stats refine --lock-image; add it")
     if not config.lock_text and (config.lock_text_unlocked_layers or config.lock_text_freeze_layer_norm):
         raise ValueError("--lock-text-unlocked-layers / --lock-text-freeze-layer-norm refine --lock-text; add it")
+
+
+def apply_locks(model: torch.nn.Module, config) -> list[str]:
+    """Lock ``model``'s towers as ``config``'s ``lock_*`` fields say. Returns lines describing what was locked."""
+    check_lock_options(config)
+    notes = []
     if config.lock_image:
         model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups,
                                freeze_bn_stats=config.lock_image_freeze_bn_stats)

@@ -24,8 +24,10 @@ from fastclip.train.args import parse_args
 from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, load_checkpoint, load_weights_into,
                                       read_weights, restore_rng_state)
 from fastclip.train.distributed import DistributedContext, init_distributed, is_peer_failure, shutdown_distributed
+from fastclip.train.folder_zeroshot import evaluate_folder
+from fastclip.train.lit import apply_locks
 from fastclip.train.loop import NonFiniteAbort, TrainParts, TrainState, run_epochs
-from fastclip.train.metrics import MetricsLogger
+from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule, build_optimizer, find_parameter
 from fastclip.train.precision import check_precision_supported, make_grad_scaler, parameter_dtype
 from fastclip.train.profiling import NvtxRanges, StepProfiler
@@ -55,6 +57,8 @@ def build_model(args, ctx: DistributedContext):
                                      image_size=args.force_image_size)
 
     model = read_weights(args.pretrained, create) if args.pretrained else create()
+    for note in apply_locks(model, args):
+        _say(ctx, note)
     image_size = model.config.vision.image_size
     return model, image_size, model.context_length
 
@@ -216,7 +220,12 @@ def run(args, ctx: DistributedContext) -> dict:
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     optimizer, optimizer_name = build_optimizer(model, lr=args.lr, weight_decay=args.wd,
                                                 betas=(args.beta1, args.beta2), eps=args.eps)
-    parts = TrainParts(model=ddp_model, unwrapped=model, loss_fn=build_loss(args, ctx, model), optimizer=optimizer,
+    loss_fn = build_loss(args, ctx, model)
+    if args.torchcompile:
+        from fastclip.train.compile import compile_model_and_loss
+
+        ddp_model, loss_fn = compile_model_and_loss(ddp_model, loss_fn, distributed=ctx.distributed)
+    parts = TrainParts(model=ddp_model, unwrapped=model, loss_fn=loss_fn, optimizer=optimizer,
                        schedule=None, scaler=make_grad_scaler(args.precision, ctx.device),
                        logit_scale=find_parameter(model, "logit_scale"), ctx=ctx, precision=args.precision,
                        accum_freq=args.accum_freq, grad_clip_norm=args.grad_clip_norm,
@@ -227,22 +236,34 @@ def run(args, ctx: DistributedContext) -> dict:
     total_steps = planned_total_steps(args, data, state)
     parts.schedule = LearningRateSchedule(args.lr, args.warmup, total_steps, args.lr_scheduler)
     del loaded  # rank 0's copy of the optimiser state
-    _say(ctx, f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
-              f"{optimizer_name}, precision {args.precision}, {ctx.world_size} process(es) on {ctx.device}, "
-              f"{data.num_batches} steps/epoch x {args.epochs} epochs of {args.batch_size * ctx.world_size} "
-              f"samples, output {args.output_dir}")
+    _say(ctx, f"model {args.model} ({_parameter_summary(model)}), {optimizer_name}, precision {args.precision}, "
+              f"{ctx.world_size} process(es) on {ctx.device}, {_schedule_summary(args, data, state, total_steps)} of "
+              f"{args.batch_size * ctx.world_size} samples, output {args.output_dir}")
+    plain_every = (plain_progress_interval(total_steps) if args.progress_every_n_steps is None
+                   else args.progress_every_n_steps)
     metrics = MetricsLogger(args.output_dir, is_main=ctx.is_main, report_to=args.report_to,
                             total_steps=total_steps, initial_step=state.step,
                             progress=not args.no_progress and sys.stderr.isatty(),
+                            plain_every=0 if sys.stdout.isatty() else plain_every,
                             say=lambda message: _say(ctx, message))
     evaluate = functools.partial(_evaluate_embedded, args, ctx, model, embedded_root, eval_transform, tokenizer)
+    evaluate_folder_now = functools.partial(evaluate_folder, args, ctx, model, eval_transform, tokenizer,
+                                            metrics.announce)
     on_epoch_end = None
-    if embedded_root is not None and args.zeroshot_frequency:
+    if (embedded_root is not None or args.imagenet_val) and args.zeroshot_frequency:
         def on_epoch_end(epoch: int) -> None:
-            if epoch % args.zeroshot_frequency == 0 and epoch < args.epochs:
-                results = evaluate()
+            if epoch % args.zeroshot_frequency == 0 and epoch < args.epochs and state.step < total_steps:
+                results = {}
+                if embedded_root is not None:
+                    results = {k: v for k, v in evaluate().items() if "ensemble_top1" in k}
+                    if results:
+                        metrics.announce(f"zero-shot after epoch {epoch} (step {state.step}): ensemble top-1 " +
+                                         ", ".join(f"{key.split('/')[0]} {100 * value:.1f}%"
+                                                   for key, value in results.items()))
+                if args.imagenet_val:
+                    results.update(evaluate_folder_now())
                 if results:
-                    metrics.log(state.step, {k: v for k, v in results.items() if "ensemble_top1" in k}, kind="zeroshot")
+                    metrics.log(state.step, results, kind="zeroshot")
     profiler = StepProfiler(args.profile, args.output_dir, ctx.rank) if args.profile else None
     try:
         timing = run_epochs(parts, state, data, args, total_steps=total_steps, metrics=metrics,
@@ -252,6 +273,8 @@ def run(args, ctx: DistributedContext) -> dict:
             profiler.close()
         metrics.close()
     evaluation = evaluate() if embedded_root is not None else {}
+    if args.imagenet_val:
+        evaluation.update(evaluate_folder_now())
     if args.val_data and not args.embedded:
         evaluation.update(_evaluate_val_data(args, ctx, model, eval_transform, tokenizer))
     results = {
@@ -282,6 +305,25 @@ def run(args, ctx: DistributedContext) -> dict:
               f"{Path(args.output_dir) / RESULTS_FILE}", flush=True)
     return results
 
+
+
+def _parameter_summary(model: torch.nn.Module) -> str:
+    """``12.4 M parameters`` or, with locked towers, ``12.4 M parameters, 3.1 M trainable``."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = f"{total / 1e6:.1f} M parameters"
+    return text if trainable == total else f"{text}, {trainable / 1e6:.1f} M trainable"
+
+
+def _schedule_summary(args, data, state: TrainState, total_steps: int) -> str:
+    """``375 steps/epoch x 3 epochs``, and how many steps this run takes when --max-steps or a resume changes it."""
+    text = f"{data.num_batches} steps/epoch x {args.epochs} epochs"
+    if total_steps != data.num_batches * args.epochs or state.step:
+        reason = " (--max-steps)" if args.max_steps and total_steps == args.max_steps else ""
+        text += f", {total_steps} steps in all{reason}"
+        if state.step:
+            text += f" from step {state.step}"
+    return text
 
 
 def _evaluate_embedded(args, ctx, model, root, transform, tokenizer) -> dict:

@@ -117,7 +117,7 @@ class MetricsLogger:
             done = self._step - self._first_step
             left = elapsed / done * (self._total - self._step) if done else 0.0
             percent = 100 * self._step / self._total if self._total else 100.0
-            values = " ".join(f"{key} {value}" for key, value in shown.items())
+            values = " ".join(f"{key.replace('samples_s', 'samples/s')} {value}" for key, value in shown.items())
             self._say(f"step {self._step}/{self._total} ({percent:.0f}%) {values} elapsed {_duration(elapsed)} "
                       f"left {_duration(left)}")
 
