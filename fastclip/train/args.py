@@ -1,44 +1,15 @@
 """Command-line flags of ``fastclip train``: open_clip's names where open_clip has the flag.
 
-With no ``--train-data`` the run uses the embedded procedural shapes set and the ``EMBEDDED_PRESET``
-below fills every flag the user did not give; an explicit flag always wins.
+Parsing gives a :class:`~fastclip.train.config.TrainConfig`: its fields are the flags, and its defaults
+(config.py) are the ones ``--help`` shows. With no ``--train-data`` the run uses the embedded shapes set
+and ``EMBEDDED_PRESET`` fills every flag the user did not give; an explicit flag always wins.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
-RUNS_ROOT = "runs"  # where runs without --output-dir go
-DATASET_TYPES = ("csv", "webdataset", "synthetic")
-
-#: Settings of the no-argument run: RN-Tiny (a small ModifiedResNet; 12.4 M parameters, half of them
-#: the token embedding) at 32 px on CPU: 3 epochs of the 16,000 training images, about 3 minutes
-#: on 2 cores including data generation and evaluation. A ViT of the same cost
-#: stays at chance on shape within this budget (measured; see fastclip/data/shapes.py).
-EMBEDDED_PRESET = {
-    "model": "RN-Tiny",
-    "force_image_size": 32,
-    "batch_size": 128,
-    "epochs": 3,
-    "lr": 2e-3,
-    "wd": 0.1,
-    "warmup": 20,
-    "workers": 1,
-    "keep_last": 1,
-}
-#: Defaults for flags the preset does not set (open_clip's values where it has the flag).
-GENERIC_DEFAULTS = {
-    "model": "fastclip-tiny",
-    "batch_size": 64,
-    "epochs": 32,
-    "lr": 5e-4,
-    "wd": 0.2,
-    "warmup": 10000,
-    "workers": 4,
-    "keep_last": 3,
-}
+from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, LR_SCHEDULERS, PRECISIONS, TrainConfig,
+                                   config_defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: csv (webdataset when --train-data ends in .tar)")
     data.add_argument("--train-num-samples", type=int, default=None,
                       help="samples per epoch (needed for webdataset; the size of the synthetic set)")
-    data.add_argument("--csv-img-key", default="filepath")
-    data.add_argument("--csv-caption-key", default="title")
-    data.add_argument("--csv-separator", default="\t")
+    data.add_argument("--csv-img-key")
+    data.add_argument("--csv-caption-key")
+    data.add_argument("--csv-separator")
     data.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
     data.add_argument("--no-augment", action="store_true",
                       help="use the eval transform for training (the embedded set always does: its "
@@ -74,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", default=None, help="local path of weights to start from")
     model.add_argument("--force-image-size", type=int, default=None,
                        help="train at this image size instead of the config's (position embeddings resized)")
-    model.add_argument("--attn-impl", default="auto", choices=("auto", "sdpa", "xformers", "math"))
+    model.add_argument("--attn-impl", choices=ATTENTION_IMPLEMENTATIONS)
     model.add_argument("--grad-checkpointing", action="store_true")
-    model.add_argument("--patch-dropout", type=float, default=0.0)
+    model.add_argument("--patch-dropout", type=float)
     model.add_argument("--siglip", action="store_true", help="train with the SigLIP loss")
 
     optim = parser.add_argument_group("optimisation")
@@ -85,16 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     optim.add_argument("--lr", type=float, default=None)
     optim.add_argument("--wd", type=float, default=None)
-    optim.add_argument("--beta1", type=float, default=0.9)
-    optim.add_argument("--beta2", type=float, default=0.98)
-    optim.add_argument("--eps", type=float, default=1e-6)
+    optim.add_argument("--beta1", type=float)
+    optim.add_argument("--beta2", type=float)
+    optim.add_argument("--eps", type=float)
     optim.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    optim.add_argument("--lr-scheduler", choices=("cosine", "const"), default="cosine")
+    optim.add_argument("--lr-scheduler", choices=LR_SCHEDULERS)
     optim.add_argument("--grad-clip-norm", type=float, default=None)
-    optim.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    optim.add_argument("--accum-freq", type=int, default=1,
+    optim.add_argument("--precision", choices=PRECISIONS)
+    optim.add_argument("--accum-freq", type=int,
                        help="micro-batches per step, with feature caching (GradCache)")
-    optim.add_argument("--max-nonfinite-steps", type=int, default=20,
+    optim.add_argument("--max-nonfinite-steps", type=int,
                        help="abort after this many non-finite steps in a row")
 
     dist = parser.add_argument_group("distributed")
@@ -102,93 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--gather-with-grad", action="store_true")
     dist.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     dist.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    dist.add_argument("--dist-timeout", type=float, default=1800.0,
+    dist.add_argument("--dist-timeout", type=float,
                       help="seconds a collective may wait for the other ranks before this rank gives up with an "
                            "error (the process group timeout, as NCCL's), so a stalled or dead rank cannot hang "
                            "the others forever")
-    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--seed", type=int)
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default=None, help="default ./runs/<timestamp>; with --resume latest, the "
                      "newest run under ./runs")
     out.add_argument("--resume", default=None, help="'latest' (the newest checkpoint of the run in --output-dir) "
                      "or a checkpoint folder (another folder than --output-dir's starts a branch there)")
-    out.add_argument("--save-frequency", type=int, default=1, help="save every N epochs (0: never)")
-    out.add_argument("--save-every-n-steps", type=int, default=0, help="also save every N steps")
+    out.add_argument("--save-frequency", type=int, help="save every N epochs (0: never)")
+    out.add_argument("--save-every-n-steps", type=int, help="also save every N steps")
     out.add_argument("--keep-last", type=int, default=None, help="checkpoints kept (0: all; default 3, 1 for "
                      "the embedded run)")
-    out.add_argument("--zeroshot-frequency", type=int, default=1,
+    out.add_argument("--zeroshot-frequency", type=int,
                      help="zero-shot evaluation every N epochs on the embedded set (0: only at the end)")
-    out.add_argument("--report-to", default="", help="'tensorboard' or '' (metrics.jsonl is always written)")
-    out.add_argument("--log-every-n-steps", type=int, default=1)
-    out.add_argument("--profile", type=int, default=0, help="write a torch.profiler trace of N steps")
+    out.add_argument("--report-to", help="'tensorboard' or '' (metrics.jsonl is always written)")
+    out.add_argument("--log-every-n-steps", type=int)
+    out.add_argument("--profile", type=int, help="write a torch.profiler trace of N steps")
     out.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.set_defaults(**config_defaults())  # TrainConfig holds the defaults
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv`` and fill defaults from the embedded preset or the generic defaults."""
-    args = build_parser().parse_args(argv)
-    args.embedded = args.train_data is None and args.dataset_type in (None, "csv")
-    if args.dataset_type is None:
-        args.dataset_type = "webdataset" if str(args.train_data or "").endswith(".tar") else "csv"
-    defaults = EMBEDDED_PRESET if args.embedded else GENERIC_DEFAULTS
-    for name, value in {**GENERIC_DEFAULTS, **defaults}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    _validate(args)
-    return args
-
-
-def timestamped_output_dir(root: str = RUNS_ROOT) -> str:
-    """``<root>/<date_time>``, with ``-2``, ``-3`` ... appended when a run started in the same second."""
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    candidate, count = os.path.join(root, stamp), 1
-    while os.path.exists(candidate):
-        count += 1
-        candidate = os.path.join(root, f"{stamp}-{count}")
-    return candidate
-
-
-_ZERO_MEANS = {"--keep-last": "keep every checkpoint", "--save-every-n-steps": "only at epoch ends",
-               "--save-frequency": "never at epoch ends", "--zeroshot-frequency": "only at the end",
-               "--workers": "load in the main process", "--warmup": "no warm-up", "--profile": "no trace"}
-
-
-def _validate(args: argparse.Namespace) -> None:
-    positive = {"--batch-size": args.batch_size, "--accum-freq": args.accum_freq, "--epochs": args.epochs,
-                "--max-nonfinite-steps": args.max_nonfinite_steps}
-    if args.max_steps is not None:
-        positive["--max-steps"] = args.max_steps
-    if args.train_num_samples is not None:
-        positive["--train-num-samples"] = args.train_num_samples
-    positive["--log-every-n-steps"] = args.log_every_n_steps
-    for flag, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    not_negative = {"--keep-last": args.keep_last, "--save-every-n-steps": args.save_every_n_steps,
-                    "--save-frequency": args.save_frequency, "--zeroshot-frequency": args.zeroshot_frequency,
-                    "--workers": args.workers, "--warmup": args.warmup, "--profile": args.profile}
-    for flag, value in not_negative.items():
-        if value < 0:
-            raise ValueError(f"{flag} must be >= 0 (0 means {_ZERO_MEANS[flag]}), got {value}")
-    if not args.dist_timeout > 0:  # also rejects nan
-        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
-    if args.batch_size % args.accum_freq:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --accum-freq {args.accum_freq}; "
-                         "each step splits the batch into accum-freq equal micro-batches")
-    if args.dataset_type == "synthetic" and not args.train_num_samples:
-        args.train_num_samples = 10000
-    if args.dataset_type == "webdataset" and not args.train_num_samples:
-        raise ValueError("--dataset-type webdataset needs --train-num-samples (samples per epoch)")
-    if args.dataset_type in ("csv", "webdataset") and not args.embedded and not args.train_data:
-        raise ValueError(f"--dataset-type {args.dataset_type} needs --train-data")
-    reports = [item for item in args.report_to.split(",") if item.strip()]
-    unknown = [item for item in reports if item.strip() not in ("tensorboard", "none")]
-    if unknown:
-        raise ValueError(f"--report-to {unknown} is not supported; use 'tensorboard' (metrics.jsonl is "
-                         "always written)")
-    if args.val_data and not str(args.val_data).endswith((".csv", ".tsv")):
-        raise ValueError("--val-data takes a CSV/TSV file (same columns as --train-data)")
-    if args.gather_with_grad and not args.local_loss and args.siglip:
-        raise ValueError("--gather-with-grad applies to the CLIP loss; drop it with --siglip")
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    """Parse ``argv`` into a checked :class:`TrainConfig` (ValueError names the flag to fix)."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
