@@ -23,7 +23,10 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(limit: int = 4) -> int:
+DEFAULT_WORKERS_CAP = 4  # open_clip's --workers default, as an upper bound
+
+
+def default_workers(limit: int = DEFAULT_WORKERS_CAP) -> int:
     """DataLoader workers per process when the user gives none: ``min(limit, available_cpus())``."""
     return min(limit, available_cpus())
 

@@ -17,7 +17,10 @@ from fastclip.io import atomic_write
 METRICS_FILE, SUPERSEDED_FILE = "metrics.jsonl", "metrics.superseded.jsonl"
 
 
-def plain_progress_interval(total_steps: int, lines: int = 20) -> int:
+PLAIN_PROGRESS_LINES = 20  # plain progress lines a run prints when --progress-every-n-steps is not given
+
+
+def plain_progress_interval(total_steps: int, lines: int = PLAIN_PROGRESS_LINES) -> int:
     """Steps between plain progress lines when none was asked for: about ``lines`` lines a run."""
     return max(1, math.ceil(total_steps / lines))
 
