@@ -145,17 +145,26 @@ def test_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
 
 
 def test_torchcompile_trains_like_eager(tmp_path):
-    """Two steps with the model and the loss compiled (the loss with fullgraph=True: a graph break would
-    fail the run) log the eager run's losses."""
+    """One step with the model and the loss compiled (the loss with fullgraph=True: a graph break fails the run)
+    logs the eager run's loss and makes the eager run's update; one step because compiling on CPU takes a minute.
+
+    The update is compared per tensor as ||compiled - eager|| <= 1e-2 ||eager||: Adam's first step divides each
+    gradient element by its own size, so rounding noise in gradients that are zero in exact arithmetic (the
+    key-projection biases: softmax ignores a constant shift) becomes an lr-sized step in either direction."""
     from tests.train_utils import logged_losses
 
-    eager = tmp_path / "eager"
-    assert main(tiny_run(eager, steps=2)) == 0
-    compiled = tmp_path / "compiled"
-    assert main(tiny_run(compiled, "--torchcompile", steps=2)) == 0
-    expected, got = logged_losses(eager), logged_losses(compiled)
-    assert got.keys() == expected.keys() == {1, 2}
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    torch.manual_seed(0)
+    start = fastclip.create_model("fastclip-tiny", image_size=32)
+    weights = fastclip.model.save_model(start, tmp_path / "start.safetensors")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(tiny_run(eager, "--pretrained", str(weights), steps=1)) == 0
+    assert main(tiny_run(compiled, "--pretrained", str(weights), "--torchcompile", steps=1)) == 0
+    assert logged_losses(compiled)[1] == pytest.approx(logged_losses(eager)[1], rel=1e-5)
+    expected, _ = _final_checkpoint(eager)
     trained, _ = _final_checkpoint(compiled)
-    assert not any(key.startswith("_orig_mod.") for key in trained)
+    assert trained.keys() == expected.keys()  # the bare model is saved: no "_orig_mod." prefix
+    initial = start.state_dict()
+    for key, value in expected.items():
+        if value.is_floating_point():
+            step_eager, step_compiled = value - initial[key], trained[key] - initial[key]
+            assert (step_compiled - step_eager).norm() <= 1e-2 * step_eager.norm() + 1e-12, key
