@@ -115,6 +115,7 @@ def test_piped_train_prints_progress_lines_and_intermediate_zero_shot(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["evaluation"]["imagenet-val/top1"] <= results["evaluation"]["imagenet-val/top5"] <= 1
     assert results["evaluation"]["imagenet-val/images"] == 3 * len(FOLDERS)
+    assert results["zeroshot_top1"] == results["evaluation"]["imagenet-val/top1"]
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "zeroshot"] == [3]
 

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--report-to", help="'tensorboard' or '' (metrics.jsonl is always written)")
     out.add_argument("--log-every-n-steps", type=int, help="write metrics.jsonl every N steps")
     out.add_argument("--progress-every-n-steps", type=int,
-                     help="when stdout is not a terminal: a plain progress line every N steps (default: about "
+                     help="when stdout is not a terminal (or there is no bar): a plain progress line every N "
+                          "steps (default: about "
                           f"{PLAIN_PROGRESS_LINES} lines a run; 0: none)")
     out.add_argument("--profile", type=int, help="write a torch.profiler trace of N steps")
     out.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (plain lines instead)")

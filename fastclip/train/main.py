@@ -77,10 +77,10 @@ def run(config: TrainConfig, ctx: DistributedContext) -> dict:
              f"of {config.batch_size * ctx.world_size} samples, output {config.output_dir}")
     plain_every = (plain_progress_interval(total_steps) if config.progress_every_n_steps is None
                    else config.progress_every_n_steps)
+    bar = not config.no_progress and sys.stderr.isatty()
     metrics = MetricsLogger(config.output_dir, is_main=ctx.is_main, report_to=config.report_to,
-                            total_steps=total_steps, initial_step=state.step,
-                            progress=not config.no_progress and sys.stderr.isatty(),
-                            plain_every=0 if sys.stdout.isatty() else plain_every,
+                            total_steps=total_steps, initial_step=state.step, progress=bar,
+                            plain_every=plain_every if not (bar and sys.stdout.isatty()) else 0,  # pipes, logs
                             say=lambda message: say(ctx, message))
     evaluate = functools.partial(_evaluate_embedded, config, ctx, model, data)
     evaluate_folder_now = functools.partial(evaluate_folder, config, ctx, model, data.eval_transform, data.tokenizer,
@@ -114,8 +114,9 @@ def run(config: TrainConfig, ctx: DistributedContext) -> dict:
     if config.val_data and not config.embedded:
         evaluation.update(_evaluate_val_data(config, ctx, model, data))
     results = {
-        "zeroshot_top1": evaluation.get("val_seen/ensemble_top1"),
-        "zeroshot_top5": evaluation.get("val_seen/ensemble_top5"),
+        # the embedded set's seen split, else the --imagenet-val folder
+        "zeroshot_top1": evaluation.get("val_seen/ensemble_top1", evaluation.get("imagenet-val/top1")),
+        "zeroshot_top5": evaluation.get("val_seen/ensemble_top5", evaluation.get("imagenet-val/top5")),
         "steps": state.step,
         "samples_per_second": timing["samples_per_second"],
         "samples_seen": state.samples_seen,

@@ -43,15 +43,15 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, *, is_main: bool, report_to: str = "", total_steps: int = 0,
                  initial_step: int = 0, progress: bool = True, plain_every: int = 0, say=print):
-        """``progress``: a tqdm bar. ``plain_every`` (used without the bar): a line
-        ``step s/total (p%) loss ... samples/s ... elapsed ... left ...`` every that many steps (0: none)."""
+        """``progress``: a tqdm bar (on stderr). ``plain_every``: a line ``step s/total (p%) loss ... samples/s ...
+        elapsed ... left ...`` through ``say`` every that many steps (0: none)."""
         self.is_main = is_main
         self.path = Path(output_dir) / METRICS_FILE
         self._writer = None
         self._bar = None
         self._say = say
         self._step, self._total, self._first_step = initial_step, total_steps, initial_step
-        self._plain_every = 0 if progress else plain_every
+        self._plain_every = plain_every
         self._started = time.perf_counter()
         if not is_main:
             return
@@ -114,8 +114,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(steps)
             self._bar.set_postfix(shown, refresh=False)
-        elif self.is_main and self._plain_every and (self._step % self._plain_every == 0
-                                                     or self._step == self._total):
+        if self.is_main and self._plain_every and (self._step % self._plain_every == 0 or self._step == self._total):
             elapsed = time.perf_counter() - self._started
             done = self._step - self._first_step
             left = elapsed / done * (self._total - self._step) if done else 0.0
