@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, LR_SCHEDULERS, PRECISIONS, TrainConfig,
-                                   config_defaults)
+from fastclip.precision import PRECISIONS
+from fastclip.train.config import ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, LR_SCHEDULERS, TrainConfig, config_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
