@@ -109,7 +109,7 @@ class TrainStep:
 
         import torch
 
-        from fastclip.train.precision import autocast
+        from fastclip.precision import autocast
 
         if self.library.startswith("fastclip"):
             from types import SimpleNamespace

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fastclip.data.loader import default_workers
+from fastclip.precision import PRECISIONS
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
 
@@ -56,12 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="imagenet | shapes | single | a file with one '{}' template per line "
                         "(default: imagenet; the embedded set uses its own)")
     parser.add_argument("--shots", type=int, default=None, help="linear probe: k examples per class")
-    parser.add_argument("--weight-decay", type=float, default=1e-3, help="linear probe L2 strength (default: 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    parser.add_argument("--weight-decay", type=float, default=1e-3, help="linear probe L2 strength")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: min(2, the CPUs this process may use))")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"),
-                        help="autocast / parameter precision (default: fp32)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast / parameter precision")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--cache-dir", default=None, help="where the embedded set is cached (as for train)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
@@ -71,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.device, precision: str):
     """The model of a trainer checkpoint folder or a weights file, in eval mode."""
     import fastclip
-    from fastclip.train.checkpoint import MODEL_FILE, load_checkpoint, read_weights
-    from fastclip.train.precision import parameter_dtype
+    from fastclip.checkpoint_format import MODEL_FILE, read_weights, verify_checkpoint
+    from fastclip.precision import parameter_dtype
 
     path = Path(checkpoint)
     if path.is_dir():
-        load_checkpoint(path)  # verifies the manifest and checksums; raises CorruptCheckpointError (a ValueError)
+        verify_checkpoint(path)  # the manifest and checksums; raises CorruptCheckpointError (a ValueError)
         path = path / MODEL_FILE
     if not path.is_file():
         raise ValueError(f"--checkpoint {checkpoint!r} is neither a checkpoint folder nor a weights file")
@@ -85,15 +85,11 @@ def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.d
 
 
 def _csv_features(model, csv_path, args, transform, tokenizer, device):
-    from fastclip.data.collate import collate_pairs
-    from fastclip.data.csv_dataset import CsvDataset
-    from fastclip.eval.features import encode_images
+    from fastclip.eval.features import encode_csv_images
 
-    dataset = CsvDataset(csv_path, transform, tokenizer, img_key=args.csv_img_key,
-                         caption_key=args.csv_caption_key, separator=args.csv_separator)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate_pairs)
-    return dataset, encode_images(model, loader, device, args.precision)
+    return encode_csv_images(model, csv_path, transform=transform, tokenizer=tokenizer, device=device,
+                             precision=args.precision, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                             separator=args.csv_separator, batch_size=args.batch_size, workers=args.workers)
 
 
 def _labels(dataset, key: str) -> torch.Tensor:
@@ -119,9 +115,8 @@ def _folder_zero_shot(model, args, transform, tokenizer, device) -> dict:
 
 def run(args) -> dict:
     import fastclip
-    from fastclip.eval.features import encode_texts
     from fastclip.eval.linear_probe import linear_probe
-    from fastclip.eval.retrieval import caption_groups, retrieval_recall
+    from fastclip.eval.retrieval import caption_retrieval
     from fastclip.eval.templates import load_templates
     from fastclip.eval.zeroshot import build_zero_shot_classifier, zero_shot_accuracy
 
@@ -168,8 +163,8 @@ def run(args) -> dict:
         results = zero_shot_accuracy(image_features, classifier, _labels(dataset, args.label_key))
         results.update(classes=len(classnames), templates=len(templates), images=len(dataset))
     elif args.task == "retrieval":
-        text_features = encode_texts(model, dataset.captions, tokenizer, device, args.precision)
-        results = retrieval_recall(image_features, text_features, groups=caption_groups(dataset.captions))
+        results = caption_retrieval(model, image_features, dataset.captions, tokenizer=tokenizer, device=device,
+                                    precision=args.precision)
         results["pairs"] = len(dataset)
     else:
         if args.train_data is None:

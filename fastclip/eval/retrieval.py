@@ -8,9 +8,11 @@ Plain PyTorch (one caption per image, pair i matches i)::
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from fastclip.eval.features import encode_texts
 
 
 def _recall(similarity: torch.Tensor, query_groups: torch.Tensor, item_groups: torch.Tensor,
@@ -44,3 +46,13 @@ def caption_groups(captions: Sequence[str]) -> torch.Tensor:
     """Group id per caption: identical strings share a group (N,) int64."""
     ids: dict[str, int] = {}
     return torch.tensor([ids.setdefault(caption, len(ids)) for caption in captions], dtype=torch.int64)
+
+
+def caption_retrieval(model: torch.nn.Module, image_features: torch.Tensor, captions: Sequence[str], *,
+                      tokenizer: Callable, device: torch.device, precision: str = "fp32") -> dict:
+    """Recall@1/5/10 both ways of N pairs: ``image_features`` (N, E) and their N captions, encoded here.
+
+    Pairs whose captions are identical strings count as one (:func:`caption_groups`).
+    """
+    text_features = encode_texts(model, captions, tokenizer, device, precision)
+    return retrieval_recall(image_features, text_features, groups=caption_groups(captions))

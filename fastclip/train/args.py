@@ -11,9 +11,10 @@ import argparse
 from fastclip.cli import HelpFormatter
 from fastclip.data.loader import DEFAULT_WORKERS_CAP
 from fastclip.model.config import list_models
-from fastclip.train.metrics import PLAIN_PROGRESS_LINES
+from fastclip.precision import PRECISIONS
 from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, EMBEDDED_PRESET, GENERIC_DEFAULTS,
-                                   LR_SCHEDULERS, PRECISIONS, TrainConfig, config_defaults)
+                                   LR_SCHEDULERS, TrainConfig, config_defaults)
+from fastclip.train.metrics import PLAIN_PROGRESS_LINES
 
 
 def _preset_default(name: str) -> str:

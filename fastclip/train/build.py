@@ -11,14 +11,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastclip.checkpoint_format import read_weights
 from fastclip.data.loader import TrainBatches
-from fastclip.train.checkpoint import read_weights
+from fastclip.precision import make_grad_scaler, parameter_dtype
 from fastclip.train.config import TrainConfig
 from fastclip.train.distributed import DistributedContext
 from fastclip.train.lit import apply_locks
 from fastclip.train.loop import TrainParts
 from fastclip.train.optim import build_optimizer, find_parameter
-from fastclip.train.precision import make_grad_scaler, parameter_dtype
 from fastclip.train.profiling import NvtxRanges
 
 

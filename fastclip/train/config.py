@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
+from fastclip.precision import PRECISIONS
+
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "math")
 LR_SCHEDULERS = ("cosine", "const")

@@ -25,6 +25,7 @@ import torch
 
 from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
+from fastclip.precision import check_precision_supported
 from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, say, seed_everything
 from fastclip.train.config import TrainConfig
@@ -33,7 +34,6 @@ from fastclip.train.folder_zeroshot import evaluate_folder
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
-from fastclip.train.precision import check_precision_supported
 from fastclip.train.profiling import StepProfiler
 from fastclip.train.resume import planned_total_steps, resume_if_asked
 from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
@@ -180,18 +180,15 @@ def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torc
     """Image<->text recall@1/5/10 on the --val-data pairs (rank 0; identical captions count as one)."""
     results = {}
     if ctx.is_main:
-        from fastclip.data.collate import collate_pairs
-        from fastclip.data.csv_dataset import CsvDataset
-        from fastclip.eval.features import encode_images, encode_texts
-        from fastclip.eval.retrieval import caption_groups, retrieval_recall
+        from fastclip.eval.features import encode_csv_images
+        from fastclip.eval.retrieval import caption_retrieval
 
-        dataset = CsvDataset(config.val_data, data.eval_transform, data.tokenizer, img_key=config.csv_img_key,
-                             caption_key=config.csv_caption_key, separator=config.csv_separator)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=min(config.workers, 2),
-                                             collate_fn=collate_pairs)
-        image_features = encode_images(model, loader, ctx.device, config.precision)
-        text_features = encode_texts(model, dataset.captions, data.tokenizer, ctx.device, config.precision)
-        recalls = retrieval_recall(image_features, text_features, groups=caption_groups(dataset.captions))
+        dataset, image_features = encode_csv_images(
+            model, config.val_data, transform=data.eval_transform, tokenizer=data.tokenizer, device=ctx.device,
+            precision=config.precision, img_key=config.csv_img_key, caption_key=config.csv_caption_key,
+            separator=config.csv_separator, workers=min(config.workers, 2))
+        recalls = caption_retrieval(model, image_features, dataset.captions, tokenizer=data.tokenizer,
+                                    device=ctx.device, precision=config.precision)
         results = {f"val/{key}": value for key, value in recalls.items()}
         print("validation retrieval: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in recalls.items()),
               flush=True)
