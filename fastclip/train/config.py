@@ -58,7 +58,7 @@ class TrainConfig:
     # data
     train_data: str | None = None            # CSV or webdataset shards; None: the embedded shapes set
     val_data: str | None = None              # CSV of held-out pairs: retrieval recall@k at the end
-    dataset_type: str = "auto"               # auto | csv | webdataset | synthetic (auto, None: from train_data)
+    dataset_type: str | None = "auto"        # auto | csv | webdataset | synthetic (auto, None: from train_data)
     train_num_samples: int | None = None
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
