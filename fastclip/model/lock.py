@@ -22,8 +22,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
-__all__ = ["FrozenBatchNorm2d", "lock_image_tower", "lock_text_tower", "freeze_batch_norm_stats",
-           "trainable_parameter_count"]
+__all__ = ["FrozenBatchNorm2d", "lock_image_tower", "lock_text_tower", "freeze_batch_norm_stats"]
 
 Group = list[Union[nn.Module, nn.Parameter]]
 
@@ -121,9 +120,3 @@ def lock_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_nor
         norms = [module for group in locked for item in group if isinstance(item, nn.Module)
                  for module in item.modules() if isinstance(module, nn.LayerNorm)]
         _set_trainable([norms], True)
-
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    """Elements of the parameters that require grad."""
-    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-

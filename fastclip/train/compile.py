@@ -13,6 +13,4 @@ import torch
 
 def compile_model_and_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, *, distributed: bool = False):
     """-> (compiled model, compiled loss); compilation itself happens at the first call."""
-    if not hasattr(torch, "compile"):
-        raise ValueError("--torchcompile needs torch >= 2.0 (torch.compile)")
     return torch.compile(model), torch.compile(loss_fn, fullgraph=not distributed)
