@@ -116,7 +116,7 @@ def _folder_zero_shot(model, args, transform, tokenizer, device) -> dict:
 def run(args) -> dict:
     import fastclip
     from fastclip.eval.linear_probe import linear_probe
-    from fastclip.eval.retrieval import caption_retrieval
+    from fastclip.eval.retrieval import MATCH_RULE, caption_retrieval
     from fastclip.eval.templates import load_templates
     from fastclip.eval.zeroshot import build_zero_shot_classifier, zero_shot_accuracy
 
@@ -165,7 +165,7 @@ def run(args) -> dict:
     elif args.task == "retrieval":
         results = caption_retrieval(model, image_features, dataset.captions, tokenizer=tokenizer, device=device,
                                     precision=args.precision)
-        results["pairs"] = len(dataset)
+        results.update(pairs=len(dataset), match=MATCH_RULE)
     else:
         if args.train_data is None:
             raise ValueError("--task linear-probe needs --train-data (the CSV to fit the probe on)")

@@ -181,7 +181,7 @@ def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torc
     results = {}
     if ctx.is_main:
         from fastclip.eval.features import encode_csv_images
-        from fastclip.eval.retrieval import caption_retrieval
+        from fastclip.eval.retrieval import MATCH_RULE, caption_retrieval
 
         dataset, image_features = encode_csv_images(
             model, config.val_data, transform=data.eval_transform, tokenizer=data.tokenizer, device=ctx.device,
@@ -190,8 +190,8 @@ def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torc
         recalls = caption_retrieval(model, image_features, dataset.captions, tokenizer=data.tokenizer,
                                     device=ctx.device, precision=config.precision)
         results = {f"val/{key}": value for key, value in recalls.items()}
-        print("validation retrieval: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in recalls.items()),
-              flush=True)
+        print("validation retrieval: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in recalls.items())
+              + f" ({MATCH_RULE})", flush=True)
         model.train()
     ctx.barrier()
     return results
