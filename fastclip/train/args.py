@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after the warm-up: cosine decay to 0, or constant")
     optim.add_argument("--grad-clip-norm", type=float, default=None, help="clip the total gradient norm to this")
     optim.add_argument("--precision", choices=PRECISIONS, help="amp: autocast fp16 with a GradScaler; amp_bf16: "
-                       "autocast bf16; bf16/fp16: parameters in that dtype")
+                       "autocast bf16; bf16/fp16: parameters in that dtype; pure_bf16/pure_fp16: every parameter, "
+                       "buffer and input in that dtype, no autocast (open_clip's)")
     optim.add_argument("--accum-freq", type=int,
                        help="micro-batches per step, with feature caching (GradCache)")
     optim.add_argument("--max-nonfinite-steps", type=int,
