@@ -12,7 +12,8 @@ kinds (``step`` is a training step; the fault hits only ``rank``, default 0):
   renamed), ``kill-before-prune`` (renamed into place, older ones not yet pruned), ``kill-in-prune``
   (an old checkpoint hidden and half deleted);
 - ``kill-at-line``: SIGKILL at the ``n``-th line executed by fastclip's checkpoint code (fastclip.io,
-  fastclip.checkpoint_format, fastclip.train.checkpoint, fastclip.model.loading) from the save of checkpoint ``step`` on.
+  fastclip.checkpoint_format, fastclip.train.checkpoint, fastclip.model.loading) from the save of
+  checkpoint ``step`` on.
 
 Only the first attempt of an elastic run (TORCHELASTIC_RESTART_COUNT unset or 0) is faulted. The kill
 is a real crash: no cleanup, no flush.
