@@ -3,9 +3,12 @@
     python benchmarks/bench_train.py --quick           # CPU, a few minutes, to a scratch folder
     python benchmarks/bench_train.py --quick --update-results   # the same, appended to benchmarks/results/
     python benchmarks/bench_train.py --device cuda --configs ViT-B-32:256 ViT-B-16:128 --precision amp_bf16
+    python benchmarks/bench_train.py --quick --torchcompile   # + fastclip-compiled (fastclip train --torchcompile)
 
 Output: ``--out-dir`` (default: a scratch folder under the system temp dir, printed at the end), or
 ``--update-results`` for benchmarks/results/: bench_train.csv/json (rows appended), bench_train_<cpu|gpu>.png.
+With ``--torchcompile`` the files are named bench_train_compile* instead (a separate table, never mixed
+into the eager one).
 
 A step is what each trainer does per batch: ``zero_grad -> model(image, text) -> contrastive loss ->
 backward -> AdamW step -> clamp logit_scale``.
@@ -13,6 +16,9 @@ backward -> AdamW step -> clamp logit_scale``.
 - fastclip: ``fastclip.create_model`` + ``fastclip.loss.ClipLoss`` + the trainer's own step
   (``fastclip.train.accumulation.forward_backward`` and ``loop.optimizer_update``: fused AdamW where
   torch has it, non-finite guard, tokens trimmed to the batch's longest caption as the loader does).
+- fastclip-compiled (``--torchcompile``): the fastclip step with the model and the loss compiled by
+  ``fastclip.train.compile.compile_model_and_loss`` (the trainer's ``--torchcompile``); the warm-up
+  steps, which compile, are not timed.
 - open_clip: ``open_clip`` model of the same config (same weights) + ``open_clip.ClipLoss`` + the
   step of ``open_clip_train/train.py`` (``torch.optim.AdamW`` with its default implementation, 77-token
   inputs as open_clip's tokenizer gives).
@@ -42,6 +48,7 @@ NAME = "bench_train"
 QUICK_CPU = [("fastclip-tiny", 64), ("RN-Tiny", 128)]
 FULL_CPU = QUICK_CPU + [("ViT-B-32", 16)]
 LIBRARIES = ("fastclip", "fastclip-77tok", "open_clip")  # fastclip-77tok: same step on untrimmed tokens
+COMPILE_LIBRARIES = ("fastclip", "fastclip-compiled", "open_clip")  # --torchcompile: eager beside compiled
 
 
 def _captions(count: int) -> list[str]:
@@ -77,6 +84,10 @@ class TrainStep:
             self.loss = ClipLoss()
             self.optimizer, _ = build_optimizer(self.model, lr=1e-4, weight_decay=0.2)
             self.tokens = (tokens if library == "fastclip-77tok" else trim_padding(tokens)).to(self.device)
+            if library == "fastclip-compiled":
+                from fastclip.train.compile import compile_model_and_loss
+
+                self.model, self.loss = compile_model_and_loss(self.model, self.loss)
         else:
             import open_clip
 
@@ -98,7 +109,7 @@ class TrainStep:
 
         import torch
 
-        from fastclip.train.precision import autocast
+        from fastclip.precision import autocast
 
         if self.library.startswith("fastclip"):
             from types import SimpleNamespace
@@ -135,12 +146,19 @@ class _SingleProcess:
         return bool(flag)
 
 
+def _warmup_steps(library: str) -> int:
+    """Untimed steps before measuring: one, or two when compiling (the first compiles, the second may
+    recompile once for the then-known dynamic shapes)."""
+    return 2 if library.endswith("compiled") else 1
+
+
 def measure_memory(case: dict) -> dict:
     """Child process: peak memory of one step (after a warm-up step) above the state before it."""
     import gc
 
     step = TrainStep(case, case["library"])
-    step()  # warm-up: optimizer state, lazy inits
+    for _ in range(_warmup_steps(case["library"])):  # optimizer state, lazy inits, compilation
+        step()
     step.model.zero_grad(set_to_none=True)
     gc.collect()
     base = reset_peak_memory(step.device)  # CPU: the parent pinned a low mmap threshold (low_mmap_threshold)
@@ -152,15 +170,17 @@ def measure_memory(case: dict) -> dict:
 
 def measure_time(case: dict) -> list[dict]:
     """Child process: both libraries built side by side, timed round-robin. One row per library."""
-    steps = {library: TrainStep(case, library) for library in LIBRARIES}
-    samples = {library: [] for library in LIBRARIES}
-    for library in LIBRARIES:
-        steps[library]()  # warm-up (allocator, lazy init, autotuning)
+    libraries = case["libraries"]
+    steps = {library: TrainStep(case, library) for library in libraries}
+    samples = {library: [] for library in libraries}
+    for library in libraries:
+        for _ in range(_warmup_steps(library)):  # allocator, lazy init, autotuning, compilation
+            steps[library]()
     for _ in range(case["repeats"]):
-        for library in LIBRARIES:
+        for library in libraries:
             samples[library].append(time_function(steps[library], device=case["device"], warmup=0, repeats=1))
     rows = []
-    for library in LIBRARIES:
+    for library in libraries:
         timing = summarize_times([sample["ms_median"] for sample in samples[library]])
         rows.append({**case, "library": library, **timing,
                      "samples_per_s": case["batch"] / (timing["ms_median"] / 1e3), "status": "ok"})
@@ -179,13 +199,15 @@ def _child(case: dict) -> None:
         print(json.dumps({"rows": measure_time(case), **case}))
 
 
-def run(configs, *, device: str, precision: str, repeats: int, threads: int | None) -> list[dict]:
+def run(configs, *, device: str, precision: str, repeats: int, threads: int | None,
+        libraries=LIBRARIES) -> list[dict]:
     script = Path(__file__).resolve()
     rows = []
     for config, batch in configs:
         for checkpointing in (False, True):
             case = {"config": config, "batch": batch, "device": device, "precision": precision,
-                    "grad_checkpointing": checkpointing, "repeats": repeats, "threads": threads}
+                    "grad_checkpointing": checkpointing, "repeats": repeats, "threads": threads,
+                    "libraries": list(libraries)}
             timing = run_case_in_subprocess(script, {**case, "what": "time"})
             if "rows" not in timing:
                 print(f"{config} ckpt={checkpointing}: {timing.get('status')}")
@@ -193,10 +215,10 @@ def run(configs, *, device: str, precision: str, repeats: int, threads: int | No
             for row in timing["rows"]:
                 with low_mmap_threshold():
                     memory = run_case_in_subprocess(script, {**case, "what": "memory", "library": row["library"]})
-                row = {key: value for key, value in row.items() if key not in ("what", "rows")}
+                row = {key: value for key, value in row.items() if key not in ("what", "rows", "libraries")}
                 row["peak_mb"] = memory.get("peak_mb")
                 rows.append(row)
-            group = rows[-len(LIBRARIES):]
+            group = rows[-len(libraries):]
             reference = group[-1]
             for row in group:
                 row["speedup_vs_open_clip"] = row["samples_per_s"] / reference["samples_per_s"]
@@ -217,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", nargs="*", default=None, help="NAME:BATCH ...")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU default 1)")
+    parser.add_argument("--torchcompile", action="store_true",
+                        help="time fastclip eager beside fastclip compiled (model + loss, as fastclip train "
+                             "--torchcompile) and open_clip; results go to bench_train_compile.*")
     _common.add_output_arguments(parser)
     return parser
 
@@ -232,16 +257,19 @@ def main(argv=None) -> int:
         configs = QUICK_CPU if args.quick or args.device == "cpu" else [("ViT-B-32", 256), ("ViT-B-16", 128)]
     threads = args.threads or (1 if args.device == "cpu" else None)
     repeats = args.repeats or (5 if args.quick else 9)
-    rows = run(configs, device=args.device, precision=args.precision, repeats=repeats, threads=threads)
+    libraries = COMPILE_LIBRARIES if args.torchcompile else LIBRARIES
+    rows = run(configs, device=args.device, precision=args.precision, repeats=repeats, threads=threads,
+               libraries=libraries)
     if not rows:
         return 1
     out = _common.output_dir(args)
-    path = append_results(NAME, rows, out)
+    name = f"{NAME}_compile" if args.torchcompile else NAME
+    path = append_results(name, rows, out)
     suffix = "cpu" if args.device == "cpu" else "gpu"
     for row in rows:
         row["variant"] = f"{row['library']}{' +ckpt' if row['grad_checkpointing'] else ''}"
         row["model_index"] = [config for config, _ in configs].index(row["config"]) + 1
-    plot_results(rows, x="model_index", series="variant", log_x=False, output=out / f"{NAME}_{suffix}.png",
+    plot_results(rows, x="model_index", series="variant", log_x=False, output=out / f"{name}_{suffix}.png",
                  panels=[("samples_per_s", "training samples / s"), ("peak_mb", "peak memory of a step (MB)")],
                  title=f"training step, {args.precision}, {args.device}: "
                        + ", ".join(f"{i + 1}={c}:B{b}" for i, (c, b) in enumerate(configs)))

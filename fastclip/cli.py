@@ -2,7 +2,10 @@
 
 Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file only routes.
 """
+import argparse
+import re
 import sys
+import textwrap
 from importlib import import_module
 
 SUBCOMMANDS = {
@@ -10,6 +13,33 @@ SUBCOMMANDS = {
     "train": ("fastclip.train.main", "train CLIP (no flags: the embedded synthetic set on CPU)"),
     "eval": ("fastclip.eval.main", "zero-shot / retrieval / linear-probe evaluation of a checkpoint"),
 }
+
+
+def plain_text(docstring: str) -> str:
+    """A docstring's reStructuredText as the plain text ``--help`` prints: ````x```` -> ``x``, a
+    paragraph-ending ``::`` -> ``:``, ``\\`` line continuations kept (they are shell)."""
+    text = re.sub(r"``([^`]+)``", r"\1", docstring)
+    text = re.sub(r"(?<=\S)::$", ":", text, flags=re.MULTILINE)
+    return re.sub(r"^::$\n?", "", text, flags=re.MULTILINE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each default shown once: ``(default: X)`` is added to a flag's help unless the help
+    already names its default, or the default is nothing to show (None, False, a suppressed value).
+    The description is printed as written (RawDescription)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default is argparse.SUPPRESS
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        shown = repr(default) if isinstance(default, str) and (not default or default.isspace()) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+    def _split_lines(self, text: str, width: int) -> list:
+        """Wrap at spaces only: names such as ViT-bigG-14 and --lock-text stay whole."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _usage() -> str:

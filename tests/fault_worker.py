@@ -12,7 +12,8 @@ kinds (``step`` is a training step; the fault hits only ``rank``, default 0):
   renamed), ``kill-before-prune`` (renamed into place, older ones not yet pruned), ``kill-in-prune``
   (an old checkpoint hidden and half deleted);
 - ``kill-at-line``: SIGKILL at the ``n``-th line executed by fastclip's checkpoint code (fastclip.io,
-  fastclip.train.checkpoint, fastclip.model.loading) from the save of checkpoint ``step`` on.
+  fastclip.checkpoint_format, fastclip.train.checkpoint, fastclip.model.loading) from the save of
+  checkpoint ``step`` on.
 
 Only the first attempt of an elastic run (TORCHELASTIC_RESTART_COUNT unset or 0) is faulted. The kill
 is a real crash: no cleanup, no flush.
@@ -32,6 +33,7 @@ def die():
 def install(kind: str, step: int, n: int) -> None:
     import torch
 
+    import fastclip.checkpoint_format
     import fastclip.io
     import fastclip.model
     import fastclip.train.checkpoint as checkpoint
@@ -118,7 +120,8 @@ def install(kind: str, step: int, n: int) -> None:
 
         checkpoint.shutil.rmtree = delete_one_file_then_die
     elif kind == "kill-at-line":
-        watched = {os.path.abspath(module.__file__) for module in (fastclip.io, checkpoint, fastclip.model.loading)}
+        watched = {os.path.abspath(module.__file__) for module in (fastclip.io, fastclip.checkpoint_format, checkpoint,
+                                                                   fastclip.model.loading)}
         executed = [0]
 
         def count_lines(frame, event, arg):

@@ -6,12 +6,29 @@ run resumed at batch k of epoch e sees exactly the batches the uninterrupted run
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from fastclip.data.collate import collate_pairs
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+DEFAULT_WORKERS_CAP = 4  # open_clip's --workers default, as an upper bound
+
+
+def default_workers(limit: int = DEFAULT_WORKERS_CAP) -> int:
+    """DataLoader workers per process when the user gives none: ``min(limit, available_cpus())``."""
+    return min(limit, available_cpus())
 
 
 class ShardedEpochSampler(Sampler[int]):

@@ -46,7 +46,7 @@ def check_consistent(world: World, features: torch.Tensor, options: dict[str, in
     values = [features.shape[0], features.shape[1], DTYPE_CODES.get(features.dtype, 0), *options.values()]
     local = torch.tensor(values, dtype=torch.int64, device=features.device)
     table = torch.empty(world.size * len(values), dtype=torch.int64, device=features.device)
-    dist.all_gather_into_tensor(table, local, group=world.group)
+    _collective("all_gather_single", "all_gather_into_tensor")(table, local, group=world.group)
     rows = table.view(world.size, len(values)).cpu().tolist()
     problems = []
     for column, name in enumerate(names):
@@ -61,17 +61,26 @@ def check_consistent(world: World, features: torch.Tensor, options: dict[str, in
         raise ValueError("fastclip distributed loss: " + "; ".join(problems) + ". " + hint)
 
 
+def _collective(name: str, older_name: str):
+    """``torch.distributed.<name>``, or its older spelling on a torch that lacks it. torch 2.14 renamed
+    ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to ``all_gather_single`` / ``reduce_scatter_single``
+    and warns (FutureWarning, every rank, every call) on the old names. Looked up per call, so
+    :func:`count_communication`'s wrappers see it."""
+    return getattr(dist, name, None) or getattr(dist, older_name)
+
+
 def all_gather_rows(world: World, tensor: torch.Tensor) -> torch.Tensor:
     """(b, ...) on every rank -> (W * b, ...) in rank order, in the tensor's dtype."""
     out = torch.empty((world.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=world.group)
+    _collective("all_gather_single", "all_gather_into_tensor")(out, tensor.contiguous(), group=world.group)
     return out
 
 
 def reduce_scatter_rows(world: World, tensor: torch.Tensor) -> torch.Tensor:
     """(W * b, ...) partial sums on every rank -> this rank's (b, ...) block of their sum over ranks."""
     out = torch.empty((tensor.shape[0] // world.size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.reduce_scatter_tensor(out, tensor.contiguous(), op=dist.ReduceOp.SUM, group=world.group)
+    _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, tensor.contiguous(), op=dist.ReduceOp.SUM,
+                                                                group=world.group)
     return out
 
 
@@ -98,8 +107,10 @@ def _p2p_send_bytes(p2p_ops) -> int:
 # Logical payload of one call on this rank: what an all-gather returns, what a reduce-scatter or an
 # all-reduce reduces, what a scatter root or a P2P batch sends.
 _PAYLOAD = {
+    "all_gather_single": lambda a, k: _nbytes(a[0] if a else k.get("output_tensor")),
     "all_gather_into_tensor": lambda a, k: _nbytes(a[0] if a else k.get("output_tensor")),
     "all_gather": lambda a, k: _list_bytes(a[0] if a else k.get("tensor_list")),
+    "reduce_scatter_single": lambda a, k: _nbytes(a[1] if len(a) > 1 else k.get("input")),
     "reduce_scatter_tensor": lambda a, k: _nbytes(a[1] if len(a) > 1 else k.get("input")),
     "reduce_scatter": lambda a, k: _list_bytes(a[1] if len(a) > 1 else k.get("input_list")),
     "all_reduce": lambda a, k: _nbytes(a[0] if a else k.get("tensor")),

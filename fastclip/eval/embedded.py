@@ -3,7 +3,8 @@
 Zero-shot top-1/top-5 over the 64 colour-shape classes on three held-out splits (seen combinations,
 unseen combinations, textured backgrounds), single prompt vs prompt ensemble, with chance level; on
 unseen combinations also how often the predicted colour and shape are right on their own; and
-image<->text retrieval recall@1/5/10 on the seen split.
+image<->text retrieval recall@1/5/10 on the seen split (``retrieval.caption_retrieval``: the same numbers
+as ``fastclip eval --task retrieval`` on that split).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 from fastclip.data import shapes
 from fastclip.data.csv_dataset import CsvDataset
 from fastclip.data.collate import collate_pairs
-from fastclip.eval.features import encode_images, encode_texts
-from fastclip.eval.retrieval import retrieval_recall
+from fastclip.eval.features import encode_images
+from fastclip.eval.retrieval import MATCH_RULE, caption_retrieval
 from fastclip.eval.templates import SHAPES_TEMPLATES
 from fastclip.eval.zeroshot import build_zero_shot_classifier, zero_shot_accuracy
 
@@ -56,13 +57,9 @@ def evaluate_embedded(model: torch.nn.Module, root: str | Path, *, transform: Ca
         for metric, value in _attribute_accuracy(predicted, labels).items():
             results[f"{split}/{metric}"] = value
         if split == "val_seen":
-            text_features = encode_texts(model, dataset.captions, tokenizer, device, precision)
-            # pairs whose captions name the same attributes are interchangeable answers
-            keys = [tuple(row[k] for k in ("colour", "shape", "size", "position", "background"))
-                    for row in dataset.rows]
-            ids: dict = {}
-            groups = torch.tensor([ids.setdefault(key, len(ids)) for key in keys])
-            for metric, value in retrieval_recall(features, text_features, groups=groups).items():
+            recalls = caption_retrieval(model, features, dataset.captions, tokenizer=tokenizer, device=device,
+                                        precision=precision)
+            for metric, value in recalls.items():
                 results[f"{split}/{metric}"] = value
     return results
 
@@ -87,4 +84,5 @@ def format_report(results: dict) -> str:
     for direction, title in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
         values = "".join(f"{pct(results[f'val_seen/{direction}_R@{k}']):>8}" for k in (1, 5, 10))
         lines.append(f"{title:<40}{values}")
+    lines.append(f"({MATCH_RULE}, as fastclip eval --task retrieval counts)")
     return "\n".join(lines)

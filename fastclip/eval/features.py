@@ -1,12 +1,14 @@
-"""Frozen-model features for evaluation: images from a loader, texts in batches."""
+"""Frozen-model features for evaluation: images from a loader, texts in batches, the images of a CSV."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from fastclip.data.collate import trim_padding
-from fastclip.train.precision import autocast
+from fastclip.data.collate import collate_pairs, trim_padding
+from fastclip.data.csv_dataset import CsvDataset
+from fastclip.precision import autocast
 
 
 @torch.no_grad()
@@ -35,3 +37,14 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
         features.append(encoded.float().cpu())
     return torch.cat(features)
 
+
+def encode_csv_images(model: torch.nn.Module, csv_path: str | Path, *, transform: Callable, tokenizer: Callable,
+                      device: torch.device, precision: str = "fp32", img_key: str = "filepath",
+                      caption_key: str = "title", separator: str = "\t", batch_size: int = 256,
+                      workers: int = 0) -> tuple[CsvDataset, torch.Tensor]:
+    """The image-caption pairs of a CSV (open_clip's columns) and their image features (N, E) -> (dataset, features)."""
+    dataset = CsvDataset(csv_path, transform, tokenizer, img_key=img_key, caption_key=caption_key,
+                         separator=separator)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_pairs)
+    return dataset, encode_images(model, loader, device, precision)

@@ -1,10 +1,16 @@
 """``fastclip eval --task zeroshot|retrieval|linear-probe``: evaluate a checkpoint.
 
     fastclip eval --task zeroshot --checkpoint runs/x/checkpoints/step_00000200          # embedded set
+    fastclip eval --task zeroshot --checkpoint model.safetensors --data imagenet/val \\
+        --classnames classnames.txt --templates imagenet                            # class-per-folder
     fastclip eval --task zeroshot --checkpoint model.safetensors --data val.csv \\
         --classnames classes.txt --label-key label --templates imagenet
     fastclip eval --task retrieval --checkpoint model.safetensors --data pairs.csv
     fastclip eval --task linear-probe --checkpoint ckpt --train-data train.csv --data test.csv --shots 16
+
+A folder as ``--data`` is a class-per-folder image set (ImageNet-val layout: DIR/<class folder>/*.jpg; the
+folders sorted by name are the labels). ``--classnames`` is then a text file with one name per line in
+sorted-folder order, or a JSON file: a map folder -> name, or a list; without it the folder names are used.
 
 Without ``--data`` the embedded shapes set is used (the newest one generated at the model's image size
 in the cache, else a fresh default one): zero-shot prints the same table as ``fastclip train``;
@@ -20,33 +26,43 @@ from pathlib import Path
 
 import torch
 
+from fastclip.data.loader import default_workers
+from fastclip.precision import PRECISIONS
+
 TASKS = ("zeroshot", "retrieval", "linear-probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastclip eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=TASKS, required=True)
+    from fastclip.cli import HelpFormatter, plain_text
+
+    parser = argparse.ArgumentParser(prog="fastclip eval", description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--task", choices=TASKS, required=True, help="what to measure")
     parser.add_argument("--checkpoint", required=True,
                         help="a trainer checkpoint folder, or a weights file (.safetensors/.pt/.bin)")
     parser.add_argument("--model", default=None, help="config name (default: read from the checkpoint)")
-    parser.add_argument("--data", default=None, help="evaluation CSV or shards (default: the embedded set)")
+    parser.add_argument("--data", default=None, help="evaluation CSV, or (zeroshot) a class-per-folder image directory "
+                        "(default: the embedded set)")
     parser.add_argument("--train-data", default=None, help="linear probe: the CSV to fit on")
-    parser.add_argument("--dataset-type", choices=("csv", "webdataset"), default="csv")
+    parser.add_argument("--dataset-type", choices=("csv", "webdataset"), default="csv",
+                        help="format of --data when it is a file (default: csv)")
     parser.add_argument("--num-samples", type=int, default=None, help="webdataset: samples to read")
-    parser.add_argument("--csv-img-key", default="filepath")
-    parser.add_argument("--csv-caption-key", default="title")
-    parser.add_argument("--csv-separator", default="\t")
+    parser.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (default: filepath)")
+    parser.add_argument("--csv-caption-key", default="title", help="CSV column of captions (default: title)")
+    parser.add_argument("--csv-separator", default="\t", help="CSV field separator (default: a tab)")
     parser.add_argument("--label-key", default="label", help="CSV column with integer class labels")
-    parser.add_argument("--classnames", default=None, help="text file, one class name per line (label order)")
+    parser.add_argument("--classnames", default=None, help="class names: a text file, one per line in label (sorted-folder) order, or "
+                        "for a folder a JSON map folder -> name (default for a folder: its folder names)")
     parser.add_argument("--templates", default=None,
-                        help="imagenet | shapes | single | a file with one '{}' template per line")
+                        help="imagenet | shapes | single | a file with one '{}' template per line "
+                        "(default: imagenet; the embedded set uses its own)")
     parser.add_argument("--shots", type=int, default=None, help="linear probe: k examples per class")
     parser.add_argument("--weight-decay", type=float, default=1e-3, help="linear probe L2 strength")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"))
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (default: min(2, the CPUs this process may use))")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast / parameter precision")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--cache-dir", default=None, help="where the embedded set is cached (as for train)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     return parser
@@ -55,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.device, precision: str):
     """The model of a trainer checkpoint folder or a weights file, in eval mode."""
     import fastclip
-    from fastclip.train.checkpoint import MODEL_FILE, load_checkpoint, read_weights
-    from fastclip.train.precision import parameter_dtype
+    from fastclip.checkpoint_format import MODEL_FILE, read_weights, verify_checkpoint
+    from fastclip.precision import parameter_dtype
 
     path = Path(checkpoint)
     if path.is_dir():
-        load_checkpoint(path)  # verifies the manifest and checksums; raises CorruptCheckpointError (a ValueError)
+        verify_checkpoint(path)  # the manifest and checksums; raises CorruptCheckpointError (a ValueError)
         path = path / MODEL_FILE
     if not path.is_file():
         raise ValueError(f"--checkpoint {checkpoint!r} is neither a checkpoint folder nor a weights file")
@@ -69,15 +85,11 @@ def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.d
 
 
 def _csv_features(model, csv_path, args, transform, tokenizer, device):
-    from fastclip.data.collate import collate_pairs
-    from fastclip.data.csv_dataset import CsvDataset
-    from fastclip.eval.features import encode_images
+    from fastclip.eval.features import encode_csv_images
 
-    dataset = CsvDataset(csv_path, transform, tokenizer, img_key=args.csv_img_key,
-                         caption_key=args.csv_caption_key, separator=args.csv_separator)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate_pairs)
-    return dataset, encode_images(model, loader, device, args.precision)
+    return encode_csv_images(model, csv_path, transform=transform, tokenizer=tokenizer, device=device,
+                             precision=args.precision, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                             separator=args.csv_separator, batch_size=args.batch_size, workers=args.workers)
 
 
 def _labels(dataset, key: str) -> torch.Tensor:
@@ -86,15 +98,31 @@ def _labels(dataset, key: str) -> torch.Tensor:
     return torch.tensor([int(row[key]) for row in dataset.rows])
 
 
+def _folder_zero_shot(model, args, transform, tokenizer, device) -> dict:
+    from fastclip.data.image_folder import class_folders, read_classnames
+    from fastclip.eval.templates import load_templates
+    from fastclip.eval.zeroshot import evaluate_image_folder, format_folder_result
+
+    classnames = read_classnames(args.classnames, class_folders(args.data))
+    results = evaluate_image_folder(model, args.data, classnames=classnames,
+                                    templates=load_templates(args.templates or "imagenet"), transform=transform,
+                                    tokenizer=tokenizer, device=device, precision=args.precision,
+                                    batch_size=args.batch_size, workers=args.workers)
+    print(format_folder_result(args.data, results))
+    print(json.dumps(results, indent=1))
+    return results
+
+
 def run(args) -> dict:
     import fastclip
-    from fastclip.eval.features import encode_texts
     from fastclip.eval.linear_probe import linear_probe
-    from fastclip.eval.retrieval import caption_groups, retrieval_recall
+    from fastclip.eval.retrieval import MATCH_RULE, caption_retrieval
     from fastclip.eval.templates import load_templates
     from fastclip.eval.zeroshot import build_zero_shot_classifier, zero_shot_accuracy
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.workers is None:
+        args.workers = default_workers(2)
     model = load_model_for_eval(args.checkpoint, args.model, device, args.precision)
     transform = fastclip.image_transform(model.config.vision.image_size, train=False)
     tokenizer = functools.partial(fastclip.tokenize, context_length=model.context_length, truncate=True)
@@ -115,6 +143,13 @@ def run(args) -> dict:
             return results
         args.data = str(root / "val_seen.csv")
         args.train_data = args.train_data or str(root / "train.csv")
+    if not Path(args.data).exists():
+        raise ValueError(f"--data {args.data!r} does not exist")
+    if Path(args.data).is_dir():
+        if args.task != "zeroshot":
+            raise ValueError(f"--data {args.data} is a folder: a class-per-folder set serves --task zeroshot; "
+                             f"--task {args.task} reads a CSV")
+        return _folder_zero_shot(model, args, transform, tokenizer, device)
     if args.dataset_type != "csv":
         raise ValueError("fastclip eval reads CSV files; convert shards with the webdataset tools first")
 
@@ -128,9 +163,9 @@ def run(args) -> dict:
         results = zero_shot_accuracy(image_features, classifier, _labels(dataset, args.label_key))
         results.update(classes=len(classnames), templates=len(templates), images=len(dataset))
     elif args.task == "retrieval":
-        text_features = encode_texts(model, dataset.captions, tokenizer, device, args.precision)
-        results = retrieval_recall(image_features, text_features, groups=caption_groups(dataset.captions))
-        results["pairs"] = len(dataset)
+        results = caption_retrieval(model, image_features, dataset.captions, tokenizer=tokenizer, device=device,
+                                    precision=args.precision)
+        results.update(pairs=len(dataset), match=MATCH_RULE)
     else:
         if args.train_data is None:
             raise ValueError("--task linear-probe needs --train-data (the CSV to fit the probe on)")

@@ -1,5 +1,11 @@
 """Image<->text retrieval recall@k (CLIP paper, section 3.2 / open_clip's ``get_clip_metrics``).
 
+What counts as a hit (:data:`MATCH_RULE`, the one definition ``fastclip eval --task retrieval``, the
+trainer's ``--val-data`` report and the embedded set's table all use): the query's own pair, as in
+CLIP_benchmark and open_clip, except that pairs whose captions are the same string count as one, since
+any text encoder gives identical captions identical features and so cannot rank one above the other.
+Captions that only describe the same attributes in other words are different captions.
+
 Plain PyTorch (one caption per image, pair i matches i)::
 
     similarity = image_features @ text_features.T
@@ -8,9 +14,13 @@ Plain PyTorch (one caption per image, pair i matches i)::
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from fastclip.eval.features import encode_texts
+
+MATCH_RULE = "a hit is the query's own pair; pairs with identical captions count as one"
 
 
 def _recall(similarity: torch.Tensor, query_groups: torch.Tensor, item_groups: torch.Tensor,
@@ -44,3 +54,13 @@ def caption_groups(captions: Sequence[str]) -> torch.Tensor:
     """Group id per caption: identical strings share a group (N,) int64."""
     ids: dict[str, int] = {}
     return torch.tensor([ids.setdefault(caption, len(ids)) for caption in captions], dtype=torch.int64)
+
+
+def caption_retrieval(model: torch.nn.Module, image_features: torch.Tensor, captions: Sequence[str], *,
+                      tokenizer: Callable, device: torch.device, precision: str = "fp32") -> dict:
+    """Recall@1/5/10 both ways of N pairs: ``image_features`` (N, E) and their N captions, encoded here.
+
+    What counts as a hit: :data:`MATCH_RULE` (pairs whose captions are the same string count as one).
+    """
+    text_features = encode_texts(model, captions, tokenizer, device, precision)
+    return retrieval_recall(image_features, text_features, groups=caption_groups(captions))

@@ -44,3 +44,32 @@ def zero_shot_accuracy(image_features: torch.Tensor, classifier: torch.Tensor, l
                        topk: Sequence[int] = (1, 5)) -> dict:
     """image_features: (N, E) normalised; classifier: (C, E); labels: (N,) -> {"top1", "top5"}."""
     return topk_accuracy(image_features @ classifier.T, labels, topk)
+
+
+def evaluate_image_folder(model: torch.nn.Module, root, *, classnames: Sequence[str] | None = None,
+                          templates: Sequence[str], transform: Callable, tokenizer: Callable, device: torch.device,
+                          precision: str = "fp32", batch_size: int = 256, workers: int = 0) -> dict:
+    """Zero-shot top-1/top-5 on a class-per-folder image directory (``fastclip.data.image_folder``).
+
+    ``classnames``: one per class folder in sorted order (default: the folder names). Returns
+    ``{"top1", "top5", "images", "classes", "templates"}``.
+    """
+    from fastclip.data.image_folder import ImageFolderDataset, read_classnames
+    from fastclip.eval.features import encode_images
+
+    dataset = ImageFolderDataset(root, transform)
+    names = list(classnames) if classnames is not None else read_classnames(None, dataset.classes)
+    if len(names) != len(dataset.classes):
+        raise ValueError(f"{len(names)} class names for the {len(dataset.classes)} class folders of {root}")
+    classifier = build_zero_shot_classifier(model, names, templates, tokenizer, device, precision)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    features = encode_images(model, loader, device, precision)
+    results = zero_shot_accuracy(features, classifier, torch.tensor(dataset.labels))
+    results.update(images=len(dataset), classes=len(names), templates=len(templates))
+    return results
+
+
+def format_folder_result(root, results: dict) -> str:
+    """One line: ``zero-shot on ROOT: top-1 x%, top-5 y% (N images, C classes, T templates)``."""
+    return (f"zero-shot on {root}: top-1 {100 * results['top1']:.1f}%, top-5 {100 * results['top5']:.1f}% "
+            f"({results['images']} images, {results['classes']} classes, {results['templates']} templates)")

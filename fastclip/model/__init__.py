@@ -14,6 +14,7 @@ from .clip import CLIP
 from .config import CONFIGS, CLIPConfig, TextConfig, VisionConfig, get_config, list_models
 from .loading import (create_model, infer_config, likely_config_names, load_checkpoint, load_weights,
                       model_from_state_dict, normalize_state_dict, save_model)
+from .lock import FrozenBatchNorm2d, lock_image_tower, lock_text_tower
 from .pretrained import Weights, WeightsNotFoundError, resolve_pretrained
 from .resnet import ModifiedResNet
 from .text import TextTransformer
@@ -27,5 +28,5 @@ __all__ = [
     "infer_config", "likely_config_names", "resolve_pretrained", "Weights", "WeightsNotFoundError", "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "CONFIGS",
     "configs", "get_config", "list_models", "VisionTransformer", "ModifiedResNet", "TextTransformer", "Transformer",
     "ResidualAttentionBlock", "Attention", "ATTN_IMPLS", "describe_backends", "LayerNorm",
-    "QuickGELU", "PatchDropout",
+    "QuickGELU", "PatchDropout", "lock_image_tower", "lock_text_tower", "FrozenBatchNorm2d",
 ]

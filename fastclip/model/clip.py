@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import check_attn_impl
 from .config import CLIPConfig
+from .lock import lock_image_tower, lock_text_tower
 from .resnet import ModifiedResNet
 from .text import TEXT_TOWER_KEYS, TextTransformer, encode_text_tokens
 from .vision import VisionTransformer
@@ -99,6 +100,16 @@ class CLIP(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "attn_impl"):
                 module.attn_impl = attn_impl
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """LiT: freeze the image tower but its last ``unlocked_groups`` layer groups (open_clip's method;
+        see ``fastclip.model.lock``). Lock before building the optimiser."""
+        lock_image_tower(self, unlocked_groups, freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower but its last ``unlocked_layers`` layer groups (open_clip's method;
+        see ``fastclip.model.lock``)."""
+        lock_text_tower(self, unlocked_layers, freeze_layer_norm)
 
     def no_weight_decay(self) -> set:
         """Names of parameters conventionally kept out of weight decay (embeddings, temperature)."""

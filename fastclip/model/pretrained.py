@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from fastclip.checkpoint_format import MODEL_FILE
+
 __all__ = ["Weights", "WeightsNotFoundError", "resolve_pretrained", "weights_file", "hub_cache_dir",
            "clip_url_cache_dir", "CHECKPOINT_WEIGHTS_FILE"]
 
 PathLike = Union[str, os.PathLike]
-CHECKPOINT_WEIGHTS_FILE = "model.safetensors"  # what a trainer checkpoint folder holds (fastclip.train.checkpoint)
+CHECKPOINT_WEIGHTS_FILE = MODEL_FILE  # what a trainer checkpoint folder holds (fastclip.checkpoint_format)
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HF_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_HF_FILE = "open_clip_pytorch_model.bin"  # open_clip's default file in a Hub repository

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastclip.train.precision import autocast
+from fastclip.precision import autocast
 
 
 @dataclass

@@ -8,6 +8,9 @@ Layout: ``<output-dir>/checkpoints/step_00000120/`` holding
 - ``manifest.json``: step, model name, the lineage (``run_id``, ``parent``), the batch and world size,
   and the SHA-256 of both files.
 
+The format itself (file names, manifest, checksums, reading weights) is ``fastclip.checkpoint_format``,
+which evaluation and model loading read too; this module writes, prunes and resumes.
+
 A checkpoint is staged in a hidden folder and renamed into place whole (``fastclip.io.atomic_dir``),
 so a crash leaves either the old set or the new one; an existing step folder is never overwritten.
 Loading verifies the manifest's structure and both checksums: anything unreadable is a
@@ -19,12 +22,9 @@ written, never the checkpoint just written, and never a folder whose manifest it
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,19 +34,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastclip.checkpoint_format import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, STATE_FILE, STEP_PATTERN,
+                                       CorruptCheckpointError, checkpoint_step, read_manifest, read_weights, sha256_of,
+                                       step_folder_name, verify_checkpoint)
 from fastclip.io import atomic_dir, atomic_write_json, fsync_dir, remove_stale_temporaries, temporary_prefix
 
 logger = logging.getLogger("fastclip.train")
 
-MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
-MANIFEST_FORMAT = 2  # 1: step, model, sha256 only (no lineage); still readable
 CORRUPT_SUFFIX = ".corrupt"
-_STEP_PATTERN = re.compile(r"^step_(\d+)$")
 _STATE_KEYS = {"train": dict, "optimizer": dict, "rng": list, "world_size": int}
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint folder or weights file that is incomplete, fails its checksum, or cannot be decoded."""
 
 
 class CheckpointExistsError(ValueError):
@@ -86,25 +82,13 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------ save
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def step_folder_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def remove_stale_staging(output_dir: str | Path) -> list[Path]:
     """Delete the hidden ``.step_N.*`` folders a killed writer or pruner left (call on the main rank, at start)."""
-    return remove_stale_temporaries(checkpoint_dir(output_dir), _STEP_PATTERN.pattern.strip("^$"))
+    return remove_stale_temporaries(checkpoint_dir(output_dir), STEP_PATTERN.pattern.strip("^$"))
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, state: dict, *,
@@ -131,7 +115,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, s
                 torch.save(state, handle)
             manifest = {"format": MANIFEST_FORMAT, "step": step, "model": model_name, "run_id": run_id,
                         "parent": parent, **(details or {}),
-                        "sha256": {name: _sha256(staging / name) for name in (MODEL_FILE, STATE_FILE)}}
+                        "sha256": {name: sha256_of(staging / name) for name in (MODEL_FILE, STATE_FILE)}}
             atomic_write_json(staging / MANIFEST_FILE, manifest)
     except FileExistsError as error:  # another writer got there between the check and the rename
         raise CheckpointExistsError(f"{final} appeared while it was being written: {error}") from error
@@ -186,11 +170,6 @@ def set_aside_corrupt(path: Path) -> Path:
 # ------------------------------------------------------------------------------------------ load
 
 
-def checkpoint_step(path: Path) -> int | None:
-    match = _STEP_PATTERN.match(path.name)
-    return int(match.group(1)) if match else None
-
-
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Checkpoint folders (``step_N``) under ``output_dir``, oldest first by step; not verified."""
     root = checkpoint_dir(output_dir)
@@ -199,31 +178,6 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     found = [(checkpoint_step(path), path) for path in root.iterdir() if path.is_dir() and checkpoint_step(path)
              is not None]
     return [path for _, path in sorted(found)]
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The validated ``manifest.json`` of a checkpoint folder; CorruptCheckpointError if it is unusable."""
-    path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({error})") from error
-    if not isinstance(manifest, dict):
-        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} holds a {type(manifest).__name__}, not an object")
-    step = manifest.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} has no valid 'step' (got {step!r})")
-    folder_step = checkpoint_step(path)
-    if folder_step is not None and folder_step != step:
-        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} says step {step}, the folder name step {folder_step}")
-    checksums = manifest.get("sha256")
-    if not isinstance(checksums, dict) or not all(isinstance(checksums.get(name), str)
-                                                  for name in (MODEL_FILE, STATE_FILE)):
-        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} lacks the sha256 of {MODEL_FILE} and {STATE_FILE}")
-    for key in ("model", "run_id"):
-        if manifest.get(key) is not None and not isinstance(manifest[key], str):
-            raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} field {key!r} is not a string")
-    return manifest
 
 
 @dataclass
@@ -245,12 +199,7 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     Raises CorruptCheckpointError naming what is wrong.
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    for name in (MODEL_FILE, STATE_FILE):
-        if not (path / name).is_file():
-            raise CorruptCheckpointError(f"{path}: {name} is missing")
-        if _sha256(path / name) != manifest["sha256"][name]:
-            raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
+    manifest = verify_checkpoint(path)
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged archive
@@ -260,31 +209,6 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         raise CorruptCheckpointError(f"{path}: {STATE_FILE} lacks {wrong} (not a fastclip training state)")
     return LoadedCheckpoint(path=path, step=manifest["step"], model_name=manifest.get("model") or "",
                             state=state, manifest=manifest)
-
-
-def _is_damaged_file_error(error: Exception) -> bool:
-    """What safetensors and torch.load raise on a truncated, empty or garbled file (not on a bug)."""
-    from safetensors import SafetensorError
-
-    if isinstance(error, RuntimeError) and not isinstance(error, SafetensorError):
-        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
-    return isinstance(error, (SafetensorError, EOFError, OSError))
-
-
-def read_weights(path: str | Path, reader: Callable):
-    """``reader(path)``, with the errors a damaged weights file raises turned into one
-    CorruptCheckpointError naming the file (a missing file is a ValueError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist")
-    try:
-        return reader(path)
-    except Exception as error:
-        if not _is_damaged_file_error(error):
-            raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CorruptCheckpointError(f"{path}: cannot be read as weights, the file is damaged or truncated "
-                                     f"({message})") from error
 
 
 def describe_mismatch(weights: dict, model: torch.nn.Module, limit: int = 3) -> str | None:

@@ -12,9 +12,14 @@ from typing import Callable
 import torch
 
 from fastclip.data.image_io import UnreadableDataError
+from fastclip.data.loader import TrainBatches
 from fastclip.train.accumulation import forward_backward
 from fastclip.train.checkpoint import capture_rng_state, save_checkpoint
-from fastclip.train.optim import clamp_logit_scale
+from fastclip.train.config import TrainConfig
+from fastclip.train.distributed import DistributedContext
+from fastclip.train.metrics import MetricsLogger
+from fastclip.train.optim import LearningRateSchedule, clamp_logit_scale
+from fastclip.train.profiling import NvtxRanges, StepProfiler
 
 
 class NonFiniteAbort(RuntimeError):
@@ -43,19 +48,19 @@ class TrainParts:
 
     model: torch.nn.Module
     unwrapped: torch.nn.Module
-    loss_fn: Callable
+    loss_fn: torch.nn.Module     # fastclip.loss.ClipLoss or SigLipLoss
     optimizer: torch.optim.Optimizer
-    schedule: object
-    scaler: object
+    schedule: LearningRateSchedule | None  # set once the total step count is known (after a resume)
+    scaler: torch.amp.GradScaler | None    # precision "amp" only
     logit_scale: torch.nn.Parameter | None
-    ctx: object                  # DistributedContext
+    ctx: DistributedContext
     precision: str
     accum_freq: int = 1
     grad_clip_norm: float | None = None
     max_nonfinite_steps: int = 20
-    ranges: Callable | None = None
-    trainable: list = field(default_factory=list)
-    lineage: dict = field(default_factory=dict)  # {"run_id", "parent"} recorded in each checkpoint (run_dir.py)
+    ranges: NvtxRanges | None = None
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    lineage: dict[str, object] = field(default_factory=dict)  # {"run_id", "parent"} in each checkpoint (run_dir.py)
 
 
 def _no_ranges(name: str):
@@ -134,30 +139,31 @@ def checkpoint_state(parts: TrainParts, state: TrainState, batch_size: int) -> d
     }
 
 
-def save(parts: TrainParts, state: TrainState, args) -> None:
+def save(parts: TrainParts, state: TrainState, config: TrainConfig) -> None:
     """Save a checkpoint of the current step (rank 0 writes; all ranks take part, and all raise if it fails)."""
-    payload = checkpoint_state(parts, state, args.batch_size)
+    payload = checkpoint_state(parts, state, config.batch_size)
 
     def write() -> None:
         if parts.ctx.is_main:
-            details = {"batch_size": args.batch_size, "world_size": parts.ctx.world_size,
+            details = {"batch_size": config.batch_size, "world_size": parts.ctx.world_size,
                        "accum_freq": parts.accum_freq,
                        "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            save_checkpoint(args.output_dir, state.step, parts.unwrapped, payload, model_name=args.model,
+            save_checkpoint(config.output_dir, state.step, parts.unwrapped, payload, model_name=config.model,
                             run_id=parts.lineage.get("run_id"), parent=parts.lineage.get("parent"),
-                            details=details, keep_last=args.keep_last)
+                            details=details, keep_last=config.keep_last)
 
     parts.ctx.all_or_none(write)
 
 
-def run_epochs(parts: TrainParts, state: TrainState, data, args, *, total_steps: int, metrics,
-               profiler=None, on_epoch_end: Callable[[int], None] | None = None) -> dict:
+def run_epochs(parts: TrainParts, state: TrainState, data: TrainBatches, config: TrainConfig, *, total_steps: int,
+               metrics: MetricsLogger, profiler: StepProfiler | None = None,
+               on_epoch_end: Callable[[int], None] | None = None) -> dict:
     """Train from ``state`` until ``total_steps`` or the last epoch. Returns timing totals."""
     ranges = parts.ranges or _no_ranges
     parts.model.train()
     train_seconds, trained_samples = 0.0, 0
     last_saved = state.step
-    while state.epoch < args.epochs and state.step < total_steps:
+    while state.epoch < config.epochs and state.step < total_steps:
         batches = data.epoch(state.epoch, start_batch=state.batch_in_epoch)
         while state.step < total_steps:
             start = time.perf_counter()
@@ -182,24 +188,24 @@ def run_epochs(parts: TrainParts, state: TrainState, data, args, *, total_steps:
             trained_samples += images.shape[0] * parts.ctx.world_size
             if profiler is not None:
                 profiler.step()
-            if state.step % args.log_every_n_steps == 0 or state.step == total_steps:
+            if state.step % config.log_every_n_steps == 0 or state.step == total_steps:
                 values.update(epoch=state.epoch, data_time=data_seconds, step_time=seconds,
                               samples_per_second=images.shape[0] * parts.ctx.world_size / seconds,
                               nonfinite_total=state.nonfinite_total, skipped_images=state.skipped_images)
                 metrics.log(state.step, values)
             metrics.progress(1, loss=values["loss"], samples_s=images.shape[0] * parts.ctx.world_size / seconds)
-            if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
-                save(parts, state, args)
+            if config.save_every_n_steps and state.step % config.save_every_n_steps == 0:
+                save(parts, state, config)
                 last_saved = state.step
         if state.batch_in_epoch >= data.num_batches:
             state.epoch += 1
             state.batch_in_epoch = 0
-            if args.save_frequency and state.epoch % args.save_frequency == 0 and last_saved != state.step:
-                save(parts, state, args)
+            if config.save_frequency and state.epoch % config.save_frequency == 0 and last_saved != state.step:
+                save(parts, state, config)
                 last_saved = state.step
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch)
-    if last_saved != state.step and (args.save_frequency or args.save_every_n_steps):
-        save(parts, state, args)
+    if last_saved != state.step and (config.save_frequency or config.save_every_n_steps):
+        save(parts, state, config)
     rate = trained_samples / train_seconds if train_seconds > 0 else math.nan
     return {"train_seconds": train_seconds, "trained_samples": trained_samples, "samples_per_second": rate}

@@ -1,4 +1,5 @@
-"""Rank-0 metrics: ``metrics.jsonl`` (one object per logged step), tensorboard, a tqdm progress bar.
+"""Rank-0 metrics: ``metrics.jsonl`` (one object per logged step), tensorboard, and progress on the console:
+a tqdm bar on a terminal, or, when the output is a pipe or a cluster log, a plain line every N steps.
 
 A run that starts at step s (a resume, or a fresh start after a crash before the first checkpoint)
 moves the lines of steps after s out of ``metrics.jsonl`` into ``metrics.superseded.jsonl``: the
@@ -8,11 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from fastclip.io import atomic_write
 
 METRICS_FILE, SUPERSEDED_FILE = "metrics.jsonl", "metrics.superseded.jsonl"
+
+
+PLAIN_PROGRESS_LINES = 20  # plain progress lines a run prints when --progress-every-n-steps is not given
+
+
+def plain_progress_interval(total_steps: int, lines: int = PLAIN_PROGRESS_LINES) -> int:
+    """Steps between plain progress lines when none was asked for: about ``lines`` lines a run."""
+    return max(1, math.ceil(total_steps / lines))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _plain(value):
@@ -27,11 +42,17 @@ class MetricsLogger:
     """Writes on the main rank only; every method is a no-op elsewhere."""
 
     def __init__(self, output_dir: str | Path, *, is_main: bool, report_to: str = "", total_steps: int = 0,
-                 initial_step: int = 0, progress: bool = True, say=print):
+                 initial_step: int = 0, progress: bool = True, plain_every: int = 0, say=print):
+        """``progress``: a tqdm bar (on stderr). ``plain_every``: a line ``step s/total (p%) loss ... samples/s ...
+        elapsed ... left ...`` through ``say`` every that many steps (0: none)."""
         self.is_main = is_main
         self.path = Path(output_dir) / METRICS_FILE
         self._writer = None
         self._bar = None
+        self._say = say
+        self._step, self._total, self._first_step = initial_step, total_steps, initial_step
+        self._plain_every = plain_every
+        self._started = time.perf_counter()
         if not is_main:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -87,10 +108,29 @@ class MetricsLogger:
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
 
     def progress(self, steps: int, **postfix) -> None:
+        """``steps`` more steps done; ``postfix`` (e.g. loss=..., samples_s=...) shown beside the count."""
+        self._step += steps
+        shown = {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in postfix.items()}
         if self._bar is not None:
             self._bar.update(steps)
-            self._bar.set_postfix({key: f"{value:.4g}" if isinstance(value, float) else value
-                                   for key, value in postfix.items()}, refresh=False)
+            self._bar.set_postfix(shown, refresh=False)
+        if self.is_main and self._plain_every and (self._step % self._plain_every == 0 or self._step == self._total):
+            elapsed = time.perf_counter() - self._started
+            done = self._step - self._first_step
+            left = elapsed / done * (self._total - self._step) if done else 0.0
+            percent = 100 * self._step / self._total if self._total else 100.0
+            values = " ".join(f"{key.replace('samples_s', 'samples/s')} {value}" for key, value in shown.items())
+            self._say(f"step {self._step}/{self._total} ({percent:.0f}%) {values} elapsed {_duration(elapsed)} "
+                      f"left {_duration(left)}")
+
+    def announce(self, message: str) -> None:
+        """Print ``message`` on the main rank (above the bar when there is one)."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            self._say(message)
 
     def close(self) -> None:
         if not self.is_main:

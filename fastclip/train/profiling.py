@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-STEP_PHASES = ("data", "forward", "loss", "backward", "optimizer")
-
 
 class NvtxRanges:
     """``ranges("forward")`` opens an NVTX range named ``fastclip/forward`` when CUDA is in use and the
-    ``nvtx`` package is installed; otherwise it is a null context (no cost on CPU runs)."""
+    ``nvtx`` package is installed; otherwise it is a null context (no cost on CPU runs).
+
+    The trainer marks the phases of a step: ``data`` and ``optimizer`` (loop.py), ``forward``, ``loss``
+    and ``backward`` (accumulation.py)."""
 
     def __init__(self, enabled: bool):
         self._annotate = None

@@ -17,18 +17,21 @@ Each run gets a ``run_id``; checkpoints record it, and ``--keep-last`` prunes on
 """
 from __future__ import annotations
 
+import datetime
+import os
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastclip.train.args import RUNS_ROOT, timestamped_output_dir
 from fastclip.train.checkpoint import (CorruptCheckpointError, LoadedCheckpoint, checkpoint_dir, checkpoint_step,
                                        find_resume_checkpoint, list_checkpoints, read_manifest, remove_stale_staging,
                                        set_aside_corrupt)
+from fastclip.train.config import TrainConfig
 from fastclip.train.metrics import METRICS_FILE
 
 RESULTS_FILE = "results.json"
+RUNS_ROOT = "runs"  # where runs without --output-dir go
 
 
 @dataclass
@@ -40,6 +43,16 @@ class RunPlan:
     resume_path: str | None = None            # the checkpoint folder to load, or None for a fresh start
     parent: dict | None = None                # {"run_id", "step", "path"} of the checkpoint resumed from
     notes: list[str] = field(default_factory=list)
+
+
+def timestamped_output_dir(root: str = RUNS_ROOT) -> str:
+    """``<root>/<date_time>``, with ``-2``, ``-3`` ... appended when a run started in the same second."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    candidate, count = os.path.join(root, stamp), 1
+    while os.path.exists(candidate):
+        count += 1
+        candidate = os.path.join(root, f"{stamp}-{count}")
+    return candidate
 
 
 def new_run_id() -> str:
@@ -93,14 +106,14 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def prepare_output(args) -> tuple[RunPlan, LoadedCheckpoint | None]:
+def prepare_output(config: TrainConfig) -> tuple[RunPlan, LoadedCheckpoint | None]:
     """Main rank: pick the output folder, check it, and decide which checkpoint (if any) to resume.
 
     Raises ValueError / CorruptCheckpointError (exit 2) with the fix. Returns the plan and the
     checkpoint already loaded here (None for a fresh start), so rank 0 does not read it twice.
     """
     notes = []
-    if args.output_dir is None and args.resume == "latest":
+    if config.output_dir is None and config.resume == "latest":
         found = newest_run_dir()
         if found is None:
             raise ValueError(f"--resume latest without --output-dir resumes the newest run under ./{RUNS_ROOT}, and "
@@ -108,8 +121,8 @@ def prepare_output(args) -> tuple[RunPlan, LoadedCheckpoint | None]:
         notes.append(f"--resume latest: resuming the newest run under ./{RUNS_ROOT}: {found}")
         output_dir = found
     else:
-        output_dir = Path(args.output_dir if args.output_dir is not None else timestamped_output_dir())
-    check_output_dir(output_dir, saves_checkpoints=bool(args.save_frequency or args.save_every_n_steps))
+        output_dir = Path(config.output_dir if config.output_dir is not None else timestamped_output_dir())
+    check_output_dir(output_dir, saves_checkpoints=bool(config.save_frequency or config.save_every_n_steps))
     corrupt = []
 
     def report_corrupt(message: str) -> None:
@@ -119,14 +132,14 @@ def prepare_output(args) -> tuple[RunPlan, LoadedCheckpoint | None]:
         if path.parent.resolve() == checkpoint_dir(output_dir).resolve():
             corrupt.append(set_aside_corrupt(path))  # frees the step for this run, keeps the files
 
-    if not args.resume:
+    if not config.resume:
         earlier = _earlier_outputs(output_dir)
         if earlier:
             raise ValueError(f"--output-dir {output_dir} already holds an earlier run's {_listing(earlier)}; "
                              "fastclip never overwrites them. Pass --resume latest to continue that run, or give "
                              "a new --output-dir")
         loaded = None
-    elif args.resume == "latest":
+    elif config.resume == "latest":
         lineages = {_lineage_of(path) for path in list_checkpoints(output_dir)} - {None}
         if len(lineages) > 1:
             raise ValueError(f"--resume latest: {checkpoint_dir(output_dir)} holds checkpoints of {len(lineages)} "
@@ -139,7 +152,7 @@ def prepare_output(args) -> tuple[RunPlan, LoadedCheckpoint | None]:
                                  "checkpoint to resume; give a new --output-dir")
             notes.append(f"--resume latest: no checkpoint in {output_dir}, starting from scratch")
     else:
-        loaded = find_resume_checkpoint(args.resume, output_dir, log=report_corrupt, on_corrupt=set_aside)
+        loaded = find_resume_checkpoint(config.resume, output_dir, log=report_corrupt, on_corrupt=set_aside)
     if corrupt:
         notes.append(f"corrupt checkpoint(s) kept as {_listing([str(path) for path in corrupt])}")
 

@@ -1,0 +1,109 @@
+"""The on-disk format of a trainer checkpoint folder, and reading it: what training, evaluation and model
+loading share (the trainer writes and resumes in ``fastclip.train.checkpoint``; docs/design.md).
+
+``<output-dir>/checkpoints/step_00000120/`` holds ``model.safetensors`` (the weights, with the config in
+the metadata), ``state.pt`` (optimiser, schedule, data position, RNG) and ``manifest.json`` (step, model
+name, lineage, and the SHA-256 of both files). :func:`verify_checkpoint` checks a folder against its
+manifest; :func:`read_weights` turns what a damaged weights file raises into one
+:class:`CorruptCheckpointError` that names the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Callable, TypeVar
+
+MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
+MANIFEST_FORMAT = 2  # 1: step, model, sha256 only (no lineage); still readable
+STEP_PATTERN = re.compile(r"^step_(\d+)$")
+
+T = TypeVar("T")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint folder or weights file that is incomplete, fails its checksum, or cannot be decoded."""
+
+
+def step_folder_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a ``step_N`` folder name says, or None for another name."""
+    match = STEP_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The validated ``manifest.json`` of a checkpoint folder; CorruptCheckpointError if it is unusable."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({error})") from error
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} holds a {type(manifest).__name__}, not an object")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} has no valid 'step' (got {step!r})")
+    folder_step = checkpoint_step(path)
+    if folder_step is not None and folder_step != step:
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} says step {step}, the folder name step {folder_step}")
+    checksums = manifest.get("sha256")
+    if not isinstance(checksums, dict) or not all(isinstance(checksums.get(name), str)
+                                                  for name in (MODEL_FILE, STATE_FILE)):
+        raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} lacks the sha256 of {MODEL_FILE} and {STATE_FILE}")
+    for key in ("model", "run_id"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise CorruptCheckpointError(f"{path}: {MANIFEST_FILE} field {key!r} is not a string")
+    return manifest
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check a checkpoint folder: a valid manifest, both files present and matching their checksums.
+
+    Returns the manifest; raises CorruptCheckpointError naming what is wrong.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise CorruptCheckpointError(f"{path}: {name} is missing")
+        if sha256_of(path / name) != manifest["sha256"][name]:
+            raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
+    return manifest
+
+
+def _is_damaged_file_error(error: Exception) -> bool:
+    """What safetensors and torch.load raise on a truncated, empty or garbled file (not on a bug)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, RuntimeError) and not isinstance(error, SafetensorError):
+        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
+    return isinstance(error, (SafetensorError, EOFError, OSError))
+
+
+def read_weights(path: str | Path, reader: Callable[[Path], T]) -> T:
+    """``reader(path)``, with the errors a damaged weights file raises turned into one
+    CorruptCheckpointError naming the file (a missing file is a ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    try:
+        return reader(path)
+    except Exception as error:
+        if not _is_damaged_file_error(error):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptCheckpointError(f"{path}: cannot be read as weights, the file is damaged or truncated "
+                                     f"({message})") from error

@@ -1,0 +1,158 @@
+"""What a run is made of, built from its :class:`~fastclip.train.config.TrainConfig`: model, loss, data, parts."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastclip.checkpoint_format import read_weights
+from fastclip.data.loader import TrainBatches
+from fastclip.precision import make_grad_scaler, parameter_dtype
+from fastclip.train.config import TrainConfig
+from fastclip.train.distributed import DistributedContext
+from fastclip.train.lit import apply_locks
+from fastclip.train.loop import TrainParts
+from fastclip.train.optim import build_optimizer, find_parameter
+from fastclip.train.profiling import NvtxRanges
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def say(ctx: DistributedContext, message: str) -> None:
+    """Print ``message`` on the main rank."""
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+def build_model(config: TrainConfig, ctx: DistributedContext) -> torch.nn.Module:
+    """The CLIP of ``config.model`` on ``ctx.device``, random or from ``config.pretrained`` (what
+    ``fastclip.create_model(pretrained=...)`` takes)."""
+    import fastclip
+
+    def create(pretrained=None):
+        return fastclip.create_model(config.model, pretrained=pretrained, attn_impl=config.attn_impl,
+                                     grad_checkpointing=config.grad_checkpointing,
+                                     patch_dropout=config.patch_dropout, device=ctx.device,
+                                     dtype=parameter_dtype(config.precision), image_size=config.force_image_size)
+
+    if not config.pretrained:
+        model = create()
+    else:
+        from fastclip.model.pretrained import resolve_pretrained
+
+        # a file, a checkpoint folder or a cached open_clip tag; a damaged file is named in the error
+        found = resolve_pretrained(config.pretrained, config.model)
+        model = read_weights(found.path, lambda path: create(config.pretrained))
+    for note in apply_locks(model, config):  # before the optimiser: it holds no state for frozen parameters
+        say(ctx, note)
+    return model
+
+
+def build_loss(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module) -> torch.nn.Module:
+    from fastclip.loss import ClipLoss, SigLipLoss
+
+    if config.siglip:
+        if not hasattr(model, "logit_bias") or model.logit_bias is None:
+            raise ValueError(f"--siglip needs a model with a learned logit_bias; {config.model} has none "
+                             "(use e.g. --model fastclip-tiny-siglip)")
+        return SigLipLoss(rank=ctx.rank, world_size=ctx.world_size)
+    return ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad, cache_labels=True,
+                    rank=ctx.rank, world_size=ctx.world_size)
+
+
+@dataclass
+class TrainData:
+    """The training batches and what evaluation needs to read images and captions like them."""
+
+    batches: TrainBatches
+    eval_transform: Callable
+    tokenizer: Callable
+    embedded_root: Path | None  # the embedded shapes set's folder, when the run trains on it
+
+
+def build_train_data(config: TrainConfig, ctx: DistributedContext, image_size: int, context_length: int) -> TrainData:
+    import fastclip
+
+    tokenizer = functools.partial(fastclip.tokenize, context_length=context_length, truncate=True)
+    eval_transform = fastclip.image_transform(image_size, train=False)
+    augment = not (config.no_augment or config.embedded)
+    train_transform = fastclip.image_transform(image_size, train=True) if augment else eval_transform
+    embedded_root = None
+    csv_path, img_key, caption_key, separator = (config.train_data, config.csv_img_key, config.csv_caption_key,
+                                                 config.csv_separator)
+    if config.embedded:
+        embedded_root = prepare_embedded_set(config, ctx, image_size)
+        csv_path, img_key, caption_key, separator = str(embedded_root / "train.csv"), "filepath", "title", "\t"
+    if config.dataset_type == "csv":
+        from fastclip.data.csv_dataset import CsvDataset
+
+        dataset = CsvDataset(csv_path, train_transform, tokenizer, img_key=img_key, caption_key=caption_key,
+                             separator=separator, seed=config.seed, seed_augmentation=augment)
+    elif config.dataset_type == "synthetic":
+        from fastclip.data.synthetic import SyntheticShapesDataset
+
+        dataset = SyntheticShapesDataset(config.train_num_samples, train_transform, tokenizer,
+                                         image_size=image_size, seed=config.seed)
+    else:
+        from fastclip.data.webdataset_dataset import WebDatasetPairs
+
+        dataset = WebDatasetPairs(config.train_data, train_transform, tokenizer, rank=ctx.rank,
+                                  world_size=ctx.world_size, seed=config.seed)
+    batches = TrainBatches(dataset, config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed,
+                           workers=config.workers, pin_memory=ctx.device.type == "cuda",
+                           num_samples=config.train_num_samples if config.dataset_type == "webdataset" else None)
+    return TrainData(batches, eval_transform, tokenizer, embedded_root)
+
+
+def prepare_embedded_set(config: TrainConfig, ctx: DistributedContext, image_size: int) -> Path:
+    """Generate the embedded shapes set once (main rank; the others wait), return its folder."""
+    from fastclip.data.shapes import ShapesConfig, ensure_shapes_dataset
+
+    shapes_config = ShapesConfig(image_size=image_size)
+    if config.embedded_train_size:
+        shapes_config = dataclasses.replace(shapes_config, train_size=config.embedded_train_size)
+    if config.embedded_val_size:
+        val = config.embedded_val_size
+        shapes_config = dataclasses.replace(shapes_config, val_seen_size=val, val_unseen_size=max(64, val // 2),
+                                            val_shifted_size=val)
+    root = None
+    if ctx.is_main:
+        root = ensure_shapes_dataset(shapes_config, config.cache_dir, log=lambda message: say(ctx, message))
+    ctx.barrier()
+    return ensure_shapes_dataset(shapes_config, config.cache_dir) if root is None else root
+
+
+def build_parts(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module,
+                lineage: dict[str, object]) -> tuple[TrainParts, str]:
+    """Wrap ``model`` (DDP when distributed), build loss, optimiser and scaler. Returns (parts, optimiser name).
+
+    ``parts.schedule`` stays None until the total step count is known (after a resume).
+    """
+    ddp_model = model
+    if ctx.distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    optimizer, optimizer_name = build_optimizer(model, lr=config.lr, weight_decay=config.wd,
+                                                betas=(config.beta1, config.beta2), eps=config.eps)
+    loss_fn = build_loss(config, ctx, model)
+    if config.torchcompile:
+        from fastclip.train.compile import compile_model_and_loss
+
+        ddp_model, loss_fn = compile_model_and_loss(ddp_model, loss_fn, distributed=ctx.distributed)
+    parts = TrainParts(model=ddp_model, unwrapped=model, loss_fn=loss_fn, optimizer=optimizer,
+                       schedule=None, scaler=make_grad_scaler(config.precision, ctx.device),
+                       logit_scale=find_parameter(model, "logit_scale"), ctx=ctx, precision=config.precision,
+                       accum_freq=config.accum_freq, grad_clip_norm=config.grad_clip_norm,
+                       max_nonfinite_steps=config.max_nonfinite_steps, ranges=NvtxRanges(enabled=True),
+                       trainable=[p for p in model.parameters() if p.requires_grad], lineage=lineage)
+    return parts, optimizer_name
