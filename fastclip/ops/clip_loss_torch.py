@@ -37,6 +37,7 @@ import torch
 
 from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype, merge_lse,
                                    positive_entries, scaled_logits_into, uniform_value)
+from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
 
@@ -96,11 +97,7 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 @clip_loss_fwd.register_fake
 def _(image, text, scale, bias, with_expectations, deterministic):
-    accumulate = accumulate_dtype(image)
-    n_rows, n_cols = image.shape[0], text.shape[0]
-    expect = (n_rows, n_cols) if with_expectations else (0, 0)
-    return (image.new_empty(n_rows, dtype=accumulate), image.new_empty(n_cols, dtype=accumulate),
-            image.new_empty(expect[0], dtype=accumulate), image.new_empty(expect[1], dtype=accumulate))
+    return clip_stats_like(image, text, with_expectations, accumulate_dtype(image))
 
 
 def _softmax_part(log_softmax: torch.Tensor, out: torch.Tensor, weights, positives) -> torch.Tensor:
@@ -158,6 +155,4 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 @clip_loss_bwd.register_fake
 def _(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, deterministic):
-    accumulate = accumulate_dtype(image)
-    return (image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate),
-            image.new_empty((), dtype=accumulate))
+    return gradients_like(image, text, accumulate_dtype(image))

@@ -34,6 +34,7 @@ from fastclip.kernels.clip_loss import (CLIP_BWD_CONFIGS, CLIP_FWD_CONFIGS, CLIP
                                         _clip_loss_bwd_kernel, _clip_loss_fwd_kernel)
 from fastclip.kernels.common import MERGE_BLOCK, _lse_merge_kernel
 from fastclip.ops import triton_common as common
+from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: bool, config):
     n_rows, dim = image.shape
@@ -126,11 +127,7 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 @clip_loss_fwd.register_fake
 def _(image, text, scale, bias, with_expectations, deterministic):
-    n_rows, n_cols = image.shape[0], text.shape[0]
-    expect = (n_rows, n_cols) if with_expectations else (0, 0)
-    fp32 = torch.float32
-    return (image.new_empty(n_rows, dtype=fp32), image.new_empty(n_cols, dtype=fp32),
-            image.new_empty(expect[0], dtype=fp32), image.new_empty(expect[1], dtype=fp32))
+    return clip_stats_like(image, text, with_expectations, torch.float32)
 
 
 @torch.library.custom_op("fastclip::clip_loss_bwd_triton", mutates_args=())
@@ -147,6 +144,4 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 
 @clip_loss_bwd.register_fake
 def _(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, deterministic):
-    fp32 = torch.float32
-    return (image.new_empty(image.shape, dtype=fp32), text.new_empty(text.shape, dtype=fp32),
-            image.new_empty((), dtype=fp32))
+    return gradients_like(image, text, torch.float32)

@@ -24,6 +24,7 @@ import torch
 
 from fastclip.ops import cuda_common as common
 from fastclip.ops.workspace import workspace_bytes
+from fastclip.ops.output_shapes import gradients_like
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd_cuda", mutates_args=())
@@ -53,6 +54,4 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
 
 @siglip_loss_bwd.register_fake
 def _(image, text, scale, bias, positive_offset, grad_coef, deterministic):
-    fp32 = torch.float32
-    return (image.new_empty(image.shape, dtype=fp32), text.new_empty(text.shape, dtype=fp32),
-            image.new_empty((), dtype=fp32))
+    return gradients_like(image, text, torch.float32)

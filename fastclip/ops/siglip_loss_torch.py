@@ -17,10 +17,10 @@ difference of two large terms. Equivalent plain PyTorch::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype,
                                    positive_entries, scaled_logits_into)
+from fastclip.ops.output_shapes import gradients_like
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd_torch", mutates_args=())
@@ -72,6 +72,4 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
 
 @siglip_loss_bwd.register_fake
 def _(image, text, scale, bias, positive_offset, grad_coef, deterministic):
-    accumulate = accumulate_dtype(image)
-    return (image.new_empty(image.shape, dtype=accumulate), text.new_empty(text.shape, dtype=accumulate),
-            image.new_empty((), dtype=accumulate))
+    return gradients_like(image, text, accumulate_dtype(image))

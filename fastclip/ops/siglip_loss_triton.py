@@ -25,6 +25,7 @@ import torch
 from fastclip.kernels.siglip_loss import (SIGLIP_BWD_CONFIGS, SIGLIP_FWD_CONFIGS, _siglip_loss_bwd_kernel,
                                           _siglip_loss_fwd_kernel)
 from fastclip.ops import triton_common as common
+from fastclip.ops.output_shapes import gradients_like
 
 
 def _forward(image, text, scale, bias, positive_offset: int, config) -> torch.Tensor:
@@ -88,6 +89,4 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
 
 @siglip_loss_bwd.register_fake
 def _(image, text, scale, bias, positive_offset, grad_coef, deterministic):
-    fp32 = torch.float32
-    return (image.new_empty(image.shape, dtype=fp32), text.new_empty(text.shape, dtype=fp32),
-            image.new_empty((), dtype=fp32))
+    return gradients_like(image, text, torch.float32)
