@@ -28,3 +28,22 @@ def loss_and_grads(loss_module, image, text, logit_scale, logit_bias=None, **for
     for name, leaf in leaves.items():
         result[name] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
     return result
+
+
+def grads_against_open_clip(ours_loss, reference_loss, image, text, logit_scale, logit_bias, normalize=False):
+    """(ours, open_clip's) loss_and_grads for a CLIP-style loss; the reference sees normalised features
+    when ``normalize`` asks the loss under test to normalise them itself."""
+    prepare = (lambda f: F.normalize(f, dim=-1)) if normalize else (lambda f: f)
+    ours = loss_and_grads(ours_loss, image, text, logit_scale, logit_bias)
+    reference = loss_and_grads(lambda i, t, *rest: reference_loss(prepare(i), prepare(t), *rest),
+                               image, text, logit_scale, logit_bias)
+    return ours, reference
+
+
+def siglip_grads_against_open_clip(ours_loss, reference_loss, image, text, logit_scale, logit_bias):
+    """(ours, open_clip's) loss_and_grads for SigLIP modules taking (image, text, scale, bias or None)."""
+    def bias_or_none(loss):
+        return lambda i, t, s, *b: loss(i, t, s, b[0] if b else None)
+
+    return (loss_and_grads(bias_or_none(ours_loss), image, text, logit_scale, logit_bias),
+            loss_and_grads(bias_or_none(reference_loss), image, text, logit_scale, logit_bias))

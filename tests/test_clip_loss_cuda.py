@@ -19,7 +19,7 @@ from fastclip.ops import clip_loss_torch, cuda_common
 from fastclip.ops.clip_loss import ClipLossFunction
 from tests import cuda_host
 from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
-from tests.loss_utils import clip_like_features, loss_and_grads
+from tests.loss_utils import clip_like_features, grads_against_open_clip, loss_and_grads
 from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 LOGIT_SCALE = 1 / 0.07
@@ -314,10 +314,8 @@ def test_gpu_primitives_match_the_fp64_truth(gpu_kernels, dtype, n_rows, n_cols,
 def test_gpu_loss_matches_open_clip_in_fp32(gpu_kernels, normalize, logit_bias):
     image, text = clip_like_features(1000, 200, seed=11 + normalize)
     image, text = (3 * image).cuda(), (0.5 * text).cuda()
-    ours = loss_and_grads(ClipLoss(backend="cuda", normalize=normalize), image, text, LOGIT_SCALE, logit_bias)
-    prepare = (lambda f: F.normalize(f, dim=-1)) if normalize else (lambda f: f)
-    reference = loss_and_grads(lambda i, t, *rest: open_clip_loss()(prepare(i), prepare(t), *rest),
-                               image, text, LOGIT_SCALE, logit_bias)
+    ours, reference = grads_against_open_clip(ClipLoss(backend="cuda", normalize=normalize), open_clip_loss(),
+                                              image, text, LOGIT_SCALE, logit_bias, normalize)
     assert_matches_reference(ours["loss"], reference["loss"], name="loss", floor=1.0)
     for name in ("image", "text", "logit_scale"):
         assert_matches_reference(ours[name], reference[name], name=f"grad {name}")

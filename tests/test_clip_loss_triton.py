@@ -18,7 +18,7 @@ from fastclip.backends import triton_interpret_mode  # noqa: E402
 from fastclip.loss import ClipLoss  # noqa: E402
 from fastclip.ops import clip_loss_torch, clip_loss_triton  # noqa: E402
 from fastclip.ops import triton_common  # noqa: E402
-from tests.loss_utils import clip_like_features, loss_and_grads  # noqa: E402
+from tests.loss_utils import clip_like_features, grads_against_open_clip, loss_and_grads  # noqa: E402
 from tests.numerics import assert_close_to_truth, assert_matches_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,10 +133,8 @@ def test_primitives_match_the_fp64_truth(dtype, n_rows, n_cols, dim, offset):
 def test_loss_matches_open_clip_in_fp32(normalize, logit_bias):
     image, text = clip_like_features(37, 200, seed=11 + normalize)
     image, text = (3 * image).to(DEVICE), (0.5 * text).to(DEVICE)  # off the unit sphere: normalize matters
-    ours = loss_and_grads(ClipLoss(backend="triton", normalize=normalize), image, text, LOGIT_SCALE, logit_bias)
-    prepare = (lambda f: F.normalize(f, dim=-1)) if normalize else (lambda f: f)
-    reference = loss_and_grads(lambda i, t, *rest: open_clip_loss()(prepare(i), prepare(t), *rest),
-                               image, text, LOGIT_SCALE, logit_bias)
+    ours, reference = grads_against_open_clip(ClipLoss(backend="triton", normalize=normalize), open_clip_loss(),
+                                              image, text, LOGIT_SCALE, logit_bias, normalize)
     assert_matches_reference(ours["loss"], reference["loss"], name="loss", floor=1.0)
     for name in ("image", "text", "logit_scale"):
         assert_matches_reference(ours[name], reference[name], name=f"grad {name}")

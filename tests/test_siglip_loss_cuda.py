@@ -14,7 +14,7 @@ from fastclip.ops import cuda_common, siglip_loss_torch
 from fastclip.ops.siglip_loss import SigLipLossFunction
 from tests import cuda_host
 from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
-from tests.loss_utils import clip_like_features, loss_and_grads
+from tests.loss_utils import clip_like_features, loss_and_grads, siglip_grads_against_open_clip
 from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 SCALE, BIAS = 10.0, -10.0  # SigLIP's initialisation
@@ -150,10 +150,8 @@ def test_gpu_primitives_match_the_fp64_truth(gpu_kernels, dtype, n_rows, n_cols,
 def test_gpu_loss_matches_open_clip_in_fp32(gpu_kernels, logit_bias):
     image, text = clip_like_features(1000, 200, seed=13)
     image, text = image.cuda(), text.cuda()
-    ours = loss_and_grads(lambda i, t, s, *b: SigLipLoss(backend="cuda")(i, t, s, b[0] if b else None),
-                          image, text, SCALE, logit_bias)
-    reference = loss_and_grads(lambda i, t, s, *b: open_clip_loss()(i, t, s, b[0] if b else None),
-                               image, text, SCALE, logit_bias)
+    ours, reference = siglip_grads_against_open_clip(SigLipLoss(backend="cuda"), open_clip_loss(), image, text,
+                                                     SCALE, logit_bias)
     names = ("loss", "image", "text", "logit_scale") + (("logit_bias",) if logit_bias is not None else ())
     for name in names:
         assert_matches_reference(ours[name], reference[name], name=name)

@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 from fastclip.backends import triton_interpret_mode  # noqa: E402
 from fastclip.loss import SigLipLoss  # noqa: E402
 from fastclip.ops import siglip_loss_torch, siglip_loss_triton, triton_common  # noqa: E402
-from tests.loss_utils import clip_like_features, loss_and_grads  # noqa: E402
+from tests.loss_utils import clip_like_features, loss_and_grads, siglip_grads_against_open_clip  # noqa: E402
 from tests.numerics import assert_close_to_truth, assert_matches_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,10 +102,8 @@ def test_primitives_match_the_fp64_truth(dtype, n_rows, n_cols, dim, offset):
 def test_loss_matches_open_clip_in_fp32(logit_bias):
     image, text = clip_like_features(37, 200, seed=13)
     image, text = image.to(DEVICE), text.to(DEVICE)
-    ours = loss_and_grads(lambda i, t, s, *b: SigLipLoss(backend="triton")(i, t, s, b[0] if b else None),
-                          image, text, SCALE, logit_bias)
-    reference = loss_and_grads(lambda i, t, s, *b: open_clip_loss()(i, t, s, b[0] if b else None),
-                               image, text, SCALE, logit_bias)
+    ours, reference = siglip_grads_against_open_clip(SigLipLoss(backend="triton"), open_clip_loss(), image, text,
+                                                     SCALE, logit_bias)
     names = ("loss", "image", "text", "logit_scale") + (("logit_bias",) if logit_bias is not None else ())
     for name in names:
         assert_matches_reference(ours[name], reference[name], name=name)
