@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastclip.backends import BACKENDS, LossInputs, select_backend
 from fastclip.loss import ClipLoss
-from fastclip.ops import clip_loss_torch, cuda_common
+from fastclip.ops import clip_loss_torch, cuda_common, workspace
 from fastclip.ops.clip_loss import ClipLossFunction
 from tests import cuda_host
 from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
@@ -372,7 +372,7 @@ def test_gpu_deterministic_mode_is_bitwise_repeatable_at_scale(gpu_kernels, monk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_every_element_is_written_with_chunked_workspaces(gpu_kernels, monkeypatch, dtype):
     """Outputs and workspaces start as NaN; one row block per chunk forward and backward."""
-    monkeypatch.setattr(cuda_common, "POISON_BUFFERS", True)
+    monkeypatch.setattr(workspace, "POISON_BUFFERS", True)
     monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "0.001")
     gpu_case(gpu_kernels, dtype, 300, 200, 200, 30, seed=41)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from fastclip.backends import triton_interpret_mode  # noqa: E402
+from fastclip.devices import triton_interpret_mode  # noqa: E402
 from fastclip.loss import ClipLoss  # noqa: E402
 from fastclip.ops import clip_loss_torch, clip_loss_triton  # noqa: E402
 from fastclip.ops import triton_common  # noqa: E402

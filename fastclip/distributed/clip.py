@@ -36,7 +36,7 @@ import torch
 
 from fastclip.distributed.comm import World, all_reduce_
 from fastclip.distributed.exchange import GradientPass
-from fastclip.ops.chunking import accumulate_dtype
+from fastclip.devices import accumulate_dtype
 from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs
 
 

@@ -11,7 +11,7 @@ Backward, with g_i = dL/dloss_i and P/Q the row/column softmax of S:
     dL/dS_ij = g_i/2 (P_ij - [i=j]) + g_j/2 (Q_ij - [i=j])        (the backend's G, recomputed in chunks)
     dI = scale * G @ T,  dT = scale * G.T @ I
     dscale = sum_ij G_ij (I_i . T_j)   (summed by the backward primitive beside G, in log-softmax
-                                        form for precision: fastclip/backends.py; no extra pass)
+                                        form for precision: fastclip/ops/__init__.py; no extra pass)
     dbias = sum_ij G_ij = 0 exactly (each softmax sums to one: a shared bias cancels in CE)
 
 Saved for backward: the (normalised) inputs, the O(B) row/column log-sum-exp and, with
@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from fastclip.backends import LossBackend
-from fastclip.ops.chunking import accumulate_dtype, row_dots
+from fastclip.devices import accumulate_dtype
+from fastclip.ops.chunking import row_dots
 from fastclip.ops.normalize import normalize_rows, normalize_rows_backward
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -10,7 +10,7 @@ With S = scale * image @ text.T + bias over a block of rows (image, b x D) and c
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos])
                      grad_image = scale * G @ text,  grad_text = scale * G.T @ image   (fp32)
                      grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale   (G = R + C, the two
-                     terms above; the block's share of d/d scale, see fastclip/backends.py)
+                     terms above; the block's share of d/d scale, see fastclip/ops/__init__.py)
 
 Equivalent plain PyTorch (materialises S, which this file never does)::
 
@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype, merge_lse,
-                                   positive_entries, scaled_logits_into, uniform_value)
+from fastclip.devices import accumulate_dtype, gemm_dtype
+from fastclip.ops.chunking import (ChunkBuffers, feature_grads_of_chunk, merge_lse, positive_entries, scaled_logits_into,
+                                   uniform_value)
 from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly

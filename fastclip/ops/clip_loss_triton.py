@@ -5,7 +5,7 @@ With S = scale * image @ text.T + bias over a block of rows (image, b x D) and c
     clip_loss_fwd -> (row_lse (b,), col_lse (n,) partial over these rows, row_expect, col_expect)
     clip_loss_bwd -> (grad_image (b, D), grad_text (n, D), grad_scale ()), fp32, for
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]),  pos: j = i + positive_offset
-                     (grad_scale: the block's share of d/d scale, defined in fastclip/backends.py)
+                     (grad_scale: the block's share of d/d scale, defined in fastclip/ops/__init__.py)
 
 Equivalent plain PyTorch (materialising S, which this never does)::
 
@@ -55,7 +55,8 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
         locks = common.allocate((common.cdiv(n_cols, config.block_n),), torch.int32, device).zero_()
         col_args = [col_lse, col_lse, col_expect if with_expectations else col_lse, locks]
     else:
-        chunk = common.row_chunk(n_rows, block_m, bytes_per_block=4 * n_stats * n_cols, elements_per_block=n_cols)
+        chunk = common.rows_per_chunk(n_rows, bytes_per_block=4 * n_stats * n_cols, block_rows=block_m,
+                                      elements_per_block=n_cols)
         col_parts = [common.allocate((common.cdiv(chunk, block_m), n_cols), fp32, device) for _ in range(n_stats)]
         col_parts += col_parts[:1] * (3 - n_stats)  # an unused pointer when there are no expectations
         running = ([common.allocate((n_cols,), fp32, device) for _ in range(n_stats)] if chunk < n_rows

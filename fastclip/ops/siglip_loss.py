@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.backends import LossBackend
-from fastclip.ops.chunking import accumulate_dtype
+from fastclip.devices import accumulate_dtype
 
 
 def scale_grad_from_rows(image: torch.Tensor, grad_image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
