@@ -67,11 +67,6 @@ def as_scalar_tensor(value, name: str, reference: torch.Tensor, *, positive: boo
     return tensor
 
 
-def check_reduction(reduction: str, allowed) -> None:
-    if reduction not in allowed:
-        raise ValueError(f"reduction={reduction!r} is not supported: choose one of {', '.join(allowed)}")
-
-
 def check_kernel_inputs(backend: str, devices: tuple[str, ...], image: torch.Tensor, text: torch.Tensor,
                         *others: torch.Tensor) -> None:
     """A fused backend's own checks on its primitives' tensors (the loss API checks more, earlier).
@@ -86,7 +81,8 @@ def check_kernel_inputs(backend: str, devices: tuple[str, ...], image: torch.Ten
         raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must be (b, D) and (n, D), D >= 1")
     if image.shape[0] == 0 or text.shape[0] == 0:
         raise ValueError(f"the {backend} backend needs at least one image row and one text row")
+    kinds = "/".join(kind.upper() for kind in devices)
     for tensor in (image, text, *others):
         if tensor.device.type not in devices or tensor.device != image.device:
-            raise ValueError(f"the {backend} backend runs on one {'/'.join(devices)} device; got tensors on "
-                             f"{image.device} and {tensor.device}: move them to the same device")
+            raise ValueError(f"the {backend} backend runs on one {kinds} device; got tensors on {image.device} and "
+                             f"{tensor.device}: move them to the same device")

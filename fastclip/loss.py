@@ -15,14 +15,12 @@ import torch
 import torch.distributed as dist
 
 from fastclip.backends import LossInputs, select_backend
-from fastclip.checks import as_scalar_tensor, check_features, check_reduction
-from fastclip.ops.clip_loss import REDUCTIONS, ClipLossFunction
+from fastclip.checks import as_scalar_tensor, check_features
+from fastclip.ops.clip_loss import ClipLossFunction
+from fastclip.ops.options import ClipOptions, SigLipOptions
 from fastclip.ops.siglip_loss import SigLipLossFunction
 
-__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss"]
-
-CLIP_DIST_IMPLS = ("gather", "ring")
-SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather", "ring")
+__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "ClipOptions", "SigLipOptions"]
 
 
 def resolve_world(rank, world_size, process_group) -> tuple[int, int]:
@@ -48,49 +46,37 @@ def resolve_world(rank, world_size, process_group) -> tuple[int, int]:
     return rank, world_size
 
 
-def _prepare(image_features, text_features, logit_scale, logit_bias, backend, deterministic):
+def _prepare(image_features, text_features, logit_scale, logit_bias, options):
+    """The call's checks and per-call choices: (scale, bias, backend, (rank, world_size))."""
     check_features(image_features, text_features)
     scale = as_scalar_tensor(logit_scale, "logit_scale", image_features, positive=True)
     if logit_bias is None:
         bias = torch.zeros((), device=image_features.device)
     else:
         bias = as_scalar_tensor(logit_bias, "logit_bias", image_features, positive=False)
-    chosen = select_backend(backend, LossInputs(image_features.device, image_features.dtype, deterministic))
-    return scale, bias, chosen
+    inputs = LossInputs(image_features.device, image_features.dtype, options.deterministic)
+    backend = select_backend(options.backend, inputs)
+    return scale, bias, backend, resolve_world(options.rank, options.world_size, options.process_group)
 
 
-def _clip_loss(image_features, text_features, logit_scale, logit_bias, *, normalize, backend, deterministic,
-               reduction, rank, world_size, process_group, dist_impl, local_loss, gather_with_grad):
-    check_reduction(reduction, REDUCTIONS)
-    if dist_impl not in CLIP_DIST_IMPLS:
-        raise ValueError(f"dist_impl={dist_impl!r} is not a CLIP option: choose one of {', '.join(CLIP_DIST_IMPLS)}")
-    scale, bias, chosen = _prepare(image_features, text_features, logit_scale, logit_bias, backend, deterministic)
-    rank, world_size = resolve_world(rank, world_size, process_group)
+def _clip_loss(image_features, text_features, logit_scale, logit_bias, options: ClipOptions):
+    scale, bias, backend, (rank, world_size) = _prepare(image_features, text_features, logit_scale, logit_bias,
+                                                        options)
     if world_size == 1:
-        return ClipLossFunction.apply(image_features, text_features, scale, bias, chosen, normalize, reduction,
-                                      deterministic)
+        return ClipLossFunction.apply(image_features, text_features, scale, bias, backend, options)
     from fastclip.distributed import distributed_clip_loss
 
-    return distributed_clip_loss(image_features, text_features, scale, bias, chosen, normalize=normalize,
-                                 reduction=reduction, rank=rank, world_size=world_size, group=process_group,
-                                 dist_impl=dist_impl, local_loss=local_loss, gather_with_grad=gather_with_grad,
-                                 deterministic=deterministic)
+    return distributed_clip_loss(image_features, text_features, scale, bias, backend, options, rank, world_size)
 
 
-def _siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend, rank, world_size,
-                 process_group, dist_impl):
-    dist_impl = "bidir" if dist_impl is None else dist_impl
-    if dist_impl not in SIGLIP_DIST_IMPLS:
-        raise ValueError(f"dist_impl={dist_impl!r} is not a SigLIP option: choose one of "
-                         f"{', '.join(SIGLIP_DIST_IMPLS)}")
-    scale, bias, chosen = _prepare(image_features, text_features, logit_scale, logit_bias, backend, False)
-    rank, world_size = resolve_world(rank, world_size, process_group)
+def _siglip_loss(image_features, text_features, logit_scale, logit_bias, options: SigLipOptions):
+    scale, bias, backend, (rank, world_size) = _prepare(image_features, text_features, logit_scale, logit_bias,
+                                                        options)
     if world_size == 1:
-        return SigLipLossFunction.apply(image_features, text_features, scale, bias, chosen)
+        return SigLipLossFunction.apply(image_features, text_features, scale, bias, backend, options)
     from fastclip.distributed import distributed_siglip_loss
 
-    return distributed_siglip_loss(image_features, text_features, scale, bias, chosen, rank=rank,
-                                   world_size=world_size, group=process_group, dist_impl=dist_impl)
+    return distributed_siglip_loss(image_features, text_features, scale, bias, backend, options, rank, world_size)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, normalize=False, backend="auto",
@@ -105,9 +91,9 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, no
     Under torch.distributed with more than one rank this is the global-batch loss (``local_loss=False``,
     ``gather_with_grad=True``), whose DDP-averaged gradient equals the single-process one.
     """
-    return _clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=normalize, backend=backend,
-                      deterministic=False, reduction=reduction, rank=None, world_size=None,
-                      process_group=process_group, dist_impl=dist_impl, local_loss=False, gather_with_grad=True)
+    options = ClipOptions(gather_with_grad=True, process_group=process_group, dist_impl=dist_impl, backend=backend,
+                          normalize=normalize, reduction=reduction)
+    return _clip_loss(image_features, text_features, logit_scale, logit_bias, options)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend="auto", process_group=None,
@@ -116,16 +102,17 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
 
     image_features, text_features: (B, D); logit_scale > 0 (exponentiated); logit_bias: scalar or None.
     """
-    return _siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=backend, rank=None,
-                        world_size=None, process_group=process_group, dist_impl=dist_impl)
+    options = SigLipOptions(process_group=process_group, dist_impl=dist_impl, backend=backend)
+    return _siglip_loss(image_features, text_features, logit_scale, logit_bias, options)
 
 
 class ClipLoss(torch.nn.Module):
     """open_clip's ``ClipLoss`` with the same arguments, values and gradients, fused and memory-linear.
 
     ``cache_labels`` is accepted for compatibility (no labels are built). ``use_horovod=True`` is not
-    supported: use torch.distributed. Keyword-only extras: ``backend``, ``dist_impl`` ("gather" or
-    "ring"), ``process_group``, ``normalize`` and ``deterministic`` (bitwise-repeatable gradients).
+    supported: use torch.distributed. Keyword-only extras (``fastclip.ops.options.ClipOptions`` says
+    what each does): ``backend``, ``dist_impl`` ("gather" or "ring"), ``process_group``, ``normalize``
+    and ``deterministic`` (bitwise-repeatable gradients).
     """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=None, world_size=None,
@@ -135,20 +122,18 @@ class ClipLoss(torch.nn.Module):
         if use_horovod:
             raise ValueError("use_horovod=True is not supported: fastclip uses torch.distributed. Launch with "
                              "torchrun and call torch.distributed.init_process_group() instead")
-        if dist_impl not in CLIP_DIST_IMPLS:
-            raise ValueError(f"dist_impl={dist_impl!r} is not a CLIP option: choose one of "
-                             f"{', '.join(CLIP_DIST_IMPLS)}")
-        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
-        self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
-        self.backend, self.dist_impl, self.process_group = backend, dist_impl, process_group
-        self.normalize, self.deterministic = normalize, deterministic
+        self.cache_labels, self.use_horovod = cache_labels, use_horovod
+        self.options = ClipOptions(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                                   world_size=world_size, process_group=process_group, dist_impl=dist_impl,
+                                   backend=backend, normalize=normalize, deterministic=deterministic)
+
+    local_loss = property(lambda self: self.options.local_loss)
+    gather_with_grad = property(lambda self: self.options.gather_with_grad)
+    rank = property(lambda self: self.options.rank)
+    world_size = property(lambda self: self.options.world_size)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        loss = _clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize,
-                          backend=self.backend, deterministic=self.deterministic, reduction="mean",
-                          rank=self.rank, world_size=self.world_size, process_group=self.process_group,
-                          dist_impl=self.dist_impl, local_loss=self.local_loss,
-                          gather_with_grad=self.gather_with_grad)
+        loss = _clip_loss(image_features, text_features, logit_scale, logit_bias, self.options)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -162,15 +147,14 @@ class SigLipLoss(torch.nn.Module):
     def __init__(self, cache_labels=False, rank=None, world_size=None, dist_impl=None, *, backend="auto",
                  process_group=None):
         super().__init__()
-        dist_impl_name = "bidir" if dist_impl is None else dist_impl
-        if dist_impl_name not in SIGLIP_DIST_IMPLS:
-            raise ValueError(f"dist_impl={dist_impl!r} is not a SigLIP option: choose one of "
-                             f"{', '.join(SIGLIP_DIST_IMPLS)}")
-        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
-        self.dist_impl, self.backend, self.process_group = dist_impl_name, backend, process_group
+        self.cache_labels = cache_labels
+        self.options = SigLipOptions(rank=rank, world_size=world_size, process_group=process_group,
+                                     dist_impl="bidir" if dist_impl is None else dist_impl, backend=backend)
+
+    rank = property(lambda self: self.options.rank)
+    world_size = property(lambda self: self.options.world_size)
+    dist_impl = property(lambda self: self.options.dist_impl)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
-        loss = _siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
-                            rank=self.rank, world_size=self.world_size, process_group=self.process_group,
-                            dist_impl=self.dist_impl)
+        loss = _siglip_loss(image_features, text_features, logit_scale, logit_bias, self.options)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -17,6 +17,7 @@ from fastclip.backends import BACKENDS, LossInputs, select_backend
 from fastclip.loss import ClipLoss
 from fastclip.ops import clip_loss_torch, cuda_common, workspace
 from fastclip.ops.clip_loss import ClipLossFunction
+from fastclip.ops.options import ClipOptions
 from tests import cuda_host
 from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
 from tests.loss_utils import clip_like_features, grads_against_open_clip, loss_and_grads
@@ -224,7 +225,7 @@ def test_fake_kernels_on_fake_cuda_tensors():
         image = torch.empty(37, 200, device="cuda", dtype=torch.bfloat16)
         text = torch.empty(37, 200, device="cuda", dtype=torch.bfloat16)
         scale, bias = torch.empty((), device="cuda"), torch.zeros((), device="cuda")
-        loss = ClipLossFunction.apply(image, text, scale, bias, BACKENDS["cuda"], True, "mean")
+        loss = ClipLossFunction.apply(image, text, scale, bias, BACKENDS["cuda"], ClipOptions(normalize=True))
         assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
         row_lse, col_lse, row_expect, col_expect = clip_loss_cuda.clip_loss_fwd(image, text[:20], scale, bias, True,
                                                                                 False)

@@ -38,25 +38,31 @@ from fastclip.distributed.comm import World, all_reduce_
 from fastclip.distributed.exchange import GradientPass
 from fastclip.devices import accumulate_dtype
 from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs
+from fastclip.ops.options import ClipOptions
 
 
 class DistributedClip:
-    """Forward and backward of ``ClipLossFunction`` across ranks (see the module docstring)."""
+    """Forward and backward of ``ClipLossFunction`` across ranks (see the module docstring).
 
-    def __init__(self, world: World, exchange, local_loss: bool, gather_with_grad: bool):
-        self.world, self.exchange = world, exchange
-        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+    options: the call's ``ClipOptions`` (local_loss, gather_with_grad and reduction are read here);
+    exchange: a ``fastclip.distributed.exchange`` exchange built with the call's backend.
+    """
 
-    def global_objective(self, reduction: str) -> bool:
-        return not self.local_loss and reduction != "none"
+    def __init__(self, world: World, exchange, options: ClipOptions):
+        self.world, self.exchange, self.options = world, exchange, options
+        self.local_loss, self.gather_with_grad = options.local_loss, options.gather_with_grad
 
-    def forward(self, op, image, text, scale, bias, reduction, want_scale_grad, deterministic):
+    def global_objective(self) -> bool:
+        return not self.local_loss and self.options.reduction != "none"
+
+    def forward(self, image, text, scale, bias, want_scale_grad):
         """(value, tensors to save): the loss on this rank and what backward needs (O(b) vectors + exchange's)."""
-        global_objective = self.global_objective(reduction)
+        reduction = self.options.reduction
+        global_objective = self.global_objective()
         with_expectations = want_scale_grad and not global_objective
         diagonal = pair_logits(image, text, scale)
-        stats = self.exchange.clip_columns(op, image, text, scale, bias, diagonal if global_objective else None,
-                                           with_expectations, deterministic)
+        stats = self.exchange.clip_columns(image, text, scale, bias, diagonal if global_objective else None,
+                                           with_expectations)
         if global_objective:
             total = stats.pair_loss_total
             value = total / (image.shape[0] * self.world.size) if reduction == "mean" else total
@@ -68,14 +74,14 @@ class DistributedClip:
             pair_scale_grad = 0.5 * ((stats.row_expect - products) + (stats.col_expect - products))
         return value, (stats.row_lse, pair_scale_grad, *stats.saved)
 
-    def backward(self, op, image, text, scale, bias, saved, grad_output, reduction, want_scale, want_text,
-                 deterministic):
+    def backward(self, image, text, scale, bias, saved, grad_output, want_scale, want_text):
         """(grad_image, grad_text or None, grad_scale or None), fp32, for this rank's features."""
+        reduction = self.options.reduction
         row_lse, pair_scale_grad, *exchange_saved = saved
         b, accumulate = image.shape[0], accumulate_dtype(image)
         run = lambda passes: self.exchange.clip_gradients(  # noqa: E731
-            op, image, text, scale, bias, row_lse, exchange_saved, passes, want_text, deterministic)
-        if self.global_objective(reduction):
+            image, text, scale, bias, row_lse, exchange_saved, passes, want_text)
+        if self.global_objective():
             kappa = 1.0 / (b * self.world.size) if reduction == "mean" else 1.0
             half = torch.full((), 0.5 * kappa, dtype=accumulate, device=image.device)
             grad_image, grad_text, partial_scale = run([GradientPass(half.expand(b).contiguous(), half, image=True,

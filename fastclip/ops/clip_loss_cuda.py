@@ -60,8 +60,8 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     """(grad_image (b, D), grad_text (n, D), grad_scale ()) in fp32; row_*: (b,), col_*: (n,) fp32."""
     common.check_inputs(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef)
     return tuple(common.extension().clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
-                                                  positive_offset, common.allow_tf32(image.dtype), workspace.workspace_bytes(),
-                                                  workspace.POISON_BUFFERS))
+                                                  positive_offset, common.allow_tf32(image.dtype),
+                                                  workspace.workspace_bytes(), workspace.POISON_BUFFERS))
 
 
 @clip_loss_bwd.register_fake

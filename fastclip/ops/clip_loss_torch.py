@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 
 from fastclip.devices import accumulate_dtype, gemm_dtype
-from fastclip.ops.chunking import (ChunkBuffers, feature_grads_of_chunk, merge_lse, positive_entries, scaled_logits_into,
-                                   uniform_value)
+from fastclip.ops.chunking import (ChunkBuffers, feature_grads_of_chunk, merge_lse, positive_entries,
+                                   scaled_logits_into, uniform_value)
 from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
