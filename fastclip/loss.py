@@ -88,6 +88,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, no
     normalize: L2-normalise both inputs inside the op (gradient included).
     reduction: "mean" (open_clip's value), "sum", or "none" (the (B,) per-pair losses; across ranks,
     this rank's (b,) pairs with global statistics).
+    Returns fp32 (fp64 for fp64 features) whatever the features' dtype: the statistics are accumulated
+    in fp32, and open_clip's bf16/fp16 loss is that value rounded to 8 or 11 bits (cast it if you want it).
     Under torch.distributed with more than one rank this is the global-batch loss (``local_loss=False``,
     ``gather_with_grad=True``), whose DDP-averaged gradient equals the single-process one.
     """
@@ -96,13 +98,14 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, no
     return _clip_loss(image_features, text_features, logit_scale, logit_bias, options)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend="auto", process_group=None,
-                dist_impl="bidir"):
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, normalize=False, backend="auto",
+                process_group=None, dist_impl="bidir"):
     """open_clip's SigLIP loss: -sum log sigmoid(y (scale I.T + bias)) / B_local, memory-linear.
 
     image_features, text_features: (B, D); logit_scale > 0 (exponentiated); logit_bias: scalar or None.
+    normalize: L2-normalise both inputs inside the op (gradient included). Returns fp32 (see clip_loss).
     """
-    options = SigLipOptions(process_group=process_group, dist_impl=dist_impl, backend=backend)
+    options = SigLipOptions(process_group=process_group, dist_impl=dist_impl, backend=backend, normalize=normalize)
     return _siglip_loss(image_features, text_features, logit_scale, logit_bias, options)
 
 
@@ -111,13 +114,15 @@ class ClipLoss(torch.nn.Module):
 
     ``cache_labels`` is accepted for compatibility (no labels are built). ``use_horovod=True`` is not
     supported: use torch.distributed. Keyword-only extras (``fastclip.ops.options.ClipOptions`` says
-    what each does): ``backend``, ``dist_impl`` ("gather" or "ring"), ``process_group``, ``normalize``
-    and ``deterministic`` (bitwise-repeatable gradients).
+    what each does): ``backend``, ``dist_impl`` ("gather" or "ring"), ``process_group``, ``normalize``,
+    ``deterministic`` (bitwise-repeatable gradients) and ``reduction`` ("mean", "sum", "none", as
+    ``clip_loss``'s). The loss is fp32 for fp32/fp16/bf16 features (open_clip returns the features'
+    dtype): see ``clip_loss``.
     """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=None, world_size=None,
                  use_horovod=False, *, backend="auto", dist_impl="gather", process_group=None, normalize=False,
-                 deterministic=False):
+                 deterministic=False, reduction="mean"):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod=True is not supported: fastclip uses torch.distributed. Launch with "
@@ -125,7 +130,8 @@ class ClipLoss(torch.nn.Module):
         self.cache_labels, self.use_horovod = cache_labels, use_horovod
         self.options = ClipOptions(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
                                    world_size=world_size, process_group=process_group, dist_impl=dist_impl,
-                                   backend=backend, normalize=normalize, deterministic=deterministic)
+                                   backend=backend, normalize=normalize, deterministic=deterministic,
+                                   reduction=reduction)
 
     local_loss = property(lambda self: self.options.local_loss)
     gather_with_grad = property(lambda self: self.options.gather_with_grad)
@@ -141,15 +147,17 @@ class SigLipLoss(torch.nn.Module):
     """open_clip's ``SigLipLoss`` (sigmoid loss with ``logit_bias``), fused and memory-linear.
 
     ``dist_impl`` None means "bidir"; open_clip's "bidir", "shift", "reduce" and "gather" are accepted,
-    plus "ring". All give open_clip's values and gradients.
+    plus "ring". All give open_clip's values and gradients. Keyword-only extras: ``backend``,
+    ``process_group``, ``normalize``.
     """
 
     def __init__(self, cache_labels=False, rank=None, world_size=None, dist_impl=None, *, backend="auto",
-                 process_group=None):
+                 process_group=None, normalize=False):
         super().__init__()
         self.cache_labels = cache_labels
         self.options = SigLipOptions(rank=rank, world_size=world_size, process_group=process_group,
-                                     dist_impl="bidir" if dist_impl is None else dist_impl, backend=backend)
+                                     dist_impl="bidir" if dist_impl is None else dist_impl, backend=backend,
+                                     normalize=normalize)
 
     rank = property(lambda self: self.options.rank)
     world_size = property(lambda self: self.options.world_size)

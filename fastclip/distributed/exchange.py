@@ -107,7 +107,7 @@ class GatherExchange(_Exchange):
         col_lse = col_max + col_sum.log()
         own = self._own(b)
         col_expect = packed[n:2 * n][own] / col_sum[own] if with_expectations else None
-        total = 0.5 * (packed[-1] + col_lse.sum()) if diagonal is not None else None
+        total = (0.5 * (packed[-1] + col_lse.sum())).clamp_min(0.0) if diagonal is not None else None  # a CE >= 0
         return ColumnStats(row_lse, col_lse[own], row_expect if with_expectations else None, col_expect, total,
                            (texts, col_lse))
 

@@ -44,8 +44,14 @@ def pair_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) ->
 
 
 def pair_losses(row_lse: torch.Tensor, col_lse: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
-    """loss_i = 1/2 [(row_lse_i - S_ii) + (col_lse_i - S_ii)]  (b,): pair i's row and column CE."""
-    return 0.5 * ((row_lse - diagonal) + (col_lse - diagonal))
+    """loss_i = 1/2 [(row_lse_i - S_ii) + (col_lse_i - S_ii)]  (b,): pair i's row and column CE, >= 0.
+
+    S_ii comes from a row dot and the log-sum-exps from the primitive's tiles: where pair i holds
+    almost all of both softmaxes the two roundings (~|S| eps) can leave a tiny negative value, and a
+    cross-entropy is never negative, so it is clamped at 0. Backward does not read this value (the
+    primitive's G is the gradient), so the clamp moves no gradient.
+    """
+    return (0.5 * ((row_lse - diagonal) + (col_lse - diagonal))).clamp_min(0.0)
 
 
 def reduce_pairs(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -97,6 +103,8 @@ class ClipLossFunction(torch.autograd.Function):
             return value
         row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
         per_pair = pair_losses(row_lse, col_lse, pair_logits(image, text, scale_value))
+        if image.shape[0] == 1:  # a softmax over one entry is 1: both cross-entropies are exactly 0
+            per_pair = torch.zeros_like(per_pair)
         ctx.save_for_backward(image, text, scale_value, bias_value, image_norms, text_norms, row_lse, col_lse)
         return reduce_pairs(per_pair, reduction)
 
