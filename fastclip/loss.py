@@ -147,14 +147,19 @@ class SigLipLoss(torch.nn.Module):
     """open_clip's ``SigLipLoss`` (sigmoid loss with ``logit_bias``), fused and memory-linear.
 
     ``dist_impl`` None means "bidir"; open_clip's "bidir", "shift", "reduce" and "gather" are accepted,
-    plus "ring". All give open_clip's values and gradients. Keyword-only extras: ``backend``,
-    ``process_group``, ``normalize``.
+    plus "ring". All give open_clip's values and gradients. ``chunk_size`` (open_clip main's row
+    chunking, 0 = none) is accepted and ignored: fastclip never builds the B x B matrix, and its
+    workspace is already bounded by FASTCLIP_WORKSPACE_MB (fastclip.ops.workspace), whatever
+    chunk_size says. Keyword-only extras: ``backend``, ``process_group``, ``normalize``.
     """
 
-    def __init__(self, cache_labels=False, rank=None, world_size=None, dist_impl=None, *, backend="auto",
-                 process_group=None, normalize=False):
+    def __init__(self, cache_labels=False, rank=None, world_size=None, dist_impl=None, chunk_size=0, *,
+                 backend="auto", process_group=None, normalize=False):
         super().__init__()
-        self.cache_labels = cache_labels
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 0 (open_clip's row chunking; fastclip "
+                             "bounds its workspace with FASTCLIP_WORKSPACE_MB instead and ignores the value)")
+        self.cache_labels, self.chunk_size = cache_labels, chunk_size
         self.options = SigLipOptions(rank=rank, world_size=world_size, process_group=process_group,
                                      dist_impl="bidir" if dist_impl is None else dist_impl, backend=backend,
                                      normalize=normalize)

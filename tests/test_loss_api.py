@@ -1,4 +1,5 @@
-"""The loss API's options beyond open_clip 3.x: ClipLoss(reduction), normalize for SigLIP, the fp32 loss of 16-bit features, and the value of the CLIP loss at tiny batches (never negative, 0 at B=1)."""
+"""The loss API's options beyond open_clip 3.x: ClipLoss(reduction), normalize for SigLIP, SigLipLoss(chunk_size),
+the fp32 loss of 16-bit features, and the value of the CLIP loss at tiny batches (never negative, 0 at B=1)."""
 from __future__ import annotations
 
 import pytest
@@ -58,6 +59,21 @@ def test_siglip_normalize_matches_open_clip_on_normalised_features(use_module):
     assert_matches_reference(ours["loss"], reference["loss"], name="loss", floor=1.0)
     for name in ("image", "text", "logit_scale", "logit_bias"):
         assert_matches_reference(ours[name], reference[name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1, 16])
+def test_siglip_chunk_size_is_accepted_and_changes_nothing(chunk_size):
+    image, text = clip_like_features(37, 64, seed=107)
+    ours = loss_and_grads(SigLipLoss(chunk_size=chunk_size), image, text, LOGIT_SCALE, LOGIT_BIAS)
+    default = loss_and_grads(SigLipLoss(), image, text, LOGIT_SCALE, LOGIT_BIAS)
+    for name in ours:
+        assert torch.equal(ours[name], default[name]), f"{name} changes with chunk_size={chunk_size}"
+
+
+@pytest.mark.parametrize("chunk_size", [-1, 2.5, True])
+def test_siglip_bad_chunk_size_is_a_clear_error(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size.*int >= 0"):
+        SigLipLoss(chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
