@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _results  # noqa: E402
 import roofline  # noqa: E402
 
 NAME = "kernel_report"
@@ -337,7 +337,7 @@ def report_rows(defaults_only: bool = False, archs=tuple(ARCHS), log=print) -> l
 
 
 def toolchain() -> dict:
-    """Versions of what compiled and read the kernels (stamped on every row beside _common's)."""
+    """Versions of what compiled and read the kernels (stamped on every row beside _results')."""
     import subprocess
 
     import triton
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--defaults-only", action="store_true",
                         help="only the default config and flag set of each kernel (about 10 compiles)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    _common.add_output_arguments(parser)
+    _results.add_output_arguments(parser)
     return parser
 
 
@@ -377,14 +377,14 @@ def main(argv=None) -> int:
         return 2
     rows = report_rows(args.defaults_only, args.archs)
     stamp = toolchain()
-    path = _common.append_results(NAME, [{**row, **stamp} for row in rows], _common.output_dir(args))
+    path = _results.append_results(NAME, [{**row, **stamp} for row in rows], _results.output_dir(args))
     from fastclip.io import atomic_write
 
     estimate = roofline.report(rows)
     estimate_path = path.with_name(f"{NAME}_roofline.txt")  # this run's estimate (the rows accumulate)
     with atomic_write(estimate_path) as handle:
         handle.write(f"python benchmarks/kernel_report.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-                     f"{stamp} {_common.environment_info()['date']}\n\n{estimate}\n")
+                     f"{stamp} {_results.environment_info()['date']}\n\n{estimate}\n")
     print(f"results: {path}, {estimate_path.name}\n")
     print(estimate)
     return 0
