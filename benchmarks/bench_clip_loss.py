@@ -59,7 +59,7 @@ def run_case(case: dict) -> dict:
     torch.manual_seed(0)
     dtype = getattr(torch, case["dtype"])
     return _loss_sweep.measure_loss_case(loss_module(case["implementation"]),
-                                     lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
+                                         lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
 
 
 def skip_reason(case: dict, machine_memory: int) -> str | None:
@@ -71,7 +71,7 @@ def skip_reason(case: dict, machine_memory: int) -> str | None:
 
 def build_parser():
     return _loss_sweep.loss_benchmark_parser(__doc__, implementations=IMPLEMENTATIONS,
-                                         batches=[4096, 8192, 16384, 65536], quick_batches=[1024, 2048])
+                                             batches=[4096, 8192, 16384, 65536], quick_batches=[1024, 2048])
 
 
 def main(argv=None) -> int:
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
         return 0
     _loss_sweep.check_device(parser, args.device)
     _loss_sweep.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(),
-                           implementations=args.implementations or IMPLEMENTATIONS, run_case=run_case,
-                           skip_reason=skip_reason, reference="open_clip", title="CLIP loss")
+                               implementations=args.implementations or IMPLEMENTATIONS, run_case=run_case,
+                               skip_reason=skip_reason, reference="open_clip", title="CLIP loss")
     return 0
 
 

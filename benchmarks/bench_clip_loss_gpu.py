@@ -222,9 +222,9 @@ def run(output: Path, dims, batches, modes, device: str, dtype, repeats: int, bu
                 path = _results.append_results("clip_loss_gpu", rows, results_dir=output)  # kept if killed later
     for dim in dims:
         _results.plot_results([r for r in all_rows if r["D"] == dim and r.get("mode") == "fwd+bwd"], x="B",
-                             series="peer", panels=[("ms_median", "fwd+bwd ms"), ("tflops", "TFLOP/s (8 B^2 D)"),
-                                                    ("extra_peak_mb", "extra peak MiB")],
-                             title=f"CLIP loss fwd+bwd, {device}, D={dim}", output=output / f"clip_loss_gpu_D{dim}.png")
+                              series="peer", panels=[("ms_median", "fwd+bwd ms"), ("tflops", "TFLOP/s (8 B^2 D)"),
+                                                     ("extra_peak_mb", "extra peak MiB")],
+                              title=f"CLIP loss fwd+bwd, {device}, D={dim}", output=output / f"clip_loss_gpu_D{dim}.png")
     print(f"wrote {output / 'clip_loss_gpu.csv'}")
     print(summarize(all_rows, output))
     return all_rows

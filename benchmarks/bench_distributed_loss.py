@@ -233,11 +233,11 @@ def plot(rows: list[dict], device_kind: str, out: Path) -> None:
     for world_size in sorted({row["world_size"] for row in rows}):
         group = [row for row in rows if row["world_size"] == world_size]
         _results.plot_results(group, x="batch", series="implementation",
-                             panels=[("ms_median", "fwd+bwd time per step (ms)"), ("peak_mb", "extra peak memory (MB)"),
-                                     ("comm_mb", "bytes communicated per step (MB)")],
-                             title=f"distributed CLIP loss, W={world_size}, x = local batch b per rank, "
-                                   f"D={group[0]['dim']}, {group[0]['dtype']}, {device_kind}",
-                             output=out / f"bench_distributed_loss_{device_kind}_w{world_size}.png")
+                              panels=[("ms_median", "fwd+bwd time per step (ms)"), ("peak_mb", "extra peak memory (MB)"),
+                                      ("comm_mb", "bytes communicated per step (MB)")],
+                              title=f"distributed CLIP loss, W={world_size}, x = local batch b per rank, "
+                                    f"D={group[0]['dim']}, {group[0]['dtype']}, {device_kind}",
+                              output=out / f"bench_distributed_loss_{device_kind}_w{world_size}.png")
 
 
 # ---- pytest-benchmark view: a W=2 gloo world per implementation, small sizes -----------------------------

@@ -99,7 +99,7 @@ def run_case(case: dict) -> dict:
     torch.manual_seed(0)
     dtype = getattr(torch, case["dtype"])
     result = _loss_sweep.measure_loss_case(loss_module(case["implementation"]),
-                                       lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
+                                           lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
     return {**result, "backend": _backend_name(case["implementation"], case["device"], dtype)}
 
 
@@ -114,8 +114,8 @@ def skip_reason(case: dict, machine_memory: int) -> str | None:
 
 def build_parser():
     return _loss_sweep.loss_benchmark_parser(__doc__, implementations=IMPLEMENTATIONS,
-                                         batches=[1024, 2048, 4096, 8192, 16384], quick_batches=[1024, 2048],
-                                         cuda_batches=[4096, 8192, 16384, 32768, 65536])
+                                             batches=[1024, 2048, 4096, 8192, 16384], quick_batches=[1024, 2048],
+                                             cuda_batches=[4096, 8192, 16384, 32768, 65536])
 
 
 def main(argv=None) -> int:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                                                                       else "cpu"]
     reference = "open_clip" if importlib.util.find_spec("open_clip") else "materialised"
     _loss_sweep.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(), implementations=implementations,
-                           run_case=run_case, skip_reason=skip_reason, reference=reference, title="SigLIP loss")
+                               run_case=run_case, skip_reason=skip_reason, reference=reference, title="SigLIP loss")
     return 0
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from fastclip.backends import LossInputs, select_backend
 from fastclip.checks import as_scalar_tensor, check_features
+from fastclip.distributed import distributed_clip_loss, distributed_siglip_loss
 from fastclip.ops.clip_loss import ClipLossFunction
 from fastclip.ops.options import ClipOptions, SigLipOptions
 from fastclip.ops.siglip_loss import SigLipLossFunction
@@ -59,24 +60,24 @@ def _prepare(image_features, text_features, logit_scale, logit_bias, options):
     return scale, bias, backend, resolve_world(options.rank, options.world_size, options.process_group)
 
 
-def _clip_loss(image_features, text_features, logit_scale, logit_bias, options: ClipOptions):
+def _loss(function, distributed_loss, image_features, text_features, logit_scale, logit_bias, options):
+    """The route of both losses: check and resolve per call, then one process (``function``, the
+    autograd Function) or many (``distributed_loss``, which adds the exchange between ranks)."""
     scale, bias, backend, (rank, world_size) = _prepare(image_features, text_features, logit_scale, logit_bias,
                                                         options)
     if world_size == 1:
-        return ClipLossFunction.apply(image_features, text_features, scale, bias, backend, options)
-    from fastclip.distributed import distributed_clip_loss
+        return function.apply(image_features, text_features, scale, bias, backend, options)
+    return distributed_loss(image_features, text_features, scale, bias, backend, options, rank, world_size)
 
-    return distributed_clip_loss(image_features, text_features, scale, bias, backend, options, rank, world_size)
+
+def _clip_loss(image_features, text_features, logit_scale, logit_bias, options: ClipOptions):
+    return _loss(ClipLossFunction, distributed_clip_loss, image_features, text_features, logit_scale, logit_bias,
+                 options)
 
 
 def _siglip_loss(image_features, text_features, logit_scale, logit_bias, options: SigLipOptions):
-    scale, bias, backend, (rank, world_size) = _prepare(image_features, text_features, logit_scale, logit_bias,
-                                                        options)
-    if world_size == 1:
-        return SigLipLossFunction.apply(image_features, text_features, scale, bias, backend, options)
-    from fastclip.distributed import distributed_siglip_loss
-
-    return distributed_siglip_loss(image_features, text_features, scale, bias, backend, options, rank, world_size)
+    return _loss(SigLipLossFunction, distributed_siglip_loss, image_features, text_features, logit_scale,
+                 logit_bias, options)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, normalize=False, backend="auto",
