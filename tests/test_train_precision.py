@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fastclip.train import TrainConfig
 from fastclip.train.build import build_model, build_parts, build_train_data
-from fastclip.train.distributed import DistributedContext
+from fastclip.train.process_group import DistributedContext
 from fastclip.train.loop import TrainState, train_step
 from fastclip.train.main import main
 from fastclip.train.optim import LearningRateSchedule

@@ -16,7 +16,7 @@ from fastclip.data.loader import TrainBatches
 from fastclip.train.accumulation import forward_backward
 from fastclip.train.checkpoint import capture_rng_state, save_checkpoint
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext
+from fastclip.train.process_group import DistributedContext
 from fastclip.train.metrics import MetricsLogger
 from fastclip.train.optim import LearningRateSchedule, clamp_logit_scale
 from fastclip.train.profiling import NvtxRanges, StepProfiler

@@ -29,7 +29,7 @@ from fastclip.precision import check_precision_supported
 from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, say, seed_everything
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext, init_distributed, is_peer_failure, shutdown_distributed
+from fastclip.train.process_group import DistributedContext, init_distributed, is_peer_failure, shutdown_distributed
 from fastclip.train.folder_zeroshot import evaluate_folder
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
@@ -217,7 +217,7 @@ def train(config: TrainConfig) -> dict:
     """Train as ``config`` says (under torchrun: on every rank) and return the results dict.
 
     Starts the process group when torchrun's environment asks for one and leaves it running (a second
-    call reuses it; :func:`~fastclip.train.distributed.shutdown_distributed` ends it). Errors are raised:
+    call reuses it; :func:`~fastclip.train.process_group.shutdown_distributed` ends it). Errors are raised:
     ValueError for what the user can fix, :class:`~fastclip.train.loop.NonFiniteAbort` for divergence.
     """
     return run(config, init_distributed(config.device, config.dist_backend, config.dist_timeout))

@@ -6,7 +6,7 @@ from fastclip.train.build import say, seed_everything
 from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_checkpoint,
                                        load_weights_into, restore_rng_state)
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext
+from fastclip.train.process_group import DistributedContext
 from fastclip.train.loop import TrainParts, TrainState
 from fastclip.train.run_dir import RunPlan
 
