@@ -19,7 +19,7 @@ from fastclip.distributed.comm import World
 from fastclip.train.lit import apply_locks
 from fastclip.train.loop import TrainParts
 from fastclip.train.optim import build_optimizer, find_parameter
-from fastclip.train.process_group import barrier
+from fastclip.train.process_group import barrier, say
 from fastclip.train.profiling import NvtxRanges
 
 
@@ -27,12 +27,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def say(ctx: World, message: str) -> None:
-    """Print ``message`` on the main rank."""
-    if ctx.is_main:
-        print(message, flush=True)
 
 
 def build_model(config: TrainConfig, ctx: World) -> torch.nn.Module:

@@ -28,10 +28,10 @@ from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
 from fastclip.precision import check_precision_supported
 from fastclip.train.args import parse_args
-from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, say, seed_everything
+from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
 from fastclip.train.process_group import (barrier, decide_on_main, gather_objects, init_distributed, is_peer_failure,
-                                          shutdown_distributed)
+                                          say, shutdown_distributed)
 from fastclip.train.folder_zeroshot import evaluate_folder
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval

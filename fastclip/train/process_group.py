@@ -1,6 +1,6 @@
 """Process-group setup for torchrun: NCCL on GPU, gloo on CPU; the :class:`~fastclip.distributed.comm.World`
 of this process (rank, size, local rank, device), and the few collectives the trainer's control flow needs
-(agree on a flag, share a decision, fail together)."""
+(agree on a flag, share a decision, fail together), and ``say``: print once, on the main rank."""
 from __future__ import annotations
 
 import datetime
@@ -12,6 +12,12 @@ import torch
 import torch.distributed as dist
 
 from fastclip.distributed.comm import World
+
+
+def say(world: World, message: str) -> None:
+    """Print ``message`` on the main rank (the trainer's notes and warnings)."""
+    if world.is_main:
+        print(message, flush=True)
 
 
 def barrier(world: World) -> None:

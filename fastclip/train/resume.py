@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from fastclip.data.loader import TrainBatches
 from fastclip.distributed.comm import World
-from fastclip.train.build import say, seed_everything
+from fastclip.train.build import seed_everything
 from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_checkpoint,
                                        load_weights_into, restore_rng_state)
 from fastclip.train.config import TrainConfig
-from fastclip.train.process_group import all_or_none
+from fastclip.train.process_group import all_or_none, say
 from fastclip.train.loop import TrainParts, TrainState
 from fastclip.train.run_dir import RunPlan
 
