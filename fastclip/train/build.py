@@ -13,9 +13,9 @@ import torch
 
 from fastclip.checkpoint_format import read_weights
 from fastclip.data.loader import TrainBatches
+from fastclip.distributed.comm import World
 from fastclip.precision import make_grad_scaler, parameter_dtype
 from fastclip.train.config import TrainConfig
-from fastclip.distributed.comm import World
 from fastclip.train.lit import apply_locks
 from fastclip.train.loop import TrainParts
 from fastclip.train.optim import build_optimizer, find_parameter

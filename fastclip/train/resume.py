@@ -4,11 +4,11 @@ from __future__ import annotations
 from fastclip.data.loader import TrainBatches
 from fastclip.distributed.comm import World
 from fastclip.train.build import seed_everything
-from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_checkpoint,
+from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_training_checkpoint,
                                        load_weights_into, restore_rng_state)
 from fastclip.train.config import TrainConfig
-from fastclip.train.process_group import all_or_none, say
 from fastclip.train.loop import TrainParts, TrainState
+from fastclip.train.process_group import all_or_none, say
 from fastclip.train.run_dir import RunPlan
 
 
@@ -32,7 +32,7 @@ def resume_if_asked(config: TrainConfig, ctx: World, parts: TrainParts, data: Tr
     """
     if plan.resume_path is None:
         return TrainState()
-    found = all_or_none(ctx, lambda: _restore(config, parts, loaded or load_checkpoint(plan.resume_path)))
+    found = all_or_none(ctx, lambda: _restore(config, parts, loaded or load_training_checkpoint(plan.resume_path)))
     state = found.state
     train = TrainState(**{key: value for key, value in state["train"].items()
                           if key in TrainState.__dataclass_fields__})
