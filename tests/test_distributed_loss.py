@@ -34,6 +34,7 @@ FLAG_COMBOS = list(itertools.product((False, True), (False, True)))  # (local_lo
 CLIP_IMPLS = ("gather", "ring")
 SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather", "ring")
 OPEN_CLIP_SIGLIP_PEER = {"ring": "shift"}  # open_clip has no "ring": its shift exchange is the same loss
+SIGLIP_NORMALIZE_IMPLS = ("bidir", "gather")  # one name per exchange (ring, gather)
 BAD_INPUTS = ("feature dimension", "dtype", "local batch size", "dist_impl")
 SCALE_FIDELITY_SEEDS = 6
 
@@ -188,6 +189,15 @@ def _siglip_parity(checks, rank, world_size, image, text):
                                        image, text, SIGLIP_SCALE, SIGLIP_BIAS, upstream)
             ours = loss_and_grads(SigLipLoss(rank=rank, world_size=world_size, dist_impl=impl),
                                   image, text, SIGLIP_SCALE, SIGLIP_BIAS, upstream)
+            _assert_same(ours, reference, f"rank {rank}", bias_floor=1e-6)
+    raw_image, raw_text = 3.0 * image, 0.5 * text  # normalize=True L2-normalises inside the op
+    for impl in SIGLIP_NORMALIZE_IMPLS:
+        with checks(f"siglip/{impl}/normalize"):
+            reference = loss_and_grads(lambda i, t, s, b: OpenSigLipLoss(rank=rank, world_size=world_size)(
+                F.normalize(i, dim=-1), F.normalize(t, dim=-1), s, b), raw_image, raw_text, SIGLIP_SCALE, SIGLIP_BIAS,
+                upstream)
+            ours = loss_and_grads(SigLipLoss(rank=rank, world_size=world_size, dist_impl=impl, normalize=True),
+                                  raw_image, raw_text, SIGLIP_SCALE, SIGLIP_BIAS, upstream)
             _assert_same(ours, reference, f"rank {rank}", bias_floor=1e-6)
 
 
@@ -373,6 +383,12 @@ def test_clip_matches_open_clip(world_size, impl, local_loss, gather_with_grad):
 @pytest.mark.parametrize("impl", CLIP_IMPLS)
 def test_clip_normalize_inside_matches_open_clip_on_normalized_features(world_size, impl):
     assert_passed_on_every_rank(world_size, f"clip/{impl}/normalize")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("impl", SIGLIP_NORMALIZE_IMPLS)
+def test_siglip_normalize_inside_matches_open_clip_on_normalized_features(world_size, impl):
+    assert_passed_on_every_rank(world_size, f"siglip/{impl}/normalize")
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
