@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 from fastclip.devices import triton_interpret_mode  # noqa: E402
 from fastclip.loss import ClipLoss  # noqa: E402
 from fastclip.ops import clip_loss_torch, clip_loss_triton  # noqa: E402
-from fastclip.ops import triton_common  # noqa: E402
+from fastclip.ops import triton_common, workspace  # noqa: E402
 from tests.loss_utils import clip_like_features, grads_against_open_clip, loss_and_grads  # noqa: E402
 from tests.numerics import assert_close_to_truth, assert_matches_reference  # noqa: E402
 
@@ -174,6 +174,22 @@ def test_every_output_element_is_written_with_chunked_workspaces(poisoned_buffer
         assert not value.isnan().any(), f"{name} has elements no kernel wrote"
         reference = given_lse[name] if name.startswith("grad") else truth[name]
         assert_matches_reference(value, reference, name=f"chunked {name}")
+
+
+def test_the_poison_flag_the_cuda_tests_set_also_poisons_the_triton_buffers(monkeypatch):
+    """workspace.POISON_BUFFERS is the one switch for both fused backends: the Triton launchers' buffers
+    start as NaN (-1 for integer locks) under it, and every element is still written."""
+    monkeypatch.setattr(workspace, "POISON_BUFFERS", True)
+    assert workspace.allocate((3,), torch.float32, "cpu").isnan().all()
+    assert (workspace.allocate((3,), torch.int32, "cpu") == -1).all()
+    inputs = random_block(40, 70, 48, torch.float32, seed=59)
+    monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "0.001")
+    ours = run_triton(*inputs, 5, deterministic=False)
+    truth = dense_oracle(*inputs, 5, lse=(ours["row_lse"], ours["col_lse"]))
+    for name, value in ours.items():
+        assert not value.isnan().any(), f"{name} has elements no kernel wrote"
+        if name.startswith("grad"):
+            assert_matches_reference(value, truth[name], name=f"poisoned {name}")
 
 
 def test_deterministic_forward_is_bitwise_the_same_for_every_workspace_size(monkeypatch):
