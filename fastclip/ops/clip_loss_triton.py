@@ -88,7 +88,9 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
     return row_lse, col_lse, row_expect, col_expect
 
 
-def _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset: int, config):
+def _backward(image, text, scale, bias, stats: tuple, positive_offset: int, config):
+    """stats: (row_lse, col_lse, row_coef, col_coef) of clip_loss_bwd."""
+    row_lse, col_lse, row_coef, col_coef = stats
     n_cols, dim = text.shape
     headroom = common.FP16_HEADROOM if image.dtype == torch.float16 else 1.0
     coef_norm = torch.maximum(row_coef.abs().amax(), col_coef.abs().amax()).float().clamp_min(1e-30)
@@ -137,10 +139,10 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
                   positive_offset: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_image (b, D), grad_text (n, D), grad_scale ()) in fp32; row_*: (b,), col_*: (n,) fp32."""
     common.check_inputs(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef)
-    config = common.choose_config(
-        "clip_loss_bwd", CLIP_BWD_CONFIGS, image.device, common.shape_key(image, text),
-        lambda cfg: _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, cfg))
-    return _backward(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, config)
+    stats = (row_lse, col_lse, row_coef, col_coef)
+    config = common.choose_config("clip_loss_bwd", CLIP_BWD_CONFIGS, image.device, common.shape_key(image, text),
+                                  lambda cfg: _backward(image, text, scale, bias, stats, positive_offset, cfg))
+    return _backward(image, text, scale, bias, stats, positive_offset, config)
 
 
 @clip_loss_bwd.register_fake
