@@ -174,7 +174,7 @@ def _size_arguments(rows: int) -> dict:
     Sizes the kernels mark do_not_specialize only feed the heuristics (e.g. EVEN_D, or an EVEN_N on
     the column count); strides are specialised (16-divisibility, == 1) exactly as a launch does.
     """
-    return {"n_rows": rows, "n_cols": BATCH, "dim": DIM, "positive_offset": 0, "cols_per_split": BATCH,
+    return {"n_rows": rows, "n_cols": BATCH, "dim": DIM, "positive_offset": 0, "tiles_per_split": BATCH,
             "stride_image_row": DIM, "stride_image_dim": 1, "stride_text_row": DIM, "stride_text_dim": 1,
             "stride_grad_row": BATCH, "n_parts": 4, "length": BATCH, "stride_part": BATCH}
 

@@ -62,12 +62,12 @@ CLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 
 
 
 @triton.heuristics({"EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0})
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "cols_per_split"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "tiles_per_split"])
 def _clip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr,
         row_max_ptr, row_sum_ptr, row_wsum_ptr,
         col_max_ptr, col_sum_ptr, col_wsum_ptr, col_lock_ptr,
-        n_rows, n_cols, dim, cols_per_split,
+        n_rows, n_cols, dim, tiles_per_split,
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
         HAS_EXPECTATIONS: tl.constexpr, LOCKED_COLUMNS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -81,7 +81,7 @@ def _clip_loss_fwd_kernel(
     Natural units on purpose: S - max is formed before any base change, so the exponent's rounding
     is relative to the small difference, not to |S| ~ 30 (base-2 logits cost ~3x the LSE error).
     Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits). Program (pid_m, pid_s) owns BLOCK_M rows and the
-    columns [pid_s * cols_per_split, +cols_per_split), walked in BLOCK_N tiles; each tile's x is one
+    column tiles [pid_s * tiles_per_split, +tiles_per_split) (the last split may have fewer); each tile's x is one
     D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
     is small (a rank's local rows against the global columns).
     Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays, merged by _lse_merge_kernel.
@@ -101,12 +101,15 @@ def _clip_loss_fwd_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     row_wsum = tl.zeros((BLOCK_M,), tl.float32)
-    col_begin = pid_s * cols_per_split
-    n_tiles = tl.cdiv(tl.minimum(cols_per_split, n_cols - col_begin), BLOCK_N)
+    first_tile = pid_s * tiles_per_split
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(n_cols, BLOCK_N) - first_tile)  # this split's tiles
     col_partial_base = pid_m.to(tl.int64) * n_cols
-    for step in range(0, n_tiles):
-        tile = (step + pid_m) % n_tiles if LOCKED_COLUMNS else step
-        col_block = pid_s * (cols_per_split // BLOCK_N) + tile
+    # The loop bound is the launcher's integer, never a value derived from program_id (the interpreter
+    # of triton 3.6 cannot turn one into a Python int under numpy >= 2.4). Steps past this split's
+    # n_tiles (the last split only) map to a tile past n_cols: every column masked, nothing merged.
+    for step in range(0, tiles_per_split):
+        tile = tl.where(step < n_tiles, (step + pid_m) % n_tiles, step) if LOCKED_COLUMNS else step
+        col_block = first_tile + tile
         cols, col_valid = _block_range(col_block, n_cols, BLOCK_N)
         x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                              stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,

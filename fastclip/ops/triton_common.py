@@ -103,7 +103,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def column_splits(n_row_blocks: int, n_cols: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(n_splits, cols_per_split) so that row blocks x splits fills the GPU about twice over.
+    """(n_splits, tiles_per_split): column tiles of block_n per split, so that row blocks x splits
+    fills the GPU about twice over. Every split but the last has tiles_per_split tiles.
 
     A rank's few local rows against the global columns would otherwise leave most SMs idle. In the
     interpreter two splits exercise the row-partial merge.
@@ -111,8 +112,8 @@ def column_splits(n_row_blocks: int, n_cols: int, block_n: int, device: torch.de
     col_tiles = cdiv(n_cols, block_n)
     target = 2 if device.type != "cuda" else 2 * _multiprocessors(device.index or 0)
     splits = min(col_tiles, max(1, cdiv(target, n_row_blocks)))
-    cols_per_split = cdiv(col_tiles, splits) * block_n
-    return cdiv(n_cols, cols_per_split), cols_per_split
+    tiles_per_split = cdiv(col_tiles, splits)
+    return cdiv(col_tiles, tiles_per_split), tiles_per_split
 
 
 def row_chunk(n_rows: int, block_m: int, bytes_per_block: int, elements_per_block: int) -> int:
