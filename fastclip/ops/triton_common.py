@@ -55,8 +55,40 @@ def shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
 
 def launch_options(config, dtype: torch.dtype, dim: int) -> dict:
     """The keyword arguments every S-tile kernel takes: dot flags and the config's blocks and warps."""
+    if triton_interpret_mode():
+        _interpreter_index_fix()
     return {"DOT_PRECISION": dot_precision(dtype), "UPCAST_DOT": upcast_dot(dtype),
             "BLOCK_D": block_d(config, dim, torch.finfo(dtype).bits // 8), **config.launch_options()}
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_index_fix() -> None:
+    """Make triton 3.6's CPU interpreter run loops whose bound is a kernel argument under numpy >= 2.4.
+
+    That interpreter passes int arguments as shape-(1,) arrays and its tensors' __index__ calls
+    int() on them, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every `for ... in range(0, n)` with a runtime n fails. Triton 3.7 squeezes first;
+    under TRITON_INTERPRET=1 only, on an older triton with a newer numpy, the launchers apply that
+    same fix to the interpreter's tensor patching, once. Compiled GPU kernels never pass here.
+    """
+    import numpy
+    import triton
+    from triton.runtime import interpreter
+
+    def release(version: str) -> tuple:
+        return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if (original is None or release(triton.__version__) >= (3, 7) or release(numpy.__version__) < (2, 4)
+            or getattr(original, "squeezes_index", False)):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def dot_precision(dtype: torch.dtype) -> str:
