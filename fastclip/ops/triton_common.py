@@ -3,7 +3,11 @@
 Settings, all read at call time (no process-wide toggles, nothing queried at import):
     FASTCLIP_FP32_PRECISION = tf32 (default) | ieee   how the kernels' dots treat fp32 inputs: TF32
         tensor cores (10-bit mantissa products, ~8x faster) or exact fp32 FMA. The backward cuBLAS
-        GEMMs follow torch.backends.cuda.matmul.allow_tf32 as every torch matmul does.
+        GEMMs follow torch.backends.cuda.matmul.allow_tf32 as every torch matmul does. Triton's TF32
+        dot truncates the operands (no rounding), so with unit-norm fp32 features each logit is off
+        by at most 2^-9 and each log-sum-exp by at most TF32_LSE_BOUND_PER_SCALE x logit_scale
+        (emulated in tests/test_tf32_bound.py: ~2e-4 at scale 10, ~1e-2 at 100); use ieee where
+        that matters near scale 100. 16-bit features are unaffected (their products are exact).
     FASTCLIP_AUTOTUNE = 1    time every tile config declared for this GPU's architecture (sm80/sm90
         lists in kernels/clip_loss.py) once per shape and keep the fastest; otherwise the first
         (default) config of the list is used with no timing.
@@ -23,6 +27,7 @@ from fastclip.ops.workspace import workspace_bytes
 FP16_HEADROOM = 256.0  # G is stored times 2^8 in fp16 so softmax / sigmoid values ~1/B stay out of subnormals
 FP32_PRECISION_ENV = "FASTCLIP_FP32_PRECISION"
 AUTOTUNE_ENV = "FASTCLIP_AUTOTUNE"
+TF32_LSE_BOUND_PER_SCALE = 2.0**-9  # |LSE error| / logit_scale with truncated TF32 operands, unit-norm features
 MAX_WORKSPACE_ELEMENTS = 2**31 - 1  # kernels index one workspace with 32-bit offsets
 _TUNED_CONFIGS: dict = {}
 
