@@ -18,9 +18,12 @@ from .common import TileConfig, with_default_first, _block_range, _log1p, _logit
 # One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile. The
 # same declared lists; defaults at 2 CTAs per SM without spilling (the kernel report's roofline model
 # finds them fastest, so that one CTA's epilogue hides behind another's MMA; not measured on a GPU).
+# The sm90 backward is 128 x 128 (8 warps, 118 registers, 2 CTAs/SM, no spill): with the model's L2
+# term (benchmarks/roofline.py) a 64 x 128 tile's operand loads, B^2 D elt (1/64 + 1/128), take longer
+# from L2 than its MMAs; 128 x 128 loads a third less (estimate 8.5 against 12.3 ms on H100).
 SIGLIP_FWD_CONFIGS = with_default_first(FWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
                                                  "sm80": TileConfig(64, 128, 32, 4, 4)})
-SIGLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
+SIGLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(128, 128, 64, 8, 3),
                                                  "sm80": TileConfig(128, 64, 32, 4, 4)})
 
 
