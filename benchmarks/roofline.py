@@ -239,7 +239,8 @@ def estimate(gpu: Gpu, forward: TileKernel, backward: TileKernel, scenario: Scen
     terms["rescale, row copies"] = {"ms": rescale_bytes / gpu.hbm_bytes * 1e3}
     total = sum(term["ms"] for term in terms.values())
     return {"gpu": gpu.name, "scenario": scenario.name, "floor_ms": floor, "terms": terms, "total_ms": total,
-            "ratio": total / floor, "chunk": chunk, "chunks": chunks, "forward": forward, "backward": backward}
+            "ratio": total / floor, "chunk": chunk, "chunks": chunks,
+            "forward": replace(forward, ctas_per_sm=fwd_ctas), "backward": replace(backward, ctas_per_sm=bwd_ctas)}
 
 
 def candidate_kernels(rows: list[dict], capability: int, loss: str) -> tuple[list, list]:
