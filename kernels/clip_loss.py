@@ -83,8 +83,8 @@ def _clip_loss_fwd_kernel(
     Natural units on purpose: S - max is formed before any base change, so the exponent's rounding
     is relative to the small difference, not to |S| ~ 30 (base-2 logits cost ~3x the LSE error).
     Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits). Program (pid_m, pid_s) owns BLOCK_M rows and the
-    column tiles [pid_s * tiles_per_split, +tiles_per_split) (the last split may have fewer); each tile's x is one
-    D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
+    column tiles [pid_s * tiles_per_split, +tiles_per_split) (the last split may have fewer); each
+    tile's x is one D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
     is small (a rank's local rows against the global columns).
     Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays, merged by _lse_merge_kernel.
     Columns, deterministic (LOCKED_COLUMNS=False): partials at [pid_m, col] of (cdiv(n_rows, BLOCK_M),
@@ -106,9 +106,9 @@ def _clip_loss_fwd_kernel(
     first_tile = pid_s * tiles_per_split
     n_tiles = tl.minimum(tiles_per_split, tl.cdiv(n_cols, BLOCK_N) - first_tile)  # this split's tiles
     col_partial_base = pid_m.to(tl.int64) * n_cols
-    # The loop bound is the launcher's integer, never a value derived from program_id (the interpreter
-    # of triton 3.6 cannot turn one into a Python int under numpy >= 2.4). Steps past this split's
-    # n_tiles (the last split only) map to a tile past n_cols: every column masked, nothing merged.
+    # The trip count is the launcher's integer, the same for every program (no count derived from
+    # program_id). Steps past this split's n_tiles (the last split only) map to a tile past n_cols:
+    # every column masked, nothing merged.
     for step in range(0, tiles_per_split):
         tile = tl.where(step < n_tiles, (step + pid_m) % n_tiles, step) if LOCKED_COLUMNS else step
         col_block = first_tile + tile
