@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.backends import LossInputs, select_backend
-from fastclip.checks import as_scalar_tensor, check_features
+from fastclip.checks import as_scalar_tensor, check_features, guard_scalars
 from fastclip.distributed import distributed_clip_loss, distributed_siglip_loss
 from fastclip.ops.clip_loss import ClipLossFunction
 from fastclip.ops.options import ClipOptions, SigLipOptions
@@ -55,6 +55,8 @@ def _prepare(image_features, text_features, logit_scale, logit_bias, options):
         bias = torch.zeros((), device=image_features.device)
     else:
         bias = as_scalar_tensor(logit_bias, "logit_bias", image_features, positive=False)
+    if isinstance(logit_scale, torch.Tensor) or isinstance(logit_bias, torch.Tensor):
+        scale = guard_scalars(scale, bias)  # checked on the device: no host sync (floats were checked above)
     inputs = LossInputs(image_features.device, image_features.dtype, options.deterministic)
     backend = select_backend(options.backend, inputs)
     return scale, bias, backend, resolve_world(options.rank, options.world_size, options.process_group)
