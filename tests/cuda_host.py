@@ -213,8 +213,9 @@ def clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset, gr
     grad = row_coef[:, None] * (row_softmax - positive) + col_coef * (col_softmax - positive)
     if grad_dtype is not None:
         grad = grad.to(grad_dtype).to(compute)
-    return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * x).sum(1),
-            "col_expect": (col_softmax * x).sum(0), "grad_image": float(scale) * grad @ text,
+    # the expected log-probabilities E[log P] (minus the entropies), as the forward returns them
+    return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * (logits - row_lse[:, None])).sum(1),
+            "col_expect": (col_softmax * (logits - col_lse)).sum(0), "grad_image": float(scale) * grad @ text,
             "grad_text": float(scale) * grad.T @ image, "grad_scale": (grad * x).sum()}
 
 

@@ -25,9 +25,11 @@ def test_clip_loss_fwd_torch_opcheck_and_values(with_expectations):
     torch.testing.assert_close(row_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(col_lse.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-5)
     if with_expectations:
-        x = image.double() @ text.double().T
-        torch.testing.assert_close(row_expect.double(), (logits.softmax(1) * x).sum(1), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(col_expect.double(), (logits.softmax(0) * x).sum(0), rtol=1e-5, atol=1e-6)
+        # the expected log-probabilities (minus the row / column entropies)
+        expected_row = (logits.softmax(1) * logits.log_softmax(1)).sum(1)
+        expected_col = (logits.softmax(0) * logits.log_softmax(0)).sum(0)
+        torch.testing.assert_close(row_expect.double(), expected_row, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(col_expect.double(), expected_col, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("positive_offset", [0, 16, -5, 500])
