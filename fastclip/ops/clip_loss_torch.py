@@ -33,7 +33,8 @@ small where the softmax is peaked, so neither its sums nor its merges cancel |S|
 Forward column statistics reuse the row pass: with P'_ij = exp(S_ij - m_i) (m_i the row max) and
 M the chunk max, sum_i exp(S_ij - M) = sum_i exp(m_i - M) P'_ij is one GEMV. Where that sum falls
 below 1e-30 (a column far below the chunk max, where fp32 would lose digits) the column is redone
-exactly with its own max. ``deterministic`` is part of every backend's signature; this backend is
+exactly with its own max. With expectations every column is shifted by its own max instead (two
+more passes over the chunk, on the local-loss path only). ``deterministic`` is part of every backend's signature; this backend is
 always bitwise repeatable.
 """
 from __future__ import annotations
@@ -47,15 +48,36 @@ from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
 
 
-def _exact_column_stats(logits: torch.Tensor, columns: torch.Tensor, with_expectations: bool):
-    """(lse, E[log softmax] or None) of the given columns, each shifted by its own max."""
-    block = logits[:, columns]
-    shifted = block - block.amax(dim=0)
-    weights = shifted.exp()
-    total = weights.sum(dim=0)
+def _expected_log(weights: torch.Tensor, total: torch.Tensor, log_total: torch.Tensor, dim: int) -> torch.Tensor:
+    """E[log p] = sum w log w / l - log l from w = exp(S - max) (overwritten), l = sum w, along ``dim``.
+
+    log w is taken back from w by xlogy (w = 0 gives 0, never 0 * -inf); its error is ~eps absolute.
+    """
+    return torch.xlogy(weights, weights, out=weights).sum(dim=dim) / total - log_total
+
+
+def _column_stats_with_expectations(logits: torch.Tensor, scratch: torch.Tensor):
+    """(lse, E[log q]) of every column of the chunk, each shifted by its own max (exact, no GEMV:
+    the local loss's d scale needs E[log q] to ~eps |S|, which the shared-max GEMV misses)."""
+    col_max = logits.amax(dim=0)
+    torch.sub(logits, col_max, out=scratch).exp_()
+    total = scratch.sum(dim=0)
     log_total = total.log()
-    expect = (weights * shifted).sum(dim=0) / total - log_total if with_expectations else None
-    return block.amax(dim=0) + log_total, expect
+    return col_max + log_total, _expected_log(scratch, total, log_total, dim=0)
+
+
+def _column_lse(logits: torch.Tensor, row_weights: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """Column log-sum-exps of the chunk from the row pass's P' = exp(S - m_i): one GEMV, with the
+    columns whose sum falls below TINY_COLUMN_SUM redone with their own max."""
+    chunk_max = row_max.max()
+    chunk_sum = torch.mv(row_weights.t(), (row_max - chunk_max).exp())  # sum_i exp(S_ij - M)
+    chunk_lse = chunk_max + chunk_sum.log()
+    lost = (chunk_sum < TINY_COLUMN_SUM).nonzero().squeeze(1)
+    if lost.numel():
+        block = logits[:, lost]
+        block_max = block.amax(dim=0)
+        chunk_lse[lost] = block_max + (block - block_max).exp_().sum(dim=0).log()
+    return chunk_lse
 
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_torch", mutates_args=())
@@ -79,25 +101,11 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
         row_sum = weights.sum(dim=1)
         row_log_sum = row_sum.log()
         row_lse[start:stop] = row_max + row_log_sum
-        chunk_max = row_max.max()
-        row_factor = (row_max - chunk_max).exp()
-        chunk_sum = torch.mv(weights.t(), row_factor)  # sum_i exp(S_ij - M), one GEMV
-        chunk_log_sum = chunk_sum.log()
-        chunk_lse = chunk_max + chunk_log_sum
-        lost = (chunk_sum < TINY_COLUMN_SUM).nonzero().squeeze(1)
-        exact = _exact_column_stats(logits, lost, with_expectations) if lost.numel() else None
-        chunk_expect = None
         if with_expectations:
-            # sum_i exp(S_ij - M) (S_ij - M) = sum_i f_i P'_ij (S_ij - m_i) + sum_i f_i (m_i - M) P'_ij,
-            # f_i = exp(m_i - M): every term <= 0, nothing cancels. Rows likewise, with M = m_i.
-            max_gaps = torch.mv(weights.t(), row_factor * (row_max - chunk_max))
-            weights.mul_(logits.sub_(row_max[:, None]))  # P' (S - m_i); the logits are not needed after
-            row_expect[start:stop] = weights.sum(dim=1) / row_sum - row_log_sum
-            chunk_expect = (torch.mv(weights.t(), row_factor) + max_gaps) / chunk_sum - chunk_log_sum
-        if exact is not None:
-            chunk_lse[lost] = exact[0]
-            if with_expectations:
-                chunk_expect[lost] = exact[1]
+            row_expect[start:stop] = _expected_log(weights, row_sum, row_log_sum, dim=1)
+            chunk_lse, chunk_expect = _column_stats_with_expectations(logits, weights)
+        else:
+            chunk_lse, chunk_expect = _column_lse(logits, weights, row_max), None
         col_lse, col_expect = merge_lse(col_lse, col_expect if with_expectations else None, chunk_lse, chunk_expect)
     if not with_expectations:
         col_expect = torch.zeros(0, **options)
