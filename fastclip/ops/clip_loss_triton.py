@@ -52,7 +52,7 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
     col_expect = common.allocate((n_cols if with_expectations else 0,), fp32, device)
     block_m = config.block_m
     # Splits from all rows, not per chunk: the statistics then do not depend on the workspace size.
-    splits, cols_per_split = common.column_splits(common.cdiv(n_rows, block_m), n_cols, config.block_n, device)
+    splits, tiles_per_split = common.column_splits(common.cdiv(n_rows, block_m), n_cols, config.block_n, device)
     if locked_columns:  # a running (max, sum, weighted sum) under per-tile locks: O(n_cols), one chunk
         chunk = n_rows
         running = [common.allocate((n_cols,), fp32, device) for _ in range(n_stats)]
@@ -60,7 +60,8 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
         for state in running[1:]:
             state.zero_()
         running += running[:1] * (3 - n_stats)
-        locks = common.allocate((common.cdiv(n_cols, config.block_n),), torch.int32, device).zero_()
+        # One lock per column tile, and one for each step of the last split past n_cols (all masked).
+        locks = common.allocate((splits * tiles_per_split,), torch.int32, device).zero_()
         col_args = running + [locks]
     else:
         chunk = common.row_chunk(n_rows, block_m, bytes_per_block=4 * n_stats * n_cols, elements_per_block=n_cols)
@@ -79,7 +80,7 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
         image_rows = image[start:start + rows]
         _clip_loss_fwd_kernel[(blocks, splits)](
             image_rows, text, scale, bias, *row_parts, *col_args,
-            rows, n_cols, dim, cols_per_split,
+            rows, n_cols, dim, tiles_per_split,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1),
             HAS_EXPECTATIONS=with_expectations, LOCKED_COLUMNS=locked_columns, **options)
         row_expect_out = row_expect[start:start + rows] if with_expectations else row_lse
