@@ -3,7 +3,7 @@
 //   clip_loss_fwd_kernel     one pass over S = scale * I @ T.T + bias -> row and column softmax partials
 //   stats_merge_kernel       fixed-order merge of those partials into row_lse / col_lse (and E[log p])
 //   clip_loss_grad_kernel    G = dL/dS for a chunk of rows, into the bounded workspace, and per-tile
-//                            partials of sum_ij G_ij x_ij (the logit_scale gradient)
+//                            partials of sum_ij G_ij x_ij (the logit_scale gradient, log-softmax form)
 //
 // binding.cpp chains them (chunk_driver.h), runs the two backward GEMMs dI = s G T, dT = s G^T I on
 // cuBLAS and sums the per-tile partials in a fixed order into d scale. The per-tile math is
@@ -49,9 +49,11 @@ __global__ void __launch_bounds__(kThreads) stats_merge_kernel(MergeArgs args) {
 //   G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]), stored times headroom / max|coef| in
 //   the path's Grad type (the input dtype on tensor-core paths; fp32 on sm7x bf16 and fp32 inputs).
 //   d scale = sum_ij G_ij x_ij is summed beside G from the same fp32 G values (before rounding to the
-//   workspace dtype) and the same x: each thread over its 32 elements of the tile, then the 256 thread
-//   sums by a fixed pairwise tree. Forming it here, instead of sum_i I_i . dI_i / scale afterwards,
-//   keeps the digits that the GEMM outputs' rounding and the division would cost.
+//   workspace dtype), in log-softmax form: (sum R log P + C log Q) / scale with G = R + C, equal over
+//   whole rows and columns and free of sum G S's |S|-sized cancellation (tile_math.h); each thread
+//   over its 32 elements of the tile, then the 256 thread sums by a fixed pairwise tree. Forming it
+//   here, instead of sum_i I_i . dI_i / scale afterwards, keeps the digits that the GEMM outputs'
+//   rounding and the division would cost. A block of a larger S gets its share of the whole sum.
 //   Tiling: grid (column tiles, row blocks of the chunk), one S tile per block, D in 32-element slices.
 //   Saved: nothing; G is a transient workspace of at most FASTCLIP_WORKSPACE_MB, consumed by the two
 //   cuBLAS GEMMs before the next chunk. The tile's sum of G x (still times the multiplier) goes to
