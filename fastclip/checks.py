@@ -62,11 +62,12 @@ def _check_value(number: float, name: str, positive: bool) -> None:
 def as_scalar_tensor(value, name: str, reference: torch.Tensor, *, positive: bool) -> torch.Tensor:
     """A float or one-element tensor -> a one-element tensor on reference's device (grad kept).
 
-    A Python float is checked here, on the host: a non-finite value (or a non-positive one when
-    ``positive``) raises ValueError. A tensor's value is never read on the host (no ``float()``, no
-    device sync, CUDA-graph and torch.compile safe): ``guard_scalars`` checks it on the device
-    instead. FASTCLIP_HOST_CHECKS=1 reads it here too and raises the same ValueError, at the
-    price of one device-to-host sync per call (a debugging setting).
+    A Python float, or a CPU tensor (reading it syncs nothing), is checked here, on the host: a
+    non-finite value (or a non-positive one when ``positive``) raises ValueError. A device tensor's
+    value is never read on the host (no ``float()``, no device sync, CUDA-graph and torch.compile
+    safe): ``guard_scalars`` checks it on the device instead, so a bad one gives a NaN loss.
+    FASTCLIP_HOST_CHECKS=1 reads it here too and raises the same ValueError, at the price of one
+    device-to-host sync per call (a debugging setting).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
@@ -81,9 +82,15 @@ def as_scalar_tensor(value, name: str, reference: torch.Tensor, *, positive: boo
         raise ValueError(f"{name} is on {value.device} but the features are on {reference.device}: "
                          "move it to the features' device")
     tensor = value if value.device == reference.device else value.to(reference.device)
-    if host_checks_enabled() and not _is_compiling() and tensor.device.type != "meta":
-        _check_value(float(tensor.detach().reshape(())), name, positive)  # the opted-in sync
+    if (host_checks_enabled() or reads_without_sync(value.device)) and not _is_compiling() \
+            and tensor.device.type != "meta":
+        _check_value(float(value.detach().reshape(())), name, positive)  # free on CPU; opted-in elsewhere
     return tensor
+
+
+def reads_without_sync(device: torch.device) -> bool:
+    """True where reading a value on the host waits for nothing: a CPU tensor (no stream to sync)."""
+    return device.type == "cpu"
 
 
 def guard_scalars(scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastclip.backends import triton_interpret_mode
+from fastclip import checks
 from fastclip.checks import HOST_CHECK_ENV
 from fastclip.loss import ClipLoss, SigLipLoss
 from tests.loss_utils import clip_like_features
@@ -28,6 +29,7 @@ HOST_READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist",
 def host_reads(monkeypatch):
     """The (method, file:line) of every host read of a tensor that fastclip's own code makes."""
     calls = []
+    monkeypatch.setattr(checks, "reads_without_sync", lambda device: False)  # every tensor a GPU's
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
 
@@ -74,6 +76,7 @@ def test_the_spy_sees_a_host_read(host_reads):
 @pytest.mark.parametrize("scale,bias", [(float("inf"), 0.0), (0.0, 0.0), (-2.0, 0.0), (10.0, float("nan"))])
 def test_a_bad_scale_or_bias_tensor_gives_nan_not_a_number(loss_module, scale, bias, monkeypatch):
     monkeypatch.delenv(HOST_CHECK_ENV, raising=False)
+    monkeypatch.setattr(checks, "reads_without_sync", lambda device: False)  # as for a GPU tensor
     image, text = clip_like_features(16, 8, seed=4)
     image.requires_grad_(True)
     logit_scale = torch.tensor(scale, requires_grad=True)
@@ -84,8 +87,9 @@ def test_a_bad_scale_or_bias_tensor_gives_nan_not_a_number(loss_module, scale, b
 
 @pytest.mark.parametrize("scale,bias,match", [(float("inf"), 0.0, "finite"), (-2.0, 0.0, "exponentiated"),
                                               (10.0, float("nan"), "finite")])
-def test_host_checks_setting_raises_the_value_error(scale, bias, match, monkeypatch):
-    monkeypatch.setenv(HOST_CHECK_ENV, "1")
+@pytest.mark.parametrize("host_checks", ["1", "0"])  # "0": a CPU tensor is read on the host anyway
+def test_host_checks_setting_raises_the_value_error(scale, bias, match, host_checks, monkeypatch):
+    monkeypatch.setenv(HOST_CHECK_ENV, host_checks)
     image, text = clip_like_features(16, 8, seed=5)
     with pytest.raises(ValueError, match=match):
         SigLipLoss(backend="torch")(image, text, torch.tensor(scale), torch.tensor(bias))
