@@ -27,8 +27,9 @@ grad_coef are 0-dim; the positives are the pairs j = i + positive_offset (the di
 passes rank * b); outputs in the accumulation dtype (fp32; fp64 for the torch backend's fp64).
 
 clip_loss_fwd: row_lse / col_lse the log-sum-exps of S's rows / columns (col_lse a partial over
-these rows), and with_expectations the expectations of x = image @ text.T under the row / column
-softmax (the local-loss scale gradient needs them).
+these rows), and with_expectations the expected log-probabilities row_expect_i = sum_j P_ij log P_ij
+and col_expect_j = sum_i Q_ij log Q_ij (minus the entropies, in log form so that nothing of size |S|
+cancels; the distributed local-loss scale gradient needs them, docs/numerics.md).
 
 clip_loss_bwd: G = R + C, R_ij = row_coef_i (P_ij - [pos]), C_ij = col_coef_j (Q_ij - [pos]), with
 P, Q = exp(S - row_lse), exp(S - col_lse); grad_image = scale G @ text, grad_text = scale G.T @ image,
