@@ -60,7 +60,7 @@ def launcher(kind: str, with_expectations: bool, image, text, scale, bias):
     if kind == "clip_fwd":
         return lambda config: clip_loss_triton._forward(image, text, scale, bias, with_expectations, True, config)
     if kind == "clip_bwd":
-        row_lse, col_lse, _, _ = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, False, False)
+        row_lse, col_lse, _, _, _ = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, False, 0, False)
         coef = torch.full((batch,), 0.5 / batch, device=image.device)
         return lambda config: clip_loss_triton._backward(image, text, scale, bias, row_lse, col_lse, coef, coef, 0,
                                                          config)

@@ -210,20 +210,22 @@ struct DeviceForwardOps {
   void merge(const MergeArgs& args) { check_cuda(launch_stats_merge(args, stream), "stats_merge_kernel"); }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd(
     const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale, const at::Tensor& bias,
-    bool with_expectations, bool allow_tf32, int64_t workspace_bytes, bool poison) {
+    bool with_expectations, int64_t positive_offset, bool allow_tf32, int64_t workspace_bytes, bool poison) {
   const OpContext op(image, text, scale, bias, allow_tf32);
   at::Tensor row_lse = allocate({op.n_rows}, op.fp32, poison), col_lse = allocate({op.n_cols}, op.fp32, poison);
   at::Tensor row_expect = allocate({with_expectations ? op.n_rows : 0}, op.fp32, poison);
   at::Tensor col_expect = allocate({with_expectations ? op.n_cols : 0}, op.fp32, poison);
+  at::Tensor positive_logit = at::zeros({op.n_rows}, op.fp32);  // 0 where the positive is not in these columns
   DeviceForwardOps ops{op.image, op.text, op.dim, op.path, with_expectations, poison, op.fp32, op.stream,
                        multiprocessors(image), {}, {}, {}};
   const ClipForwardProblem problem{op.n_rows, op.n_cols, with_expectations, workspace_bytes, op.scale_data(),
                                    op.bias_data(), row_lse.data_ptr<float>(), col_lse.data_ptr<float>(),
-                                   fp32_data(row_expect), fp32_data(col_expect)};
+                                   fp32_data(row_expect), fp32_data(col_expect), positive_offset,
+                                   positive_logit.data_ptr<float>()};
   run_clip_forward(problem, ops);
-  return {row_lse, col_lse, row_expect, col_expect};
+  return {row_lse, col_lse, row_expect, col_expect, positive_logit};
 }
 
 // ---- Backward of both losses: G chunks, then two GEMMs -------------------------------------------------
@@ -352,7 +354,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(fastclip_cuda, m) {
   m.def("clip_loss_fwd(Tensor image, Tensor text, Tensor scale, Tensor bias, bool with_expectations, "
-        "bool allow_tf32, int workspace_bytes, bool poison=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int positive_offset, bool allow_tf32, int workspace_bytes, bool poison=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("clip_loss_bwd(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor row_lse, Tensor col_lse, "
         "Tensor row_coef, Tensor col_coef, int positive_offset, bool allow_tf32, int workspace_bytes, "
         "bool poison=False) -> (Tensor, Tensor, Tensor)");

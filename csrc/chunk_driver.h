@@ -24,6 +24,8 @@ struct ClipForwardProblem {
   float* col_lse;     // (n_cols,)
   float* row_expect;  // (n_rows,) or null
   float* col_expect;  // (n_cols,) or null
+  index_t positive_offset;  // positives j = i + positive_offset
+  float* positive_logit;    // (n_rows,): S_i,i+offset from the tiles; untouched where not in the columns
 };
 
 // The column partials of one chunk take n_stats fp32 per (row block, column): the chunk holds the most
@@ -47,7 +49,8 @@ ChunkPlan run_clip_forward(const ClipForwardProblem& p, Ops& ops) {
     const StatsBuffers row_parts = ops.row_partials(splits.count, chunk.rows);
     const ClipForwardArgs args{p.scale, p.bias, chunk.rows, p.n_cols, splits.cols_per_split,
                                row_parts.max, row_parts.sum, row_parts.weighted,
-                               col_parts.max, col_parts.sum, col_parts.weighted};
+                               col_parts.max, col_parts.sum, col_parts.weighted,
+                               p.positive_offset + chunk.start, p.positive_logit + chunk.start};
     ops.forward_blocks(args, chunk, splits);
     ops.merge(MergeArgs{row_parts.max, row_parts.sum, row_parts.weighted, splits.count, chunk.rows, chunk.rows,
                         nullptr, nullptr, nullptr, false, true, p.row_lse + chunk.start,

@@ -196,13 +196,14 @@ index_t fastclip_host_clip_loss_fwd(const float* image, index_t image_stride_row
                                     const float* text, index_t text_stride_row, index_t text_stride_dim,
                                     index_t n_rows, index_t n_cols, index_t dim, float scale, float bias,
                                     int with_expectations, index_t workspace_bytes, index_t target_programs,
-                                    float* row_lse, float* col_lse, float* row_expect, float* col_expect) {
+                                    float* row_lse, float* col_lse, float* row_expect, float* col_expect,
+                                    index_t positive_offset, float* positive_logit) {
   using namespace fastclip;
   HostForwardOps ops{host_matrix(image, n_rows, image_stride_row, image_stride_dim),
                      host_matrix(text, n_cols, text_stride_row, text_stride_dim), dim, with_expectations != 0,
                      target_programs, {}, {}, {}};
   const ClipForwardProblem problem{n_rows, n_cols, with_expectations != 0, workspace_bytes, &scale, &bias,
-                                   row_lse, col_lse, row_expect, col_expect};
+                                   row_lse, col_lse, row_expect, col_expect, positive_offset, positive_logit};
   return run_clip_forward(problem, ops).count;
 }
 

@@ -105,12 +105,16 @@ struct ClipForwardArgs {
   float* col_max;  // [row block][col] column partials (pitch n_cols)
   float* col_sum;
   float* col_weighted;
+  index_t positive_offset;  // positives j = i + positive_offset, i counted from the chunk's first row
+  float* positive_logit;    // (n_rows,) of this chunk: S_i,i+offset as the tile rounded it, where in these columns
 };
 
 // Row and column softmax partials of the block's rows against its split of the columns, from ONE
 // product per tile. Rows: each of the 2 segments of a tile row gives a partial, merged in order into
 // the row's running state (stats_scratch). Columns: the 4 segments of a tile column are merged in order
-// and stored as this row block's partial of the column.
+// and stored as this row block's partial of the column. The positive logit of each row whose positive
+// falls in the tile is stored from the tile as segment_stats rounds it (the local loss's d/d scale
+// subtracts it from E[log p] + lse, so it must be the value the statistics summed: issue 18).
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
@@ -130,6 +134,10 @@ FASTCLIP_HD void clip_forward_block(const ClipForwardArgs& a, Block& block, inde
     const int valid_cols = tile_span(row0, col0, a.n_rows, col_end).valid_cols;
     block.multiply_tile(row0, col0);
     const float* tile = block.tile();
+    for (int r = block.thread(); r < valid_rows; r += block.threads()) {
+      const index_t c = row0 + r + a.positive_offset - col0;
+      if (c >= 0 && c < valid_cols) a.positive_logit[row0 + r] = scale * tile[r * kTileLd + c] + bias;
+    }
     for (int item = block.thread(); item < kRowSegments * kBlockRows; item += block.threads()) {
       const int r = item % kBlockRows;
       const int segment = item / kBlockRows;

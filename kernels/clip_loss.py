@@ -64,12 +64,12 @@ CLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 
 
 
 @triton.heuristics({"EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0})
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "tiles_per_split"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "tiles_per_split", "positive_offset"])
 def _clip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr,
         row_max_ptr, row_sum_ptr, row_wsum_ptr,
-        col_max_ptr, col_sum_ptr, col_wsum_ptr, col_lock_ptr,
-        n_rows, n_cols, dim, tiles_per_split,
+        col_max_ptr, col_sum_ptr, col_wsum_ptr, col_lock_ptr, positive_ptr,
+        n_rows, n_cols, dim, tiles_per_split, positive_offset,
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
         HAS_EXPECTATIONS: tl.constexpr, LOCKED_COLUMNS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -81,6 +81,10 @@ def _clip_loss_fwd_kernel(
                w_i = sum_j exp(S_ij - m_i) (S_ij - m_i) (only with HAS_EXPECTATIONS);
       columns: per tile, c_j = max_i S_ij, s_j = sum_i exp(S_ij - c_j),
                v_j = sum_i exp(S_ij - c_j) (S_ij - c_j).
+      positives: S_i,i+positive_offset as this tile rounded it, stored to positive_ptr[i] by the
+               tile the band j = i + offset crosses (the local loss's d/d scale subtracts it from
+               E[log p] + lse, so it must be the very value the tile summed; a separate dot of the
+               features misses by ~|S| eps, amplified by the cancellation; issue 18).
     The weighted sums are in log form (shifted logits, not x): the merge finalises them to
     E[log p] = w / l - log l, from which the local loss's d/d scale is (E[log p] + CE) / scale with
     no |S|-sized cancellation (E[x] - x_ii would lose ~|x| eps per merge; issue 18).
@@ -122,6 +126,12 @@ def _clip_loss_fwd_kernel(
                              stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
                              BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)
         logits = tl.where(row_valid[:, None] & col_valid[None, :], x * scale + bias, float("-inf"))
+        # Positives, only in the tiles the band j = i + offset crosses: one select and row sum there.
+        band_start = pid_m * BLOCK_M + positive_offset
+        if (col_block * BLOCK_N < band_start + BLOCK_M) & (col_block * BLOCK_N + BLOCK_N > band_start):
+            is_positive = (cols[None, :] == rows[:, None] + positive_offset) & col_valid[None, :]
+            tl.store(positive_ptr + rows, tl.sum(tl.where(is_positive, logits, 0.0), axis=1),
+                     mask=row_valid & (tl.sum(is_positive.to(tl.int32), axis=1) > 0))
 
         # Rows: online softmax over this program's column tiles.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))

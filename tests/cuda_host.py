@@ -25,7 +25,7 @@ FEATURES = [PTR, I64, I64]  # data, stride along rows, stride along D (elements)
 
 SIGNATURES = {
     "fastclip_host_clip_loss_fwd": (I64, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, ctypes.c_int, I64, I64,
-                                          PTR, PTR, PTR, PTR]),
+                                          PTR, PTR, PTR, PTR, I64, PTR]),
     "fastclip_host_clip_loss_bwd": (I64, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, PTR, PTR, PTR, PTR, I64,
                                           F32, I64, PTR, PTR, PTR]),
     "fastclip_host_siglip_loss_fwd": (None, [*FEATURES, *FEATURES, I64, I64, I64, F32, F32, I64, I64, PTR]),
@@ -112,17 +112,19 @@ class HostBuild:
         self.headroom = 1.0
         self.calls: list[tuple[str, int]] = []  # (primitive, row chunks used)
 
-    def clip_loss_fwd(self, image, text, scale, bias, with_expectations, deterministic=False):
+    def clip_loss_fwd(self, image, text, scale, bias, with_expectations, positive_offset=0, deterministic=False):
         n_rows, dim = image.shape
         n_cols = text.shape[0]
         outputs = [torch.full((n,), float("nan")) for n in (n_rows, n_cols)]
         outputs += [torch.full((n if with_expectations else 0,), float("nan")) for n in (n_rows, n_cols)]
+        positive_logit = torch.zeros(n_rows)  # as the extension: 0 where the positive is not in these columns
         chunks = self.library.fastclip_host_clip_loss_fwd(
             *_features(image), *_features(text), n_rows, n_cols, dim, float(scale), float(bias),
             int(with_expectations), self.workspace_bytes, self.target_programs,
-            *[output.data_ptr() if output.numel() else None for output in outputs])
+            *[output.data_ptr() if output.numel() else None for output in outputs], positive_offset,
+            positive_logit.data_ptr())
         self.calls.append(("clip_loss_fwd", chunks))
-        return tuple(outputs)
+        return (*outputs, positive_logit)
 
     def clip_loss_bwd(self, image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset,
                       deterministic=False):
@@ -220,7 +222,8 @@ def clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset, gr
     # the expected log-probabilities E[log P] (minus the entropies), as the forward returns them
     return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * (logits - row_lse[:, None])).sum(1),
             "col_expect": (col_softmax * (logits - col_lse)).sum(0), "grad_image": float(scale) * grad @ text,
-            "grad_text": float(scale) * grad.T @ image, "grad_scale": grad_scale}
+            "grad_text": float(scale) * grad.T @ image, "grad_scale": grad_scale,
+            "positive_logit": (logits * positive).sum(1)}  # S_i,i+offset, 0 where not in the columns
 
 
 def siglip_truth(image, text, scale, bias, positive_offset, grad_coef, grad_dtype=None) -> dict:

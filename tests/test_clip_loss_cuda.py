@@ -24,7 +24,7 @@ from tests.loss_utils import clip_like_features, grads_against_open_clip, loss_a
 from tests.numerics import assert_close_to_truth, assert_matches_reference
 
 LOGIT_SCALE = 1 / 0.07
-FORWARD = ("row_lse", "col_lse", "row_expect", "col_expect")
+FORWARD = ("row_lse", "col_lse", "row_expect", "col_expect", "positive_logit")
 BACKWARD = ("grad_image", "grad_text", "grad_scale")
 
 
@@ -33,7 +33,7 @@ def open_clip_loss():
 
 
 def host_primitives(host, image, text, scale, bias, row_coef, col_coef, positive_offset) -> dict:
-    outputs = dict(zip(FORWARD, host.clip_loss_fwd(image, text, scale, bias, True)))
+    outputs = dict(zip(FORWARD, host.clip_loss_fwd(image, text, scale, bias, True, positive_offset)))
     grads = host.clip_loss_bwd(image, text, scale, bias, outputs["row_lse"], outputs["col_lse"], row_coef, col_coef,
                                positive_offset)
     return {**outputs, **dict(zip(BACKWARD, grads))}
@@ -42,7 +42,8 @@ def host_primitives(host, image, text, scale, bias, row_coef, col_coef, positive
 def torch_primitives(image, text, scale, bias, row_coef, col_coef, positive_offset) -> dict:
     """The same-dtype baseline of the error bars: the torch backend in fp32, and grad_scale as a dense fp32
     PyTorch backward forms it (sum of G * x over the materialised S, as open_clip's autograd does)."""
-    outputs = dict(zip(FORWARD, clip_loss_torch.clip_loss_fwd(image, text, scale, bias, True, False)))
+    outputs = dict(zip(FORWARD, clip_loss_torch.clip_loss_fwd(image, text, scale, bias, True, positive_offset,
+                                                                        False)))
     grads = clip_loss_torch.clip_loss_bwd(image, text, scale, bias, outputs["row_lse"], outputs["col_lse"], row_coef,
                                           col_coef, positive_offset, False)
     dense = cuda_host.clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset,
@@ -56,7 +57,7 @@ class PrimitiveClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, image, text, scale, bias):
-        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale, bias, False, True)
+        row_lse, col_lse, _, _, _ = op.clip_loss_fwd(image, text, scale, bias, False, 0, True)
         diagonal = scale * (image * text).sum(1) + bias
         ctx.op = op
         ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
@@ -246,9 +247,8 @@ def test_fake_kernels_on_fake_cuda_tensors():
         scale, bias = torch.empty((), device="cuda"), torch.zeros((), device="cuda")
         loss = ClipLossFunction.apply(image, text, scale, bias, BACKENDS["cuda"], ClipOptions(normalize=True))
         assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
-        row_lse, col_lse, row_expect, col_expect = clip_loss_cuda.clip_loss_fwd(image, text[:20], scale, bias, True,
-                                                                                False)
-        assert [t.shape for t in (row_lse, col_lse, row_expect, col_expect)] == [(37,), (20,), (37,), (20,)]
+        *stats, positive = clip_loss_cuda.clip_loss_fwd(image, text[:20], scale, bias, True, 0, False)
+        assert [t.shape for t in (*stats, positive)] == [(37,), (20,), (37,), (20,), (37,)]
         grad_image, grad_text, grad_scale = clip_loss_cuda.clip_loss_bwd(image, text[:20], scale, bias, row_lse,
                                                                          col_lse, row_lse, col_lse, 3, False)
         assert grad_image.shape == (37, 200) and grad_text.shape == (20, 200) and grad_scale.shape == ()
@@ -284,9 +284,9 @@ def test_direct_call_without_a_gpu_raises_an_error_naming_the_fix():
     image = torch.randn(4, 8)
     zero = torch.zeros(())
     with pytest.raises(ValueError, match="CUDA device"):
-        clip_loss_cuda.clip_loss_fwd(image, image, zero, zero, False, False)
+        clip_loss_cuda.clip_loss_fwd(image, image, zero, zero, False, 0, False)
     with pytest.raises(TypeError, match="backend='torch'"):
-        clip_loss_cuda.clip_loss_fwd(image.double(), image.double(), zero, zero, False, False)
+        clip_loss_cuda.clip_loss_fwd(image.double(), image.double(), zero, zero, False, 0, False)
 
 
 # ---- On a GPU ---------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def gpu_kernels(monkeypatch):
 
 
 def run_cuda(op, image, text, scale, bias, row_coef, col_coef, positive_offset) -> dict:
-    outputs = dict(zip(FORWARD, op.clip_loss_fwd(image, text, scale, bias, True, True)))
+    outputs = dict(zip(FORWARD, op.clip_loss_fwd(image, text, scale, bias, True, positive_offset, True)))
     grads = op.clip_loss_bwd(image, text, scale, bias, outputs["row_lse"], outputs["col_lse"], row_coef, col_coef,
                              positive_offset, True)
     return {**outputs, **dict(zip(BACKWARD, grads))}
@@ -308,7 +308,7 @@ def run_cuda(op, image, text, scale, bias, row_coef, col_coef, positive_offset) 
 def gpu_case(op, dtype, n_rows, n_cols, dim, offset, seed=0):
     inputs = cuda_host.random_block(n_rows, n_cols, dim, seed=seed or n_rows + n_cols + dim, dtype=dtype, device="cuda")
     ours = run_cuda(op, *inputs, offset)
-    forward = clip_loss_torch.clip_loss_fwd(*inputs[:4], True, False)
+    forward = clip_loss_torch.clip_loss_fwd(*inputs[:4], True, offset, False)
     baseline = {**dict(zip(FORWARD, forward)), **cuda_host.clip_truth(*inputs, offset, grad_dtype=dtype)}
     for name in FORWARD + BACKWARD:
         assert ours[name].dtype == torch.float32
@@ -411,8 +411,8 @@ def test_gpu_strided_inputs_are_read_correctly(gpu_kernels):
 @pytest.mark.gpu
 def test_gpu_custom_ops_pass_opcheck(gpu_kernels):
     image, text, scale, bias, row_coef, col_coef = cuda_host.random_block(37, 45, 20, seed=51, device="cuda")
-    torch.library.opcheck(gpu_kernels.clip_loss_fwd, (image, text, scale, bias, True, False))
-    row_lse, col_lse, _, _ = gpu_kernels.clip_loss_fwd(image, text, scale, bias, False, False)
+    torch.library.opcheck(gpu_kernels.clip_loss_fwd, (image, text, scale, bias, True, 3, False))
+    row_lse, col_lse, _, _, _ = gpu_kernels.clip_loss_fwd(image, text, scale, bias, False, 0, False)
     torch.library.opcheck(gpu_kernels.clip_loss_bwd,
                           (image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, 3, False))
 

@@ -87,16 +87,17 @@ def dense_oracle(image, text, scale, bias, row_coef, col_coef, positive_offset, 
     # the expected log-probabilities E[log P] (minus the entropies), as the forward returns them
     return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * (logits - row_lse[:, None])).sum(1),
             "col_expect": (col_softmax * (logits - col_lse)).sum(0), "grad_image": scale * grad @ text,
-            "grad_text": scale * grad.T @ image, "grad_scale": grad_scale}
+            "grad_text": scale * grad.T @ image, "grad_scale": grad_scale,
+            "positive_logit": (logits * positive.to(compute)).sum(1)}  # 0 where the positive is not here
 
 
 def run_triton(image, text, scale, bias, row_coef, col_coef, positive_offset, deterministic=False):
-    row_lse, col_lse, row_expect, col_expect = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True,
-                                                                              deterministic)
+    row_lse, col_lse, row_expect, col_expect, positive_logit = clip_loss_triton.clip_loss_fwd(
+        image, text, scale, bias, True, positive_offset, deterministic)
     grad_image, grad_text, grad_scale = clip_loss_triton.clip_loss_bwd(
         image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, positive_offset, deterministic)
     return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": row_expect, "col_expect": col_expect,
-            "grad_image": grad_image, "grad_text": grad_text, "grad_scale": grad_scale}
+            "positive_logit": positive_logit, "grad_image": grad_image, "grad_text": grad_text, "grad_scale": grad_scale}
 
 
 # (dtype, rows b, columns n, D, positive_offset): awkward B and D, b != n blocks as the distributed
@@ -121,9 +122,9 @@ def test_primitives_match_the_fp64_truth(dtype, n_rows, n_cols, dim, offset):
     inputs = random_block(n_rows, n_cols, dim, dtype, seed=n_rows * 7 + n_cols + dim)
     ours = run_triton(*inputs, offset)
     truth = dense_oracle(*inputs, offset)
-    forward_baseline = clip_loss_torch.clip_loss_fwd(*inputs[:4], True, False)
+    forward_baseline = clip_loss_torch.clip_loss_fwd(*inputs[:4], True, offset, False)
     backward_baseline = dense_oracle(*inputs, offset, grad_dtype=dtype)
-    for index, name in enumerate(("row_lse", "col_lse", "row_expect", "col_expect")):
+    for index, name in enumerate(("row_lse", "col_lse", "row_expect", "col_expect", "positive_logit")):
         assert_close_to_truth(ours[name], forward_baseline[index], truth[name], dtype=dtype, kind="fwd", name=name)
     for name in ("grad_image", "grad_text", "grad_scale"):
         assert ours[name].dtype == torch.float32
@@ -197,10 +198,10 @@ def test_deterministic_forward_is_bitwise_the_same_for_every_workspace_size(monk
     """deterministic=True merges fixed-order partials, chunk after chunk: the workspace size changes how
     many rows a launch takes, never a bit of the statistics. The locked merge agrees to rounding."""
     image, text, scale, bias, _, _ = random_block(300, 250, 64, torch.bfloat16, seed=45)
-    one_chunk = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True, True)
+    one_chunk = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True, 0, True)
     monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "0.003")  # one row block (64 rows in the interpreter) per chunk
-    chunked = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True, True)
-    locked = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True, False)
+    chunked = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True, 0, True)
+    locked = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, True, 0, False)
     for name, whole, part, fast in zip(("row_lse", "col_lse", "row_expect", "col_expect"), one_chunk, chunked, locked):
         assert torch.equal(whole, part), f"deterministic {name} depends on the workspace size"
         assert_matches_reference(fast, whole, name=f"locked-merge {name}")
@@ -220,8 +221,8 @@ def test_locked_merge_is_as_accurate_as_the_deterministic_one_over_hundreds_of_r
     truth = (logits.logsumexp(1), logits.logsumexp(0), (logits.softmax(0) * logits.log_softmax(0)).sum(0))
     errors = {}
     for deterministic in (True, False):
-        row_lse, col_lse, _, col_expect = clip_loss_triton.clip_loss_fwd(
-            image.float().to(DEVICE), text.float().to(DEVICE), scale, bias, True, deterministic)
+        row_lse, col_lse, _, col_expect, _ = clip_loss_triton.clip_loss_fwd(
+            image.float().to(DEVICE), text.float().to(DEVICE), scale, bias, True, 0, deterministic)
         errors[deterministic] = [(ours.double().cpu() - exact).abs().max().item()
                                  for ours, exact in zip((row_lse, col_lse, col_expect), truth)]
     for name, locked, fixed in zip(("row_lse", "col_lse", "col_expect"), errors[False], errors[True]):
@@ -230,8 +231,8 @@ def test_locked_merge_is_as_accurate_as_the_deterministic_one_over_hundreds_of_r
 
 def test_custom_ops_pass_opcheck():
     image, text, scale, bias, row_coef, col_coef = random_block(37, 45, 20, torch.float32, seed=51)
-    torch.library.opcheck(clip_loss_triton.clip_loss_fwd, (image, text, scale, bias, True, False))
-    row_lse, col_lse, _, _ = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, False, False)
+    torch.library.opcheck(clip_loss_triton.clip_loss_fwd, (image, text, scale, bias, True, 3, False))
+    row_lse, col_lse, _, _, _ = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, False, 0, False)
     torch.library.opcheck(clip_loss_triton.clip_loss_bwd,
                           (image, text, scale, bias, row_lse, col_lse, row_coef, col_coef, 3, False))
 
@@ -254,7 +255,7 @@ def test_unsupported_dtype_raises_an_error_naming_the_fix():
     image = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
     zero = torch.zeros((), device=DEVICE)
     with pytest.raises(TypeError, match="backend='torch'"):
-        clip_loss_triton.clip_loss_fwd(image, image, zero, zero, False, False)
+        clip_loss_triton.clip_loss_fwd(image, image, zero, zero, False, 0, False)
 
 
 @pytest.mark.gpu

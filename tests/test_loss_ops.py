@@ -19,10 +19,15 @@ def _block(rows: int, cols: int, dim: int, seed: int):
 @pytest.mark.parametrize("with_expectations", [False, True])
 def test_clip_loss_fwd_torch_opcheck_and_values(with_expectations):
     image, text, scale, bias = _block(37, 53, 20, seed=1)
-    arguments = (image, text, scale, bias, with_expectations, False)
+    arguments = (image, text, scale, bias, with_expectations, 5, False)
     torch.library.opcheck(clip_loss_torch.clip_loss_fwd, arguments)
-    row_lse, col_lse, row_expect, col_expect = clip_loss_torch.clip_loss_fwd(*arguments)
+    row_lse, col_lse, row_expect, col_expect, positive = clip_loss_torch.clip_loss_fwd(*arguments)
     logits = (scale * image.double() @ text.double().T + bias)
+    rows = torch.arange(37)
+    in_columns = rows + 5 < 53  # S_i,i+5 where that column exists, else 0
+    torch.testing.assert_close(positive[in_columns].double(), logits[rows[in_columns], rows[in_columns] + 5],
+                               rtol=1e-6, atol=1e-5)
+    assert (positive[~in_columns] == 0).all()
     torch.testing.assert_close(row_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(col_lse.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-5)
     if with_expectations:
@@ -43,10 +48,10 @@ def test_merged_block_statistics_are_as_accurate_as_one_call():
     scale, bias = torch.tensor(100.0), torch.tensor(0.0)
     logits = 100.0 * image.double() @ text.double().T
     truth = (logits.logsumexp(1), (logits.softmax(1) * logits.log_softmax(1)).sum(1))
-    whole = clip_loss_torch.clip_loss_fwd(image, text, scale, bias, True, False)
+    whole = clip_loss_torch.clip_loss_fwd(image, text, scale, bias, True, 0, False)
     lse, expect = None, None
     for block in text.split(64):
-        block_lse, _, block_expect, _ = clip_loss_torch.clip_loss_fwd(image, block, scale, bias, True, False)
+        block_lse, _, block_expect, _, _ = clip_loss_torch.clip_loss_fwd(image, block, scale, bias, True, 0, False)
         lse, expect = (block_lse, block_expect) if lse is None else merge_lse(lse, expect, block_lse, block_expect)
     for name, merged, one_call, exact in zip(("row_lse", "row_expect"), (lse, expect), (whole[0], whole[2]), truth):
         merged_error = (merged.double() - exact).abs().max().item()

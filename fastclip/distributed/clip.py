@@ -39,22 +39,21 @@ import torch
 from fastclip.distributed.comm import World, all_reduce_
 from fastclip.distributed.exchange import GradientPass
 from fastclip.devices import accumulate_dtype
-from fastclip.ops.chunking import row_dots
-from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs
+from fastclip.ops.clip_loss import pair_losses, pair_weights, reduce_pairs
 from fastclip.ops.options import ClipOptions
 
 
-def _pair_scale_grads(image, text, scale, stats) -> torch.Tensor:
+def _pair_scale_grads(scale, stats) -> torch.Tensor:
     """d loss_i / d scale = 1/2 [(E_P[x]_i - x_ii) + (E_Q[x]_i - x_ii)] for the (b,) local pairs.
 
     E_P[x] - x_ii = (E_P[log P] - log P_ii) / scale with log P_ii = S_ii - row_lse_i. Where the
     softmax sits on its positive this is a small difference of the tiles' S_ii and the diagonal's:
-    the two must agree to better than ~|S| eps, and a diagonal from another summation order than
-    the backend's tile GEMM misses by that much (~5x open_clip's error). So S_ii is taken exact, in
-    fp64 from the (rounded) features, an O(b D) dot: the error left is the tiles' own, as in open_clip.
+    the two must agree to better than ~|S| eps, and any diagonal from another summation order than
+    the backend's tile GEMM (a row dot, even an exact fp64 one) misses by that much. So S_ii is the
+    forward primitive's positive_logit, the tile's own value; the sums are taken in fp64.
     """
     wide = torch.float64
-    diagonal = row_dots(image.to(wide), text.to(wide)) * scale.to(wide)
+    diagonal = stats.positive_logit.to(wide)
     row_part = stats.row_expect.to(wide) + (stats.row_lse.to(wide) - diagonal)
     col_part = stats.col_expect.to(wide) + (stats.col_lse.to(wide) - diagonal)
     return (0.5 * (row_part + col_part) / scale.to(wide)).to(stats.row_lse.dtype)
@@ -79,17 +78,15 @@ class DistributedClip:
         reduction = self.options.reduction
         global_objective = self.global_objective()
         with_expectations = want_scale_grad and not global_objective
-        diagonal = pair_logits(image, text, scale)
-        stats = self.exchange.clip_columns(image, text, scale, bias, diagonal if global_objective else None,
-                                           with_expectations)
+        stats = self.exchange.clip_columns(image, text, scale, bias, global_objective, with_expectations)
         if global_objective:
             total = stats.pair_loss_total
             value = total / (image.shape[0] * self.world.size) if reduction == "mean" else total
         else:
-            value = reduce_pairs(pair_losses(stats.row_lse, stats.col_lse, diagonal), reduction)
+            value = reduce_pairs(pair_losses(stats.row_lse, stats.col_lse, stats.positive_logit), reduction)
         pair_scale_grad = None
         if with_expectations:
-            pair_scale_grad = _pair_scale_grads(image, text, scale, stats)
+            pair_scale_grad = _pair_scale_grads(scale, stats)
         return value, (stats.row_lse, pair_scale_grad, *stats.saved)
 
     def backward(self, image, text, scale, bias, saved, grad_output, want_scale, want_text):

@@ -33,15 +33,16 @@ class ColumnStats:
     """CLIP forward statistics on rank r, each over the *global* batch.
 
     row_lse, row_expect: (b,) for the local rows; col_lse, col_expect: (b,) for the local columns
-    (expected log-probabilities E[log P] under the row / column softmax, only when asked); pair_loss_total:
-    sum of every rank's per-pair losses (only when ``diagonal`` was given); saved: exchange state
-    for backward.
+    (expected log-probabilities E[log P] under the row / column softmax, only when asked);
+    positive_logit: (b,) S_ii of the local pairs as the primitive's tiles rounded it; pair_loss_total:
+    sum of every rank's per-pair losses (only when ``with_total``); saved: exchange state for backward.
     """
 
     row_lse: torch.Tensor
     col_lse: torch.Tensor
     row_expect: torch.Tensor | None
     col_expect: torch.Tensor | None
+    positive_logit: torch.Tensor
     pair_loss_total: torch.Tensor | None
     saved: tuple
 
@@ -88,17 +89,17 @@ class GatherExchange(_Exchange):
     def _own(self, b: int) -> slice:
         return slice(self.world.rank * b, (self.world.rank + 1) * b)
 
-    def clip_columns(self, image, text, scale, bias, diagonal, with_expectations) -> ColumnStats:
+    def clip_columns(self, image, text, scale, bias, with_total, with_expectations) -> ColumnStats:
         world, b = self.world, image.shape[0]
         texts = all_gather_rows(world, text)
-        row_lse, col_partial, row_expect, col_expect_partial = self.op("clip_loss").clip_loss_fwd(
-            image, texts, scale, bias, with_expectations, self.deterministic)
+        row_lse, col_partial, row_expect, col_expect_partial, diagonal = self.op("clip_loss").clip_loss_fwd(
+            image, texts, scale, bias, with_expectations, world.rank * b, self.deterministic)
         col_max = all_reduce_(world, col_partial.clone(), dist.ReduceOp.MAX)
         weight = (col_partial - col_max).exp()
         pieces = [weight]
         if with_expectations:  # E[log q] merged as in fastclip.ops.chunking.merge_lse: terms <= 0
             pieces.append(torch.where(weight > 0, weight * (col_expect_partial + (col_partial - col_max)), 0.0))
-        if diagonal is not None:
+        if with_total:
             # sum_all loss_i = 1/2 [sum_i (row_lse_i - 2 S_ii) + sum_j col_lse_j]: the row part rides along
             pieces.append((row_lse - 2.0 * diagonal).sum().reshape(1))
         packed = all_reduce_(world, torch.cat(pieces))
@@ -107,9 +108,9 @@ class GatherExchange(_Exchange):
         col_lse = col_max + col_sum.log()
         own = self._own(b)
         col_expect = packed[n:2 * n][own] / col_sum[own] - col_sum[own].log() if with_expectations else None
-        total = (0.5 * (packed[-1] + col_lse.sum())).clamp_min(0.0) if diagonal is not None else None  # a CE >= 0
-        return ColumnStats(row_lse, col_lse[own], row_expect if with_expectations else None, col_expect, total,
-                           (texts, col_lse))
+        total = (0.5 * (packed[-1] + col_lse.sum())).clamp_min(0.0) if with_total else None  # a CE >= 0
+        return ColumnStats(row_lse, col_lse[own], row_expect if with_expectations else None, col_expect, diagonal,
+                           total, (texts, col_lse))
 
     def clip_gradients(self, image, text, scale, bias, row_lse, saved, passes, want_text):
         """(grad_image (b, D) fp32, grad_text (b, D) fp32 summed over every rank's rows or None, and
@@ -163,13 +164,16 @@ class RingExchange(_Exchange):
         """Positives only in the rank's own block; b is past the last column of any other block."""
         return 0 if owner == self.world.rank else b
 
-    def clip_columns(self, image, text, scale, bias, diagonal, with_expectations) -> ColumnStats:
-        row_stats = None
+    def clip_columns(self, image, text, scale, bias, with_total, with_expectations) -> ColumnStats:
+        row_stats = diagonal = None
+        b = image.shape[0]
 
         def visit(owner, block):
-            nonlocal row_stats
-            row_lse, col_lse, row_expect, col_expect = self.op("clip_loss").clip_loss_fwd(
-                image, block[0], scale, bias, with_expectations, self.deterministic)
+            nonlocal row_stats, diagonal
+            row_lse, col_lse, row_expect, col_expect, positive = self.op("clip_loss").clip_loss_fwd(
+                image, block[0], scale, bias, with_expectations, self._offset(owner, b), self.deterministic)
+            if owner == self.world.rank:  # the step holding the rank's own block has its positives
+                diagonal = positive
             rows = torch.stack([row_lse, row_expect]) if with_expectations else row_lse[None]
             row_stats = rows if row_stats is None else merge_packed_lse(row_stats, rows)
             return [torch.stack([col_lse, col_expect]) if with_expectations else col_lse[None]]
@@ -178,10 +182,10 @@ class RingExchange(_Exchange):
                                      wire_dtypes=[scale.dtype])
         row_lse, col_lse = row_stats[0].contiguous(), col_stats[0].contiguous()
         total = None
-        if diagonal is not None:
+        if with_total:
             total = all_reduce_(self.world, pair_losses(row_lse, col_lse, diagonal).sum())
         return ColumnStats(row_lse, col_lse, row_stats[1] if with_expectations else None,
-                           col_stats[1] if with_expectations else None, total, (col_lse,))
+                           col_stats[1] if with_expectations else None, diagonal, total, (col_lse,))
 
     def clip_gradients(self, image, text, scale, bias, row_lse, saved, passes, want_text):
         (col_lse,) = saved

@@ -3,7 +3,7 @@
     L = 1/2 [ mean_i CE(S_i,:, i) + mean_j CE(S_:,j, j) ],   S = scale * I @ T.T + bias
 
 Per pair i: loss_i = 1/2 [(row_lse_i - S_ii) + (col_lse_i - S_ii)], so the forward needs only the
-row and column log-sum-exp (O(B), from one pass over S) and the diagonal. ``reduction`` is "mean"
+row and column log-sum-exp and the positive logit S_ii (O(B), all from one pass over S). ``reduction`` is "mean"
 (the drop-in value), "sum", or "none" (the (B,) per-pair vector).
 
 Backward, with g_i = dL/dloss_i and P/Q the row/column softmax of S:
@@ -31,24 +31,19 @@ import torch
 
 from fastclip.backends import LossBackend
 from fastclip.devices import accumulate_dtype
-from fastclip.ops.chunking import row_dots
 from fastclip.ops.normalize import normalize_rows, normalize_rows_backward
 from fastclip.ops.options import ClipOptions
 
 DEFAULT_OPTIONS = ClipOptions()
 
 
-def pair_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """S_ii - bias = scale * I_i . T_i for the (b,) local pairs, in the accumulation dtype."""
-    return row_dots(image, text) * scale
-
-
 def pair_losses(row_lse: torch.Tensor, col_lse: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
     """loss_i = 1/2 [(row_lse_i - S_ii) + (col_lse_i - S_ii)]  (b,): pair i's row and column CE, >= 0.
 
-    S_ii comes from a row dot and the log-sum-exps from the primitive's tiles: where pair i holds
-    almost all of both softmaxes the two roundings (~|S| eps) can leave a tiny negative value, and a
-    cross-entropy is never negative, so it is clamped at 0. Backward does not read this value (the
+    S_ii is the forward primitive's positive_logit, the tile's own rounding of the logit the
+    log-sum-exps summed, so the differences carry no separate ~|S| eps diagonal error. Where pair i
+    holds almost all of both softmaxes, the lse's own rounding can still leave a tiny negative value,
+    and a cross-entropy is never negative, so it is clamped at 0. Backward does not read this value (the
     primitive's G is the gradient), so the clamp moves no gradient.
     """
     return (0.5 * ((row_lse - diagonal) + (col_lse - diagonal))).clamp_min(0.0)
@@ -101,8 +96,9 @@ class ClipLossFunction(torch.autograd.Function):
             value, saved = distributed.forward(image, text, scale_value, bias_value, ctx.needs_input_grad[2])
             ctx.save_for_backward(image, text, scale_value, bias_value, image_norms, text_norms, *saved)
             return value
-        row_lse, col_lse, _, _ = op.clip_loss_fwd(image, text, scale_value, bias_value, False, deterministic)
-        per_pair = pair_losses(row_lse, col_lse, pair_logits(image, text, scale_value))
+        row_lse, col_lse, _, _, positive = op.clip_loss_fwd(image, text, scale_value, bias_value, False, 0,
+                                                            deterministic)
+        per_pair = pair_losses(row_lse, col_lse, positive)
         if image.shape[0] == 1:  # a softmax over one entry is 1: both cross-entropies are exactly 0
             per_pair = torch.zeros_like(per_pair)
         ctx.save_for_backward(image, text, scale_value, bias_value, image_norms, text_norms, row_lse, col_lse)

@@ -2,7 +2,8 @@
 
 With S = scale * image @ text.T + bias over a block of rows (image, b x D) and columns (text, n x D):
 
-    clip_loss_fwd -> (row_lse (b,), col_lse (n,) partial over these rows, row_expect, col_expect)
+    clip_loss_fwd -> (row_lse (b,), col_lse (n,) partial over these rows, row_expect, col_expect,
+                      positive_logit (b,): the tiles' own S_i,i+positive_offset)
     clip_loss_bwd -> (grad_image (b, D), grad_text (n, D), grad_scale ()), fp32, for
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]),  pos: j = i + positive_offset
                      grad_scale = sum_ij G_ij x_ij,  x = image @ text.T (the logit before scale and bias)
@@ -39,17 +40,17 @@ from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_cuda", mutates_args=())
 def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  with_expectations: bool,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """image: (b, D), text: (n, D) fp32/fp16/bf16 on one GPU; scale, bias: 0-dim -> four fp32 vectors."""
+                  with_expectations: bool, positive_offset: int, deterministic: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """image: (b, D), text: (n, D) fp32/fp16/bf16 on one GPU; scale, bias: 0-dim -> five fp32 vectors."""
     common.check_inputs(image, text, scale, bias)
-    return tuple(common.extension().clip_loss_fwd(image, text, scale, bias, with_expectations,
+    return tuple(common.extension().clip_loss_fwd(image, text, scale, bias, with_expectations, positive_offset,
                                                   common.allow_tf32(image.dtype), workspace.workspace_bytes(),
                                                   workspace.POISON_BUFFERS))
 
 
 @clip_loss_fwd.register_fake
-def _(image, text, scale, bias, with_expectations, deterministic):
+def _(image, text, scale, bias, with_expectations, positive_offset, deterministic):
     return clip_stats_like(image, text, with_expectations, torch.float32)
 
 

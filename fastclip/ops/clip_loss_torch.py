@@ -6,6 +6,8 @@ With S = scale * image @ text.T + bias over a block of rows (image, b x D) and c
                      col_lse[j]  = log sum_i exp(S_ij)            (n,)  partial over these rows
                      row_expect[i] = sum_j P_ij log P_ij  (b,)  only if with_expectations (P the row
                      col_expect[j] = sum_i Q_ij log Q_ij  (n,)  softmax, Q the column one; minus the entropy)
+                     positive_logit[i] = S_i,i+positive_offset (b,)  as the chunk's GEMM rounded it (0
+                                         where that column is not in this call)
     clip_loss_bwd -> with P = exp(S - row_lse), Q = exp(S - col_lse), positives j = i + positive_offset,
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos])
                      grad_image = scale * G @ text,  grad_text = scale * G.T @ image   (fp32)
@@ -83,8 +85,8 @@ def _column_lse(logits: torch.Tensor, row_weights: torch.Tensor, row_max: torch.
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_torch", mutates_args=())
 def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  with_expectations: bool, deterministic: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  with_expectations: bool, positive_offset: int, deterministic: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = image.shape[0], text.shape[0]
     accumulate = accumulate_dtype(image)
     scale, bias = scale.to(accumulate), bias.to(accumulate)
@@ -94,9 +96,12 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     row_expect = torch.empty(n_rows if with_expectations else 0, **options)
     col_lse = torch.full((n_cols,), float("-inf"), **options)
     col_expect = torch.zeros(n_cols if with_expectations else 0, **options)
+    positive_logit = torch.zeros(n_rows, **options)
     buffers = ChunkBuffers(n_rows, n_cols, 2, accumulate, image.device)
     for start, stop, (logits, weights) in buffers.ranges():
         scaled_logits_into(logits, image_gemm[start:stop], text_gemm, scale)  # scale * x, no bias
+        rows, cols = positive_entries(start, stop, n_cols, positive_offset, image.device)
+        positive_logit[rows + start] = logits[rows, cols]  # S_i,i+o exactly as this chunk's GEMM rounded it
         row_max = logits.amax(dim=1)
         torch.sub(logits, row_max[:, None], out=weights).exp_()  # P' = exp(S - m_i)
         row_sum = weights.sum(dim=1)
@@ -110,11 +115,11 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
         col_lse, col_expect = merge_lse(col_lse, col_expect if with_expectations else None, chunk_lse, chunk_expect)
     if not with_expectations:
         col_expect = torch.zeros(0, **options)
-    return row_lse + bias, col_lse + bias, row_expect, col_expect
+    return row_lse + bias, col_lse + bias, row_expect, col_expect, positive_logit + bias
 
 
 @clip_loss_fwd.register_fake
-def _(image, text, scale, bias, with_expectations, deterministic):
+def _(image, text, scale, bias, with_expectations, positive_offset, deterministic):
     return clip_stats_like(image, text, with_expectations, accumulate_dtype(image))
 
 

@@ -2,8 +2,9 @@
 
 With S = scale * image @ text.T + bias over a block of rows (image, b x D) and columns (text, n x D):
 
-    clip_loss_fwd -> (row_lse (b,), col_lse (n,) partial over these rows, row_expect, col_expect)
-                     (expectations of the log-probabilities, E[log P] = -entropy, as clip_loss_torch.py)
+    clip_loss_fwd -> (row_lse (b,), col_lse (n,) partial over these rows, row_expect, col_expect,
+                      positive_logit (b,)) (expectations of the log-probabilities, E[log P] = -entropy,
+                     and the tiles' own S_i,i+positive_offset, as clip_loss_torch.py)
     clip_loss_bwd -> (grad_image (b, D), grad_text (n, D), grad_scale ()), fp32, for
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]),  pos: j = i + positive_offset
                      (grad_scale: the block's share of d/d scale, defined in fastclip/ops/__init__.py)
@@ -41,7 +42,8 @@ from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 MERGE_PROGRAMS_PER_SM = 4
 
 
-def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: bool, config):
+def _forward(image, text, scale, bias, with_expectations: bool, positive_offset: int, locked_columns: bool,
+             config):
     n_rows, dim = image.shape
     n_cols = text.shape[0]
     device, fp32 = image.device, torch.float32
@@ -50,6 +52,7 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
     col_lse = common.allocate((n_cols,), fp32, device)
     row_expect = common.allocate((n_rows if with_expectations else 0,), fp32, device)
     col_expect = common.allocate((n_cols if with_expectations else 0,), fp32, device)
+    positive_logit = torch.zeros((n_rows,), dtype=fp32, device=device)  # 0 where the positive is not here
     block_m = config.block_m
     # Splits from all rows, not per chunk: the statistics then do not depend on the workspace size.
     splits, tiles_per_split = common.column_splits(common.cdiv(n_rows, block_m), n_cols, config.block_n, device)
@@ -80,8 +83,8 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
         row_parts += row_parts[:1] * (3 - n_stats)
         image_rows = image[start:start + rows]
         _clip_loss_fwd_kernel[(blocks, splits)](
-            image_rows, text, scale, bias, *row_parts, *col_args,
-            rows, n_cols, dim, tiles_per_split,
+            image_rows, text, scale, bias, *row_parts, *col_args, positive_logit[start:start + rows],
+            rows, n_cols, dim, tiles_per_split, positive_offset + start,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1),
             HAS_EXPECTATIONS=with_expectations, LOCKED_COLUMNS=locked_columns, **options)
         row_expect_out = row_expect[start:start + rows] if with_expectations else row_lse
@@ -93,7 +96,7 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
     if locked_columns:  # the one finalise pass: lse = m + log l, E[log q] = w / l - log l
         _merge(running, 0, n_cols, running, col_lse, col_expect if with_expectations else col_lse,
                has_running=True, finalize=True, with_expectations=with_expectations)
-    return row_lse, col_lse, row_expect, col_expect
+    return row_lse, col_lse, row_expect, col_expect, positive_logit
 
 
 def _merge_programs(device: torch.device) -> int:
@@ -137,20 +140,21 @@ def _backward(image, text, scale, bias, stats: tuple, positive_offset: int, conf
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_triton", mutates_args=())
 def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  with_expectations: bool,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """image: (b, D), text: (n, D) fp32/fp16/bf16; scale, bias: 0-dim fp32 -> four fp32 vectors."""
+                  with_expectations: bool, positive_offset: int, deterministic: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """image: (b, D), text: (n, D) fp32/fp16/bf16; scale, bias: 0-dim fp32 -> five fp32 vectors."""
     common.check_inputs(image, text, scale, bias)
     key = (common.shape_key(image, text), with_expectations, deterministic)
     configs = CLIP_FWD_EXPECTATION_CONFIGS if with_expectations else CLIP_FWD_CONFIGS
     locked = not deterministic
     config = common.choose_config("clip_loss_fwd", configs, image.device, key,
-                                  lambda cfg: _forward(image, text, scale, bias, with_expectations, locked, cfg))
-    return _forward(image, text, scale, bias, with_expectations, locked, config)
+                                  lambda cfg: _forward(image, text, scale, bias, with_expectations, positive_offset,
+                                                       locked, cfg))
+    return _forward(image, text, scale, bias, with_expectations, positive_offset, locked, config)
 
 
 @clip_loss_fwd.register_fake
-def _(image, text, scale, bias, with_expectations, deterministic):
+def _(image, text, scale, bias, with_expectations, positive_offset, deterministic):
     return clip_stats_like(image, text, with_expectations, torch.float32)
 
 

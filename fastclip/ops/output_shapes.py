@@ -9,11 +9,12 @@ import torch
 
 
 def clip_stats_like(image: torch.Tensor, text: torch.Tensor, with_expectations: bool, dtype: torch.dtype):
-    """(row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,))."""
+    """(row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,), positive_logit (b,))."""
     n_rows, n_cols = image.shape[0], text.shape[0]
     expect = (n_rows, n_cols) if with_expectations else (0, 0)
     return (image.new_empty(n_rows, dtype=dtype), image.new_empty(n_cols, dtype=dtype),
-            image.new_empty(expect[0], dtype=dtype), image.new_empty(expect[1], dtype=dtype))
+            image.new_empty(expect[0], dtype=dtype), image.new_empty(expect[1], dtype=dtype),
+            image.new_empty(n_rows, dtype=dtype))
 
 
 def gradients_like(image: torch.Tensor, text: torch.Tensor, dtype: torch.dtype):
