@@ -37,6 +37,7 @@ OPEN_CLIP_SIGLIP_PEER = {"ring": "shift"}  # open_clip has no "ring": its shift 
 SIGLIP_NORMALIZE_IMPLS = ("bidir", "gather")  # one name per exchange (ring, gather)
 BAD_INPUTS = ("feature dimension", "dtype", "local batch size", "dist_impl")
 SCALE_FIDELITY_SEEDS = 6
+LOCAL_LOSS_SCALE_BAR = 4.0  # x open_clip's error; measured 2.5-2.9x (torch, W = 2), 12x with a separate diagonal
 
 
 def _upstream(rank: int) -> float:
@@ -80,11 +81,11 @@ def _scale_fidelity(checks, rank, world_size):
     RMS over a few seeds: one seed alone swings ~10x), fp32, scale 100, pairs aligned so each softmax
     sits on its positive: where the global objective's grad_scale shares (and the local objective's
     expectations) must keep their digits. The truth is open_clip's loss in fp64 under the same flags.
-    local_loss=True is measured, not held to the 2x bar: its d loss_i / d scale = (E[log P]_i + CE_i) / s
-    needs S_ii as the tiles rounded it, and the exact diagonal it gets misses that by the tiles' own
-    ~|S| eps (docs/numerics.md: 3-18x open_clip's error). What is held: the ring's merges of the
-    expected log-probabilities add no error to the gather's one call (merging E[x] made the ring ~1.6x
-    the gather here, up to 7x on the CUDA host build)."""
+    local_loss=True: its d loss_i / d scale = (E[log P]_i + CE_i) / s now takes S_ii as the tiles
+    rounded it (the forward's positive_logit), which took torch from ~12x open_clip's error to ~2.5-2.9x
+    here; the 2x bar is still missed (docs/numerics.md), so it is held to LOCAL_LOSS_SCALE_BAR, which
+    an exact or row-dot diagonal fails. Also held: the ring's merges of the expected log-probabilities
+    add no error to the gather's one call (merging E[x] made the ring ~1.6x the gather here)."""
     for local_loss in (False, True):
         errors = {}
         for seed in range(SCALE_FIDELITY_SEEDS):
@@ -102,8 +103,11 @@ def _scale_fidelity(checks, rank, world_size):
                     f"ring {errors['ring']} vs gather {errors['gather']}")
         for impl in CLIP_IMPLS:
             if local_loss:
-                checks.measurements[f"clip/{impl}/local_loss=True/scale_error_over_open_clips"] = (
-                    rms(errors[impl]) / rms(errors["open_clip"]))
+                ratio = rms(errors[impl]) / rms(errors["open_clip"])
+                checks.measurements[f"clip/{impl}/local_loss=True/scale_error_over_open_clips"] = ratio
+                with checks(f"clip/{impl}/local_loss=True/scale_fidelity"):
+                    assert ratio <= LOCAL_LOSS_SCALE_BAR, (
+                        f"relative errors {errors[impl]} vs open_clip's {errors['open_clip']}")
                 continue
             with checks(f"clip/{impl}/local_loss=False/scale_fidelity"):
                 assert rms(errors[impl]) <= 2 * rms(errors["open_clip"]), (
@@ -423,6 +427,7 @@ def test_triton_backend_through_the_same_exchanges(case):
 def test_logit_scale_gradient_is_as_accurate_as_open_clips(impl, record_property):
     assert_passed_on_every_rank(2, f"clip/{impl}/local_loss=False/scale_fidelity")
     assert_passed_on_every_rank(2, "clip/ring/local_loss=True/scale_error_within_the_gathers")
+    assert_passed_on_every_rank(2, f"clip/{impl}/local_loss=True/scale_fidelity")
     name = f"clip/{impl}/local_loss=True/scale_error_over_open_clips"
     record_property(name, max(result["measurements"][name] for result in world(2)))
 

@@ -98,13 +98,17 @@ def test_batch_of_one_has_loss_exactly_zero(dtype, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [2, 3, 5])
-def test_small_batches_are_as_accurate_as_torch_in_that_dtype(dtype, batch):
+@pytest.mark.parametrize("scale", [LOGIT_SCALE, 100.0])
+def test_small_batches_are_as_accurate_as_torch_in_that_dtype(dtype, batch, scale):
+    """At scale 100 the per-pair CE lse_i - S_ii is a small difference of ~30-sized numbers: S_ii must
+    be the tile's own logit (the forward's positive_logit), a separate row dot missed it by ~|S| eps."""
     for seed in range(10):
         image, text = clip_like_features(batch, 200, dtype, seed=1000 * batch + seed)
-        ours = clip_loss(image, text, LOGIT_SCALE)
-        baseline = OpenClipLoss()(image, text, torch.tensor(LOGIT_SCALE, dtype=dtype))
-        truth = OpenClipLoss()(image.double(), text.double(), torch.tensor(LOGIT_SCALE, dtype=torch.float64))
-        assert_close_to_truth(ours, baseline, truth, dtype=dtype, kind="fwd", name=f"B={batch} seed {seed} loss")
+        ours = clip_loss(image, text, scale)
+        baseline = OpenClipLoss()(image, text, torch.tensor(scale, dtype=dtype))
+        truth = OpenClipLoss()(image.double(), text.double(), torch.tensor(scale, dtype=torch.float64))
+        assert_close_to_truth(ours, baseline, truth, dtype=dtype, kind="fwd",
+                              name=f"B={batch} scale {scale:.1f} seed {seed} loss")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

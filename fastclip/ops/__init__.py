@@ -13,8 +13,8 @@ The primitive contract
 Every backend's ``<op>_<backend>.py`` (listed in ``fastclip.backends.BACKENDS``) defines these four
 functions, each a ``torch.library`` custom op with a fake kernel, with exactly these signatures:
 
-    clip_loss_fwd(image, text, scale, bias, with_expectations: bool, deterministic: bool)
-        -> (row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,))
+    clip_loss_fwd(image, text, scale, bias, with_expectations: bool, positive_offset: int, deterministic: bool)
+        -> (row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,), positive_logit (b,))
     clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
                   positive_offset: int, deterministic: bool)
         -> (grad_image (b, D), grad_text (n, D), grad_scale ())
@@ -29,7 +29,12 @@ passes rank * b); outputs in the accumulation dtype (fp32; fp64 for the torch ba
 clip_loss_fwd: row_lse / col_lse the log-sum-exps of S's rows / columns (col_lse a partial over
 these rows), and with_expectations the expected log-probabilities row_expect_i = sum_j P_ij log P_ij
 and col_expect_j = sum_i Q_ij log Q_ij (minus the entropies, in log form so that nothing of size |S|
-cancels; the distributed local-loss scale gradient needs them, docs/numerics.md).
+cancels; the distributed local-loss scale gradient needs them, docs/numerics.md). positive_logit_i
+= S_i,i+positive_offset exactly as the tile that summed it into the statistics rounded it (0 where
+that column is not in this call; in a ring only the step holding the rank's own block has them):
+the per-pair loss lse_i - S_ii and the local loss's (E[log P] + lse_i - S_ii) / scale are small
+differences where a softmax sits on its positive, and a diagonal from any other summation (a row
+dot, even an exact one) misses the tile's by ~|S| eps, which they would amplify (docs/numerics.md).
 
 clip_loss_bwd: G = R + C, R_ij = row_coef_i (P_ij - [pos]), C_ij = col_coef_j (Q_ij - [pos]), with
 P, Q = exp(S - row_lse), exp(S - col_lse); grad_image = scale G @ text, grad_text = scale G.T @ image,
