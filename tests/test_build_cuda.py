@@ -77,7 +77,8 @@ def test_kernel_report_writes_to_a_scratch_folder(tmp_path):
 
 def test_built_ops_return_what_the_custom_ops_and_their_fakes_declare():
     """The binding's schemas (fastclip._C loads without a GPU) against the Python custom ops that wrap them:
-    clip_loss_bwd returns (grad_image, grad_text, grad_scale) in both (the fakes: test_fake_kernels_*)."""
+    clip_loss_fwd returns the four statistics and positive_logit, clip_loss_bwd (grad_image, grad_text,
+    grad_scale), in both (the fakes: test_fake_kernels_*)."""
     built_library()
     from fastclip.ops import clip_loss_cuda, cuda_common, siglip_loss_cuda
 
@@ -88,7 +89,7 @@ def test_built_ops_return_what_the_custom_ops_and_their_fakes_declare():
         built = getattr(extension, op._name.removesuffix("_cuda")).default._schema
         assert len(built.returns) == len(op._opoverload._schema.returns), f"{op._name}: binding and custom op disagree"
         returns[op._name] = len(built.returns)
-    assert returns == {"clip_loss_fwd_cuda": 4, "clip_loss_bwd_cuda": 3, "siglip_loss_fwd_cuda": 1,
+    assert returns == {"clip_loss_fwd_cuda": 5, "clip_loss_bwd_cuda": 3, "siglip_loss_fwd_cuda": 1,
                        "siglip_loss_bwd_cuda": 3}
 
 
