@@ -31,6 +31,7 @@ from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
 from fastclip.train.folder_zeroshot import evaluate_folder
+from fastclip.train.fsdp import evaluation_model
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
@@ -84,9 +85,15 @@ def run(config: TrainConfig, ctx: World) -> dict:
                             total_steps=total_steps, initial_step=state.step, progress=bar,
                             plain_every=plain_every if not (bar and sys.stdout.isatty()) else 0,  # pipes, logs
                             say=lambda message: say(ctx, message))
-    evaluate = functools.partial(_evaluate_embedded, config, ctx, model, data)
-    evaluate_folder_now = functools.partial(evaluate_folder, config, ctx, model, data.eval_transform, data.tokenizer,
-                                            metrics.announce)
+    # the model itself; under --fsdp its weights gathered into a whole copy on rank 0 (collective)
+    model_for_eval = functools.partial(evaluation_model, parts, ctx, config)
+
+    def evaluate() -> dict:
+        return _evaluate_embedded(config, ctx, model_for_eval(), data)
+
+    def evaluate_folder_now() -> dict:
+        return evaluate_folder(config, ctx, model_for_eval(), data.eval_transform, data.tokenizer, metrics.announce)
+
     on_epoch_end = None
     if (data.embedded_root is not None or config.imagenet_val) and config.zeroshot_frequency:
         def on_epoch_end(epoch: int) -> None:
@@ -114,7 +121,7 @@ def run(config: TrainConfig, ctx: World) -> dict:
     if config.imagenet_val:
         evaluation.update(evaluate_folder_now())
     if config.val_data and not config.embedded:
-        evaluation.update(_evaluate_val_data(config, ctx, model, data))
+        evaluation.update(_evaluate_val_data(config, ctx, model_for_eval(), data))
     results = {
         # the embedded set's seen split, else the --imagenet-val folder
         "zeroshot_top1": evaluation.get("val_seen/ensemble_top1", evaluation.get("imagenet-val/top1")),
