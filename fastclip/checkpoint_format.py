@@ -15,9 +15,11 @@ every file. :func:`read_sharded_weights` reads its weights in one process, whate
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -105,6 +107,15 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / DCP_METADATA_FILE).is_file() and (path / MANIFEST_FILE).is_file()
 
 
+@contextlib.contextmanager
+def dcp_in_one_process():
+    """torch.distributed.checkpoint used by this process alone (``no_dist=True``), without DCP's warning that it
+    assumes so: fastclip asks for it on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def read_sharded_weights(path: str | Path) -> tuple[dict, dict | None]:
     """The model weights of a sharded checkpoint folder, whole, on CPU -> (state dict, config dict or None).
 
@@ -122,7 +133,8 @@ def read_sharded_weights(path: str | Path) -> tuple[dict, dict | None]:
         saved = reader.read_metadata().state_dict_metadata
         weights = {key[len(prefix):]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
                    for key, item in saved.items() if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
-        load({"model": weights}, storage_reader=reader, no_dist=True)
+        with dcp_in_one_process():
+            load({"model": weights}, storage_reader=reader, no_dist=True)
     except Exception as error:  # DCP raises CheckpointException and others for damaged shards
         raise CorruptCheckpointError(f"{path}: the sharded weights cannot be read ({str(error).splitlines()[0]})") \
             from error

@@ -69,7 +69,8 @@ def forward_backward(model: torch.nn.Module, loss_fn, images: torch.Tensor, toke
     """Run forward and backward of one batch; gradients are left in ``.grad``. Returns the detached loss.
 
     images: (B, 3, H, W); tokens: (B, L) int64; B divisible by ``accum_freq``. ``model`` may be wrapped in
-    DistributedDataParallel or sharded with FSDP2. ``scaler``: a GradScaler (``amp``) that scales the loss before backward.
+    DistributedDataParallel or sharded with FSDP2. ``scaler``: a GradScaler (``amp``) that scales the loss before
+    backward.
     ``ranges``: a :class:`~fastclip.train.profiling.NvtxRanges` (or None).
     """
     ranges = ranges or (lambda name: contextlib.nullcontext())

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from fastclip.checkpoint_format import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, SHARDED_LAYOUT, STATE_FILE,
-                                       STEP_PATTERN, CorruptCheckpointError, checkpoint_step, read_manifest, read_weights, sha256_of,
-                                       step_folder_name, verify_checkpoint)
+                                       STEP_PATTERN, CorruptCheckpointError, checkpoint_step, read_manifest, read_weights,
+                                       sha256_of, step_folder_name, verify_checkpoint)
 from fastclip.io import atomic_dir, atomic_write_json, fsync_dir, remove_stale_temporaries, temporary_prefix
 
 logger = logging.getLogger("fastclip.train")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,14 +31,16 @@ from fastclip.train.build import TrainData, build_model, build_parts, build_trai
 from fastclip.train.config import TrainConfig
 from fastclip.train.folder_zeroshot import evaluate_folder
 from fastclip.train.fsdp import evaluation_model
+from fastclip.train.launch_env import read_placement
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
-from fastclip.train.process_group import (barrier, decide_on_main, gather_objects, init_distributed, is_peer_failure,
-                                          say, shutdown_distributed)
+from fastclip.train.process_group import (RendezvousError, barrier, decide_on_main, gather_objects, init_distributed,
+                                          is_peer_failure, say, shutdown_distributed)
 from fastclip.train.profiling import StepProfiler
 from fastclip.train.resume import planned_total_steps, resume_if_asked
 from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
+from fastclip.train.run_lock import release_run_folders
 
 logger = logging.getLogger("fastclip.train")
 
@@ -229,7 +230,10 @@ def train(config: TrainConfig) -> dict:
     call reuses it; :func:`~fastclip.train.process_group.shutdown_distributed` ends it). Errors are raised:
     ValueError for what the user can fix, :class:`~fastclip.train.loop.NonFiniteAbort` for divergence.
     """
-    return run(config, init_distributed(config.device, config.dist_backend, config.dist_timeout))
+    try:
+        return run(config, init_distributed(config.device, config.dist_backend, config.dist_timeout))
+    finally:
+        release_run_folders()  # the lock on --output-dir (run_lock.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError) as error:  # user-fixable: say what to change
         print(f"fastclip train: {type(error).__name__}: {_user_message(error)}", file=sys.stderr)
         return 2
+    except RendezvousError as error:
+        print(f"fastclip train: the processes did not meet: {error}", file=sys.stderr)
+        return 4
     except RuntimeError as error:
         if not is_peer_failure(error):
             raise
-        print(f"fastclip train: rank {os.environ.get('RANK', '0')}: a collective operation failed because another "
+        print(f"fastclip train: rank {read_placement().rank}: a collective operation failed because another "
               f"process stalled or died ({str(error).splitlines()[0]}). Collectives wait at most --dist-timeout "
               f"{config.dist_timeout:g} s; the other processes' logs say which one failed first. If a step, a "
               "checkpoint write or the evaluation on rank 0 legitimately takes longer, raise --dist-timeout.",

@@ -29,6 +29,7 @@ from fastclip.train.checkpoint import (CorruptCheckpointError, LoadedCheckpoint,
                                        set_aside_corrupt)
 from fastclip.train.config import TrainConfig
 from fastclip.train.metrics import METRICS_FILE
+from fastclip.train.run_lock import lock_run_folder
 
 RESULTS_FILE = "results.json"
 RUNS_ROOT = "runs"  # where runs without --output-dir go
@@ -123,6 +124,7 @@ def prepare_output(config: TrainConfig) -> tuple[RunPlan, LoadedCheckpoint | Non
     else:
         output_dir = Path(config.output_dir if config.output_dir is not None else timestamped_output_dir())
     check_output_dir(output_dir, saves_checkpoints=bool(config.save_frequency or config.save_every_n_steps))
+    lock_run_folder(output_dir)  # before anything is read or changed there: a second run into it exits 2
     corrupt = []
 
     def report_corrupt(message: str) -> None:

@@ -17,6 +17,7 @@ The folder must be on a file system every rank sees (one folder, written by all)
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastclip.checkpoint_format import MODEL_FILE, SHARDED_LAYOUT, read_weights
+from fastclip.checkpoint_format import MODEL_FILE, SHARDED_LAYOUT, dcp_in_one_process, read_weights
 from fastclip.io import publish_dir, staging_dir
 from fastclip.train.checkpoint import (LoadedCheckpoint, describe_mismatch, new_checkpoint_path, prune_lineage,
                                        save_checkpoint, write_state_and_manifest)
@@ -114,8 +115,9 @@ def _save_sharded(parts, state, config) -> None:
 
     final, staging = map(Path, decide_on_main(ctx, stage))  # one folder, made by rank 0, written by all
     try:
-        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, parts.optimizer)},
-                 checkpoint_id=str(staging), no_dist=not ctx.distributed)  # raises on every rank if one fails
+        shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, parts.optimizer)}
+        with dcp_in_one_process() if not ctx.distributed else contextlib.nullcontext():
+            dcp.save(shards, checkpoint_id=str(staging), no_dist=not ctx.distributed)  # fails on all ranks or none
 
         def publish() -> None:
             if ctx.is_main:
@@ -170,7 +172,8 @@ def _load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
 
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not collective)
+        with contextlib.nullcontext() if collective else dcp_in_one_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not collective)
     except Exception as error:  # DCP's CheckpointException wraps missing keys and shape mismatches
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"the sharded checkpoint {path} does not fit this run ({message[:500]}); resume with "
