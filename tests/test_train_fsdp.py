@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fastclip.train import checkpoint
 from fastclip.train.main import main
 from tests.distributed_utils import run_in_world
+from tests.train_utils import train_runs_in_world
 
 STEPS = 4
 RELATIVE = 1e-5  # the bar; the runs agree far closer (same reductions, sums of two values)
@@ -23,27 +24,12 @@ VARIANTS = {  # name: extra TrainConfig fields; each runs under DDP and under --
 }
 
 
-def _train_in_world(rank, world_size, root, runs):
-    from fastclip.distributed.comm import World
-    from fastclip.train.config import TrainConfig
-    from fastclip.train.main import run
-
-    for name, extra in runs:
-        # fastclip-tiny at 32 px, fp32, the distributed loss with --local-loss --gather-with-grad, a full
-        # checkpoint at the end (FSDP: gathered to rank 0)
-        config = TrainConfig(model="fastclip-tiny", dataset_type="synthetic", train_num_samples=8 * STEPS, batch_size=4,
-                             epochs=1, force_image_size=32, workers=0, lr=1e-3, warmup=2, seed=5, no_progress=True,
-                             local_loss=True, gather_with_grad=True, output_dir=f"{root}/{name}", **extra)
-        run(config, World(rank=rank, size=world_size))
-    return None
-
-
 @pytest.fixture(scope="module")
 def world_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_parity")
     runs = [(f"{engine}-{name}", {**extra, "fsdp": engine == "fsdp"})
             for name, extra in VARIANTS.items() for engine in ("ddp", "fsdp")]
-    run_in_world(_train_in_world, 2, timeout_s=600, root=str(root), runs=runs)
+    run_in_world(train_runs_in_world, 2, timeout_s=600, root=str(root), runs=runs, steps=STEPS)
     return root
 
 
