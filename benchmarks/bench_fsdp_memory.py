@@ -92,7 +92,9 @@ def run_case(engine: str, world_size: int, args) -> dict:
     from tests.distributed_utils import run_in_world
 
     with low_mmap_threshold():
-        ranks = run_in_world(measure_rank, world_size, timeout_s=3600, engine=engine, model_name=args.model,
+        # a slow rank on a shared CPU box may keep the others waiting long in a collective
+        ranks = run_in_world(measure_rank, world_size, timeout_s=3600, collective_timeout_s=1800, engine=engine,
+                             model_name=args.model,
                              batch_size=args.batch_size, steps=args.steps)
     row = {"model": args.model, "engine": engine, "world_size": world_size, "batch_per_rank": args.batch_size,
            "steps": args.steps, "device": "cpu", "backend": "gloo"}
