@@ -1,5 +1,6 @@
 """--fsdp (FSDP2) against DDP on two gloo ranks: the same per-step losses and final weights, with and without
---accum-freq 2 + --grad-checkpointing; --fsdp-checkpoint full writes what DDP writes. Flag errors exit 2.
+--accum-freq 2 + --grad-checkpointing; --fsdp-checkpoint full writes what DDP writes, and an FSDP run resumes
+from it step-exactly. Flag errors exit 2.
 
 The four runs share one spawned world (the trainer's ``run`` is called with the world's ranks), so the
 processes start once.
@@ -20,8 +21,9 @@ STEPS = 4
 RELATIVE = 1e-5  # the issue's bar; the runs agree far closer (same reductions, sums of two values)
 VARIANTS = {  # name: extra TrainConfig fields; each runs under DDP and under --fsdp
     "plain": {},
-    "accum2+ckpt": {"accum_freq": 2, "grad_checkpointing": True},
+    "accum2+ckpt": {"accum_freq": 2, "grad_checkpointing": True, "save_every_n_steps": 2},
 }
+RESUMED = "fsdp-resumed"  # the FSDP accum2+ckpt run again from its full (gathered) checkpoint of step 2
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,8 @@ def world_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_parity")
     runs = [(f"{engine}-{name}", {**extra, "fsdp": engine == "fsdp"})
             for name, extra in VARIANTS.items() for engine in ("ddp", "fsdp")]
+    runs.append((RESUMED, {**VARIANTS["accum2+ckpt"], "fsdp": True,
+                           "resume": str(root / "fsdp-accum2+ckpt" / "checkpoints" / "step_00000002")}))
     run_in_world(train_runs_in_world, 2, timeout_s=600, root=str(root), runs=runs, steps=STEPS)
     return root
 
@@ -59,6 +63,16 @@ def test_fsdp_per_step_losses_and_final_weights_equal_ddp(world_runs, variant):
     assert sorted(saved[1]["state"]) == sorted(saved[0]["state"])
     for index, values in saved[0]["state"].items():
         torch.testing.assert_close(saved[1]["state"][index]["exp_avg_sq"], values["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
+def test_fsdp_resumes_its_gathered_checkpoint_step_exactly(world_runs):
+    """A full checkpoint goes back into the shards (weights and torch.optim-form optimizer state): the run
+    resumed at step 2 ends where the uninterrupted one did."""
+    uninterrupted, resumed = world_runs / "fsdp-accum2+ckpt", world_runs / RESUMED
+    assert _losses(resumed) == _losses(uninterrupted)[2:]
+    expected, actual = _final_weights(uninterrupted), _final_weights(resumed)
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
 
 
 @pytest.mark.parametrize("flags, message", [

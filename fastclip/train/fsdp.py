@@ -152,7 +152,10 @@ def evaluation_model(parts, ctx: World, config) -> nn.Module | None:
     import fastclip
     from fastclip.precision import parameter_dtype
 
+    from fastclip.train.lit import apply_locks
+
     copy = fastclip.create_model(config.model, attn_impl=config.attn_impl, device=ctx.device,
                                  dtype=parameter_dtype(config.precision), image_size=config.force_image_size)
+    apply_locks(copy, config)  # the same modules (frozen BatchNorm) as the trained model, so the same keys
     copy.load_state_dict(weights)
     return copy
