@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import fastclip
 from fastclip.model import CONFIGS, create_model, infer_config, model_from_state_dict, save_model
+from tests.model_utils import perturb
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -24,22 +25,8 @@ def _open_clip_model(name, seed=0):
         model = open_clip.create_model(name, pretrained=None)
     else:
         model = open_clip.model.CLIP(**CONFIGS[name].to_open_clip())
-    _perturb(model, seed)
+    perturb(model, seed)
     return model.eval()
-
-
-def _perturb(model, seed):
-    """Make every 1-D parameter and BatchNorm statistic non-trivial (open_clip inits many to 0 or 1)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim == 1:
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
 
 
 def _inputs(name, batch=2):
@@ -101,7 +88,7 @@ def test_openai_format_parity_with_inferred_config(reference):
 def test_reverse_direction_loads_strictly_into_open_clip(reference):
     name, model, (images, text), _ = reference
     ours = model_from_state_dict(model.state_dict(), name=name).eval()
-    _perturb(ours, seed=123)  # weights open_clip's model does not have yet
+    perturb(ours, seed=123)  # weights open_clip's model does not have yet
     theirs = copy.deepcopy(model)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     _assert_parity(ours, _encode(theirs, images, text), images, text, f"{name} (fastclip -> open_clip)")
