@@ -321,7 +321,7 @@ def _check_precision_and_dtype(precision: str, dtype) -> None:
 
 def create_model(name: Optional[str] = None, *, pretrained: Optional[PathLike] = None, attn_impl: str = "auto",
                  grad_checkpointing: bool = False, patch_dropout: float = 0.0, device=None, dtype=None,
-                 precision: str = "fp32", image_size: Optional[int] = None,
+                 precision: str = "fp32", quick_gelu: Optional[bool] = None, image_size: Optional[int] = None,
                  context_length: Optional[int] = None) -> CLIP:
     """Build the registered config ``name`` (see ``fastclip.model.config``), random or from weights.
 
@@ -343,6 +343,9 @@ def create_model(name: Optional[str] = None, *, pretrained: Optional[PathLike] =
     precision: open_clip's ``create_model(precision=)``: "fp32" and the "amp*" modes keep fp32 weights;
         "bf16"/"fp16" cast the matmul weights only (LayerNorm, embeddings, logit_scale stay fp32);
         "pure_bf16"/"pure_fp16" cast everything (``fastclip.precision``). Not together with ``dtype``.
+    quick_gelu: the activation of weights that do not record it (an OpenAI or open_clip state dict
+        read without a name); None: what the weights, the open_clip tag or the name say, else QuickGELU
+        with a warning (``model_from_state_dict``).
     image_size / context_length: override the input sizes (embeddings are resized on load).
     The model is returned in train mode, like ``nn.Module``s are.
     """
@@ -354,10 +357,13 @@ def create_model(name: Optional[str] = None, *, pretrained: Optional[PathLike] =
         if name is None:
             raise ValueError("give a model name, or pretrained=path to read the config from the weights")
         config = get_config(name).replace(image_size=image_size, context_length=context_length)
+        if quick_gelu is not None:
+            config = config.replace(quick_gelu=quick_gelu)
         return _build(config, attn_impl=attn_impl, grad_checkpointing=grad_checkpointing,
                       patch_dropout=patch_dropout, device=device, dtype=dtype, precision=precision)
     weights = resolve_pretrained(pretrained, name)
-    return model_from_state_dict(weights.path, name, quick_gelu=weights.quick_gelu, **options)
+    quick_gelu = weights.quick_gelu if quick_gelu is None else quick_gelu
+    return model_from_state_dict(weights.path, name, quick_gelu=quick_gelu, **options)
 
 
 def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[str] = None, *,
