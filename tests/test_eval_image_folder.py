@@ -135,3 +135,16 @@ def test_without_precision_eval_takes_the_trainers_default_for_the_device(setup,
     assert code == 0 and used == {expected}
     said = f"precision {expected} (the default on this sm" in capsys.readouterr().err
     assert said == (capability is not None)  # the CPU's fp32 goes without saying
+
+
+def test_eval_loads_bf16_as_open_clip_does(setup):
+    """--precision bf16 in eval: open_clip's mixed weights (matmul weights bf16, the rest fp32)."""
+    open_clip = pytest.importorskip("open_clip")
+    from fastclip.eval.main import load_model_for_eval
+
+    _, model, weights, _ = setup
+    loaded = load_model_for_eval(str(weights), None, torch.device("cpu"), "bf16")
+    theirs = open_clip.model.CLIP(**model.config.to_open_clip(), cast_dtype=torch.bfloat16)
+    open_clip.model.convert_weights_to_lp(theirs, torch.bfloat16)
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in theirs.state_dict().items()}
+    assert not loaded.training
