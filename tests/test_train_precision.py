@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import fastclip
+import fastclip.train.main as train_main
+from fastclip.distributed.comm import World
 from fastclip.precision import default_precision
 from fastclip.train import TrainConfig
-import fastclip.train.main as train_main
 from fastclip.train.build import build_model, build_parts, build_train_data
-from fastclip.train.distributed import DistributedContext
 from fastclip.train.loop import TrainState, train_step
 from fastclip.train.main import main
 from fastclip.train.optim import LearningRateSchedule
@@ -27,7 +27,7 @@ def _config(precision, **extra):
 
 @pytest.mark.parametrize("precision", sorted(PURE))
 def test_a_pure_step_runs_in_that_dtype_without_autocast_and_the_loss_in_fp32(precision):
-    dtype, config, ctx = PURE[precision], _config(precision), DistributedContext(device=torch.device("cpu"))
+    dtype, config, ctx = PURE[precision], _config(precision), World(device=torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(config, ctx)
     # open_clip's pure modes: model.to(dtype), every floating tensor of the model in that dtype
@@ -84,7 +84,7 @@ def _open_clip_dtypes(config, precision):
 @pytest.mark.parametrize("precision", sorted(MIXED))
 def test_a_mixed_step_updates_each_weight_in_its_own_dtype_without_autocast(precision):
     """open_clip_train's bf16/fp16: the matmul weights low, the rest fp32, no autocast, no GradScaler."""
-    config, ctx = _config(precision), DistributedContext(device=torch.device("cpu"))
+    config, ctx = _config(precision), World(device=torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(config, ctx)
     dtypes = {key: value.dtype for key, value in model.state_dict().items()}
