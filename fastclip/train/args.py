@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after the warm-up: cosine decay to 0, or constant")
     optim.add_argument("--grad-clip-norm", type=float, default=None, help="clip the total gradient norm to this")
     optim.add_argument("--precision", choices=PRECISIONS, help="amp: autocast fp16 with a GradScaler; amp_bf16: "
-                       "autocast bf16; bf16/fp16: parameters in that dtype; pure_bf16/pure_fp16: every parameter, "
-                       "buffer and input in that dtype, no autocast (open_clip's)")
+                       "autocast bf16; bf16/fp16: the matmul weights in that dtype, LayerNorm and embeddings fp32; "
+                       "pure_bf16/pure_fp16: every parameter, buffer and input in that dtype; no autocast for these "
+                       "four (open_clip's meanings; default: amp_bf16 on a GPU with bf16, amp on sm7x, fp32 on CPU)")
     optim.add_argument("--accum-freq", type=int,
                        help="micro-batches per step, with feature caching (GradCache)")
     optim.add_argument("--max-nonfinite-steps", type=int,

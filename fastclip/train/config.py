@@ -97,7 +97,7 @@ class TrainConfig:
     warmup: int | None = None
     lr_scheduler: str = "cosine"
     grad_clip_norm: float | None = None
-    precision: str = "fp32"
+    precision: str | None = None             # None: fastclip.precision.default_precision(device), chosen in run()
     accum_freq: int = 1
     max_nonfinite_steps: int = 20
     # distributed
@@ -190,7 +190,7 @@ _CHOICES = {"--precision": ("precision", PRECISIONS), "--dataset-type": ("datase
 
 def _validate(config: TrainConfig) -> None:
     for flag, (name, choices) in _CHOICES.items():
-        if getattr(config, name) not in choices:
+        if getattr(config, name) not in choices and not (name == "precision" and config.precision is None):
             raise ValueError(f"{flag} {getattr(config, name)!r} is not one of {', '.join(choices)}")
     positive = {"--batch-size": config.batch_size, "--accum-freq": config.accum_freq, "--epochs": config.epochs,
                 "--max-nonfinite-steps": config.max_nonfinite_steps}

@@ -12,9 +12,9 @@ each rank keeps 1/W of the parameters, gradients and AdamW state. Plain PyTorch 
 What fastclip adds around it:
 
 - ``--precision`` chooses the MixedPrecisionPolicy (:func:`mixed_precision_policy`): amp_bf16 computes in
-  bf16 from fp32 parameters and reduces gradients in fp32; bf16/pure_bf16 (fp16/pure_fp16) keep everything
-  in that dtype; fp32 is fp32. ``amp`` (fp16 with a GradScaler) is refused: its scaler does not know sharded
-  gradients.
+  bf16 from fp32 parameters and reduces gradients in fp32; pure_bf16 (pure_fp16) keeps everything in that
+  dtype; fp32 is fp32. ``amp`` (fp16 with a GradScaler) is refused: its scaler does not know sharded
+  gradients; so are bf16/fp16 (open_clip's: matmul weights low, the rest fp32), whose units mix dtypes.
 - FSDP2 cannot shard 0-d parameters (``logit_scale``, ``logit_bias``): they stay whole on every rank, outside
   FSDP, and their gradient is averaged over ranks when it is complete (a post-accumulate-grad hook), as DDP
   averages it. So their state-dict entries keep the shapes of open_clip's.
@@ -37,8 +37,9 @@ from fastclip.distributed.comm import World
 
 #: what each --precision becomes under --fsdp: (parameter dtype in compute, gradient reduction dtype);
 #: None: no policy (FSDP computes and reduces in the parameters' own dtype)
-_POLICY_DTYPES = {"amp_bf16": (torch.bfloat16, torch.float32)}
-FSDP_PRECISIONS = ("fp32", "amp_bf16", "bf16", "pure_bf16", "fp16", "pure_fp16")
+_POLICY_DTYPES = {"amp_bf16": (torch.bfloat16, torch.float32), "amp_bfloat16": (torch.bfloat16, torch.float32)}
+#: bf16/fp16 (matmul weights only, the rest fp32) are left out: FSDP2 gathers a unit's parameters in one dtype
+FSDP_PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16", "pure_bf16", "pure_fp16")
 
 
 def check_fsdp_options(config) -> None:
@@ -53,9 +54,11 @@ def check_fsdp_options(config) -> None:
         return
     if config.fsdp_checkpoint not in (None, "full", "sharded"):
         raise ValueError(f"--fsdp-checkpoint {config.fsdp_checkpoint!r} is not one of full, sharded")
-    if config.precision not in FSDP_PRECISIONS:
-        raise ValueError(f"--precision {config.precision} is not supported with --fsdp (its GradScaler does not "
-                         f"handle sharded gradients); use one of {', '.join(FSDP_PRECISIONS)}, e.g. amp_bf16")
+    if config.precision is not None and config.precision not in FSDP_PRECISIONS:  # None: chosen in run(), checked then
+        why = ("its GradScaler does not handle sharded gradients" if config.precision == "amp" else
+               "its weights are of two dtypes, and FSDP2 gathers a unit in one")
+        raise ValueError(f"--precision {config.precision} is not supported with --fsdp ({why}); use one of "
+                         f"{', '.join(FSDP_PRECISIONS)}, e.g. amp_bf16")
 
 
 def checkpoint_layout(config) -> str:
@@ -150,12 +153,10 @@ def evaluation_model(parts, ctx: World, config) -> nn.Module | None:
     if not ctx.is_main:
         return None
     import fastclip
-    from fastclip.precision import parameter_dtype
-
     from fastclip.train.lit import apply_locks
 
     copy = fastclip.create_model(config.model, attn_impl=config.attn_impl, device=ctx.device,
-                                 dtype=parameter_dtype(config.precision), image_size=config.force_image_size)
+                                 precision=config.precision, image_size=config.force_image_size)
     apply_locks(copy, config)  # the same modules (frozen BatchNorm) as the trained model, so the same keys
     copy.load_state_dict(weights)
     return copy

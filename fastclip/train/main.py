@@ -25,7 +25,7 @@ import torch
 from fastclip.distributed.comm import World
 from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
-from fastclip.precision import check_precision_supported
+from fastclip.precision import check_precision_supported, default_precision
 from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
@@ -62,6 +62,10 @@ def _prepare_output(config: TrainConfig, ctx: World):
 def run(config: TrainConfig, ctx: World) -> dict:
     """Train as ``config`` says; returns the results dict (rank 0 also writes results.json)."""
     wall_start = time.perf_counter()
+    precision_note = ""
+    if config.precision is None:  # no --precision: what suits the device, said in the header
+        precision, why = default_precision(ctx.device)
+        config, precision_note = config.replace(precision=precision), f" ({why})"
     check_precision_supported(config.precision, ctx.device)
     get_config(config.model)  # an unknown --model: the list of names, before anything is written
     plan, loaded = _prepare_output(config, ctx)  # before anything slow: a refused folder costs nothing
@@ -76,9 +80,10 @@ def run(config: TrainConfig, ctx: World) -> dict:
     total_steps = planned_total_steps(config, batches, state)
     parts.schedule = LearningRateSchedule(config.lr, config.warmup, total_steps, config.lr_scheduler)
     del loaded  # rank 0's copy of the optimiser state
-    say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, precision {config.precision}, "
-             f"{ctx.size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)} "
-             f"of {config.batch_size * ctx.size} samples, output {config.output_dir}")
+    say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, "
+             f"precision {config.precision}{precision_note}, {ctx.size} process(es) on {ctx.device}, "
+             f"{_schedule_summary(config, batches, state, total_steps)} of {config.batch_size * ctx.size} "
+             f"samples, output {config.output_dir}")
     plain_every = (plain_progress_interval(total_steps) if config.progress_every_n_steps is None
                    else config.progress_every_n_steps)
     bar = not config.no_progress and sys.stderr.isatty()
