@@ -3,7 +3,8 @@
 ``pretrained`` (in ``create_model`` and ``fastclip train --pretrained``) may be:
 
 - a weights file: ``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt`` (formats: ``loading``);
-- a trainer checkpoint folder, ``<output-dir>/checkpoints/step_NNNNNNNN/`` (its ``model.safetensors``);
+- a trainer checkpoint folder, ``<output-dir>/checkpoints/step_NNNNNNNN/`` (its ``model.safetensors``, or
+  the model part of its shards when ``--fsdp-checkpoint sharded`` wrote it);
 - an open_clip pretrained tag with a model name, e.g. ``create_model("ViT-B-32",
   pretrained="laion2b_s34b_b79k")`` or ``"openai"``. open_clip's registry (``open_clip.pretrained``,
   needed for tags) maps (name, tag) to a Hugging Face Hub repository and file, or a URL; the file is
@@ -17,6 +18,9 @@
     TorchScript archives, which fastclip refuses to unpickle: the error says how to convert one);
 - ``"hf-hub:<org>/<repo>"`` (or ``"hf-hub:<org>/<repo>/<file>"``): that repository in the Hub cache.
 
+The activation, which plain state dicts do not record, comes from open_clip's registry for a tag, else
+from an ``open_clip_config.json`` beside the weights file (what open_clip's Hub repositories hold).
+
 A tag that is not cached raises ``WeightsNotFoundError`` (a ``ValueError`` and ``FileNotFoundError``:
 the CLI exits with status 2) naming every place it looked and the command that fetches the file.
 """
@@ -24,13 +28,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
-from fastclip.checkpoint_format import MODEL_FILE
+from fastclip.checkpoint_format import MODEL_FILE, is_sharded_checkpoint
 
 __all__ = ["Weights", "WeightsNotFoundError", "resolve_pretrained", "weights_file", "hub_cache_dir",
            "clip_url_cache_dir", "CHECKPOINT_WEIGHTS_FILE"]
@@ -41,6 +46,7 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HF_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_HF_FILE = "open_clip_pytorch_model.bin"  # open_clip's default file in a Hub repository
 OPEN_CLIP_HF_SAFE_FILE = "open_clip_model.safetensors"  # ... and its safetensors copy, preferred
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # beside them: {"model_cfg": {..., "quick_gelu": ...}, ...}
 
 
 class WeightsNotFoundError(FileNotFoundError, ValueError):
@@ -101,13 +107,16 @@ def _safetensors_first(filename: str) -> list[str]:
 
 
 def weights_file(path: PathLike) -> Path:
-    """A weights file, or the ``model.safetensors`` of a trainer checkpoint folder (WeightsNotFoundError if none)."""
+    """A weights file, the ``model.safetensors`` of a trainer checkpoint folder, or a sharded checkpoint folder
+    itself (``fastclip.checkpoint_format``; WeightsNotFoundError if none)."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
         if (path / CHECKPOINT_WEIGHTS_FILE).is_file():
             return path / CHECKPOINT_WEIGHTS_FILE
+        if is_sharded_checkpoint(path):
+            return path
         steps = sorted(path.glob(f"checkpoints/step_*/{CHECKPOINT_WEIGHTS_FILE}"))
         if steps:
             raise WeightsNotFoundError(f"{path} is a training run's output folder; give one of its checkpoint "
@@ -126,10 +135,24 @@ def resolve_pretrained(pretrained: PathLike, model_name: Optional[str] = None) -
     """The local file for ``pretrained`` (see the module docstring); never touches the network."""
     text = str(pretrained)
     if not isinstance(pretrained, os.PathLike) and text.startswith(HF_HUB_PREFIX):
-        return _resolve_hub_id(text[len(HF_HUB_PREFIX):])
+        return _with_open_clip_config_activation(_resolve_hub_id(text[len(HF_HUB_PREFIX):]))
     if isinstance(pretrained, os.PathLike) or _looks_like_a_path(text) or os.path.exists(text):
-        return Weights(weights_file(pretrained), "checkpoint folder" if Path(text).expanduser().is_dir() else "file")
+        found = Weights(weights_file(pretrained), "checkpoint folder" if Path(text).expanduser().is_dir() else "file")
+        return _with_open_clip_config_activation(found)
     return _resolve_open_clip_tag(text, model_name)
+
+
+def _with_open_clip_config_activation(weights: Weights) -> Weights:
+    """``weights`` with the activation that an ``open_clip_config.json`` beside the file records (open_clip's
+    ``model_cfg.quick_gelu``, default False), when there is one that can be read."""
+    sidecar = weights.path.parent / OPEN_CLIP_CONFIG_FILE
+    if weights.quick_gelu is not None or not sidecar.is_file():
+        return weights
+    try:
+        model_config = json.loads(sidecar.read_text(encoding="utf-8"))["model_cfg"]
+        return replace(weights, quick_gelu=bool(model_config.get("quick_gelu", False)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return weights  # not open_clip's file: the weights alone decide, as without it
 
 
 def _resolve_hub_id(hub_id: str) -> Weights:

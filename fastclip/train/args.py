@@ -12,8 +12,8 @@ from fastclip.cli import HelpFormatter
 from fastclip.data.loader import DEFAULT_WORKERS_CAP
 from fastclip.model.config import list_models
 from fastclip.precision import PRECISIONS
-from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, EMBEDDED_PRESET, GENERIC_DEFAULTS,
-                                   LR_SCHEDULERS, TrainConfig, config_defaults)
+from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, EMBEDDED_PRESET, FSDP_CHECKPOINT_LAYOUTS,
+                                   GENERIC_DEFAULTS, LR_SCHEDULERS, TrainConfig, config_defaults)
 from fastclip.train.metrics import PLAIN_PROGRESS_LINES
 
 
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after the warm-up: cosine decay to 0, or constant")
     optim.add_argument("--grad-clip-norm", type=float, default=None, help="clip the total gradient norm to this")
     optim.add_argument("--precision", choices=PRECISIONS, help="amp: autocast fp16 with a GradScaler; amp_bf16: "
-                       "autocast bf16; bf16/fp16: parameters in that dtype; pure_bf16/pure_fp16: every parameter, "
-                       "buffer and input in that dtype, no autocast (open_clip's)")
+                       "autocast bf16; bf16/fp16: the matmul weights in that dtype, LayerNorm and embeddings fp32; "
+                       "pure_bf16/pure_fp16: every parameter, buffer and input in that dtype; no autocast for these "
+                       "four (open_clip's meanings; default: amp_bf16 on a GPU with bf16, amp on sm7x, fp32 on CPU)")
     optim.add_argument("--accum-freq", type=int,
                        help="micro-batches per step, with feature caching (GradCache)")
     optim.add_argument("--max-nonfinite-steps", type=int,
@@ -115,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "error (the process group timeout, as NCCL's), so a stalled or dead rank cannot hang "
                            "the others forever")
     dist.add_argument("--seed", type=int, help="seed of weights, data order and augmentations")
+    shard = parser.add_argument_group("sharding (FSDP2; docs/scale_out.md)")
+    shard.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                       "processes (FSDP2 fully_shard per residual block, then the root) instead of DDP; on one "
+                       "process there is nothing to shard: it trains unsharded, with a note")
+    shard.add_argument("--fsdp-no-reshard-after-forward", action="store_true",
+                       help="keep each block's gathered parameters from forward to backward (faster, more memory)")
+    shard.add_argument("--fsdp-offload-cpu", action="store_true",
+                       help="keep the parameter, gradient and optimizer shards in CPU memory (the step runs on CPU)")
+    shard.add_argument("--fsdp-checkpoint", choices=FSDP_CHECKPOINT_LAYOUTS, default=None,
+                       help="full: weights and optimizer gathered to rank 0, in the format of DDP runs (default); "
+                            "sharded: torch.distributed.checkpoint shards written by every rank, loadable on "
+                            "another process count and in one process")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default=None, help="default ./runs/<timestamp>; with --resume latest, the "

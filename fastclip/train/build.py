@@ -14,7 +14,7 @@ import torch
 from fastclip.checkpoint_format import read_weights
 from fastclip.data.loader import TrainBatches
 from fastclip.distributed.comm import World
-from fastclip.precision import make_grad_scaler, parameter_dtype
+from fastclip.precision import make_grad_scaler
 from fastclip.train.config import TrainConfig
 from fastclip.train.lit import apply_locks
 from fastclip.train.loop import TrainParts
@@ -38,7 +38,7 @@ def build_model(config: TrainConfig, ctx: World) -> torch.nn.Module:
         return fastclip.create_model(config.model, pretrained=pretrained, attn_impl=config.attn_impl,
                                      grad_checkpointing=config.grad_checkpointing,
                                      patch_dropout=config.patch_dropout, device=ctx.device,
-                                     dtype=parameter_dtype(config.precision), image_size=config.force_image_size)
+                                     precision=config.precision, image_size=config.force_image_size)
 
     if not config.pretrained:
         model = create()
@@ -129,12 +129,20 @@ def prepare_embedded_set(config: TrainConfig, ctx: World, image_size: int) -> Pa
 
 def build_parts(config: TrainConfig, ctx: World, model: torch.nn.Module,
                 lineage: dict[str, object]) -> tuple[TrainParts, str]:
-    """Wrap ``model`` (DDP when distributed), build loss, optimiser and scaler. Returns (parts, optimiser name).
+    """Wrap ``model`` (DDP when distributed, sharded in place with ``--fsdp``), build loss, optimiser and scaler.
+    Returns (parts, optimiser name).
 
     ``parts.schedule`` stays None until the total step count is known (after a resume).
     """
+    from fastclip.train.fsdp import checkpoint_layout, shard_model
+
     ddp_model = model
-    if ctx.distributed:
+    if config.fsdp and ctx.distributed:
+        ddp_model = model = shard_model(model, config)  # before the optimiser: it holds the sharded parameters
+    elif config.fsdp:
+        say(ctx, "--fsdp on one process: there is nothing to shard, so this run trains unsharded (the "
+                 f"--fsdp-checkpoint {checkpoint_layout(config)} layout is still written)")
+    elif ctx.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     optimizer, optimizer_name = build_optimizer(model, lr=config.lr, weight_decay=config.wd,
@@ -149,5 +157,6 @@ def build_parts(config: TrainConfig, ctx: World, model: torch.nn.Module,
                        logit_scale=find_parameter(model, "logit_scale"), ctx=ctx, precision=config.precision,
                        accum_freq=config.accum_freq, grad_clip_norm=config.grad_clip_norm,
                        max_nonfinite_steps=config.max_nonfinite_steps, ranges=NvtxRanges(enabled=True),
-                       trainable=[p for p in model.parameters() if p.requires_grad], lineage=lineage)
+                       trainable=[p for p in model.parameters() if p.requires_grad], lineage=lineage,
+                       checkpoint_layout=checkpoint_layout(config))
     return parts, optimizer_name

@@ -20,6 +20,7 @@ from fastclip.precision import PRECISIONS
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "math")
 LR_SCHEDULERS = ("cosine", "const")
+FSDP_CHECKPOINT_LAYOUTS = ("full", "sharded")
 
 #: Settings of the no-argument run: RN-Tiny (a small ModifiedResNet; 12.4 M parameters, half of them
 #: the token embedding) at 32 px on CPU: 3 epochs of the 16,000 training images, about 3 minutes
@@ -96,7 +97,7 @@ class TrainConfig:
     warmup: int | None = None
     lr_scheduler: str = "cosine"
     grad_clip_norm: float | None = None
-    precision: str = "fp32"
+    precision: str | None = None             # None: fastclip.precision.default_precision(device), chosen in run()
     accum_freq: int = 1
     max_nonfinite_steps: int = 20
     # distributed
@@ -106,6 +107,11 @@ class TrainConfig:
     device: str | None = None
     dist_timeout: float = 1800.0
     seed: int = 0
+    # sharding (FSDP2, fastclip.train.fsdp)
+    fsdp: bool = False
+    fsdp_no_reshard_after_forward: bool = False
+    fsdp_offload_cpu: bool = False
+    fsdp_checkpoint: str | None = None       # full | sharded (None: full); only with fsdp
     # output
     output_dir: str | None = None
     resume: str | None = None
@@ -184,7 +190,7 @@ _CHOICES = {"--precision": ("precision", PRECISIONS), "--dataset-type": ("datase
 
 def _validate(config: TrainConfig) -> None:
     for flag, (name, choices) in _CHOICES.items():
-        if getattr(config, name) not in choices:
+        if getattr(config, name) not in choices and not (name == "precision" and config.precision is None):
             raise ValueError(f"{flag} {getattr(config, name)!r} is not one of {', '.join(choices)}")
     positive = {"--batch-size": config.batch_size, "--accum-freq": config.accum_freq, "--epochs": config.epochs,
                 "--max-nonfinite-steps": config.max_nonfinite_steps}
@@ -226,7 +232,9 @@ def _validate(config: TrainConfig) -> None:
     if config.gather_with_grad and not config.local_loss and config.siglip:
         raise ValueError("--gather-with-grad applies to the CLIP loss; drop it with --siglip")
     from fastclip.train.folder_zeroshot import check_folder_options
+    from fastclip.train.fsdp import check_fsdp_options
     from fastclip.train.lit import check_lock_options
 
     check_lock_options(config)
     check_folder_options(config)
+    check_fsdp_options(config)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,19 +25,22 @@ import torch
 from fastclip.distributed.comm import World
 from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
-from fastclip.precision import check_precision_supported
+from fastclip.precision import check_precision_supported, default_precision
 from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
 from fastclip.train.folder_zeroshot import evaluate_folder
+from fastclip.train.fsdp import evaluation_model
+from fastclip.train.launch_env import read_placement
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
-from fastclip.train.process_group import (barrier, decide_on_main, gather_objects, init_distributed, is_peer_failure,
-                                          say, shutdown_distributed)
+from fastclip.train.process_group import (RendezvousError, barrier, decide_on_main, gather_objects, init_distributed,
+                                          is_peer_failure, say, shutdown_distributed)
 from fastclip.train.profiling import StepProfiler
 from fastclip.train.resume import planned_total_steps, resume_if_asked
 from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
+from fastclip.train.run_lock import release_run_folders
 
 logger = logging.getLogger("fastclip.train")
 
@@ -60,6 +62,10 @@ def _prepare_output(config: TrainConfig, ctx: World):
 def run(config: TrainConfig, ctx: World) -> dict:
     """Train as ``config`` says; returns the results dict (rank 0 also writes results.json)."""
     wall_start = time.perf_counter()
+    precision_note = ""
+    if config.precision is None:  # no --precision: what suits the device, said in the header
+        precision, why = default_precision(ctx.device)
+        config, precision_note = config.replace(precision=precision), f" ({why})"
     check_precision_supported(config.precision, ctx.device)
     get_config(config.model)  # an unknown --model: the list of names, before anything is written
     plan, loaded = _prepare_output(config, ctx)  # before anything slow: a refused folder costs nothing
@@ -74,9 +80,10 @@ def run(config: TrainConfig, ctx: World) -> dict:
     total_steps = planned_total_steps(config, batches, state)
     parts.schedule = LearningRateSchedule(config.lr, config.warmup, total_steps, config.lr_scheduler)
     del loaded  # rank 0's copy of the optimiser state
-    say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, precision {config.precision}, "
-             f"{ctx.size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)} "
-             f"of {config.batch_size * ctx.size} samples, output {config.output_dir}")
+    say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, "
+             f"precision {config.precision}{precision_note}, {ctx.size} process(es) on {ctx.device}, "
+             f"{_schedule_summary(config, batches, state, total_steps)} of {config.batch_size * ctx.size} "
+             f"samples, output {config.output_dir}")
     plain_every = (plain_progress_interval(total_steps) if config.progress_every_n_steps is None
                    else config.progress_every_n_steps)
     bar = not config.no_progress and sys.stderr.isatty()
@@ -84,9 +91,15 @@ def run(config: TrainConfig, ctx: World) -> dict:
                             total_steps=total_steps, initial_step=state.step, progress=bar,
                             plain_every=plain_every if not (bar and sys.stdout.isatty()) else 0,  # pipes, logs
                             say=lambda message: say(ctx, message))
-    evaluate = functools.partial(_evaluate_embedded, config, ctx, model, data)
-    evaluate_folder_now = functools.partial(evaluate_folder, config, ctx, model, data.eval_transform, data.tokenizer,
-                                            metrics.announce)
+    # the model itself; under --fsdp its weights gathered into a whole copy on rank 0 (collective)
+    model_for_eval = functools.partial(evaluation_model, parts, ctx, config)
+
+    def evaluate() -> dict:
+        return _evaluate_embedded(config, ctx, model_for_eval(), data)
+
+    def evaluate_folder_now() -> dict:
+        return evaluate_folder(config, ctx, model_for_eval(), data.eval_transform, data.tokenizer, metrics.announce)
+
     on_epoch_end = None
     if (data.embedded_root is not None or config.imagenet_val) and config.zeroshot_frequency:
         def on_epoch_end(epoch: int) -> None:
@@ -114,7 +127,7 @@ def run(config: TrainConfig, ctx: World) -> dict:
     if config.imagenet_val:
         evaluation.update(evaluate_folder_now())
     if config.val_data and not config.embedded:
-        evaluation.update(_evaluate_val_data(config, ctx, model, data))
+        evaluation.update(_evaluate_val_data(config, ctx, model_for_eval(), data))
     results = {
         # the embedded set's seen split, else the --imagenet-val folder
         "zeroshot_top1": evaluation.get("val_seen/ensemble_top1", evaluation.get("imagenet-val/top1")),
@@ -222,7 +235,10 @@ def train(config: TrainConfig) -> dict:
     call reuses it; :func:`~fastclip.train.process_group.shutdown_distributed` ends it). Errors are raised:
     ValueError for what the user can fix, :class:`~fastclip.train.loop.NonFiniteAbort` for divergence.
     """
-    return run(config, init_distributed(config.device, config.dist_backend, config.dist_timeout))
+    try:
+        return run(config, init_distributed(config.device, config.dist_backend, config.dist_timeout))
+    finally:
+        release_run_folders()  # the lock on --output-dir (run_lock.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError) as error:  # user-fixable: say what to change
         print(f"fastclip train: {type(error).__name__}: {_user_message(error)}", file=sys.stderr)
         return 2
+    except RendezvousError as error:
+        print(f"fastclip train: the processes did not meet: {error}", file=sys.stderr)
+        return 4
     except RuntimeError as error:
         if not is_peer_failure(error):
             raise
-        print(f"fastclip train: rank {os.environ.get('RANK', '0')}: a collective operation failed because another "
+        print(f"fastclip train: rank {read_placement().rank}: a collective operation failed because another "
               f"process stalled or died ({str(error).splitlines()[0]}). Collectives wait at most --dist-timeout "
               f"{config.dist_timeout:g} s; the other processes' logs say which one failed first. If a step, a "
               "checkpoint write or the evaluation on rank 0 legitimately takes longer, raise --dist-timeout.",

@@ -17,6 +17,7 @@ Each run gets a ``run_id``; checkpoints record it, and ``--keep-last`` prunes on
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
@@ -29,6 +30,7 @@ from fastclip.train.checkpoint import (CorruptCheckpointError, LoadedCheckpoint,
                                        set_aside_corrupt)
 from fastclip.train.config import TrainConfig
 from fastclip.train.metrics import METRICS_FILE
+from fastclip.train.run_lock import lock_run_folder
 
 RESULTS_FILE = "results.json"
 RUNS_ROOT = "runs"  # where runs without --output-dir go
@@ -122,6 +124,10 @@ def prepare_output(config: TrainConfig) -> tuple[RunPlan, LoadedCheckpoint | Non
         output_dir = found
     else:
         output_dir = Path(config.output_dir if config.output_dir is not None else timestamped_output_dir())
+    with contextlib.suppress(OSError):  # what is wrong with the folder, check_output_dir says
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.is_dir():
+        lock_run_folder(output_dir)  # before anything is read or changed there: a second run into it exits 2
     check_output_dir(output_dir, saves_checkpoints=bool(config.save_frequency or config.save_every_n_steps))
     corrupt = []
 
