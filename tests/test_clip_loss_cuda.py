@@ -247,8 +247,10 @@ def test_fake_kernels_on_fake_cuda_tensors():
         scale, bias = torch.empty((), device="cuda"), torch.zeros((), device="cuda")
         loss = ClipLossFunction.apply(image, text, scale, bias, BACKENDS["cuda"], ClipOptions(normalize=True))
         assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
-        *stats, positive = clip_loss_cuda.clip_loss_fwd(image, text[:20], scale, bias, True, 0, False)
-        assert [t.shape for t in (*stats, positive)] == [(37,), (20,), (37,), (20,), (37,)]
+        row_lse, col_lse, row_expect, col_expect, positive = clip_loss_cuda.clip_loss_fwd(
+            image, text[:20], scale, bias, True, 0, False)
+        assert [t.shape for t in (row_lse, col_lse, row_expect, col_expect, positive)] == [
+            (37,), (20,), (37,), (20,), (37,)]
         grad_image, grad_text, grad_scale = clip_loss_cuda.clip_loss_bwd(image, text[:20], scale, bias, row_lse,
                                                                          col_lse, row_lse, col_lse, 3, False)
         assert grad_image.shape == (37, 200) and grad_text.shape == (20, 200) and grad_scale.shape == ()
