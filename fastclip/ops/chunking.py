@@ -28,13 +28,13 @@ def row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     elements and a third of the workspace (fastclip.ops.workspace), whichever is smaller.
     """
     accumulate = accumulate_dtype(left)
-    if left.device.type == "cuda" and left.shape[0]:
+    if uses_batched_gemv(left) and left.shape[0]:
         if left.dtype == accumulate:
             return torch.bmm(left[:, None, :], right[:, :, None]).reshape(-1)
         if hasattr(torch.ops.aten.bmm, "dtype") and left.dtype not in _BMM_OUT_DTYPE_FAILED:
             try:
                 return torch.bmm(left[:, None, :], right[:, :, None], out_dtype=accumulate).reshape(-1)
-            except (RuntimeError, TypeError):  # the probe: remembered, tried once per dtype
+            except (RuntimeError, TypeError, NotImplementedError):  # the probe: remembered, once per dtype
                 _BMM_OUT_DTYPE_FAILED.add(left.dtype)
     slice_elements = min(ROW_DOT_ELEMENTS, workspace_bytes() // (3 * torch.finfo(accumulate).bits // 8))
     rows = max(1, slice_elements // max(1, left.shape[1]))
@@ -42,6 +42,11 @@ def row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return (left.to(accumulate) * right.to(accumulate)).sum(dim=-1)
     return torch.cat([(left[start:start + rows].to(accumulate) * right[start:start + rows].to(accumulate)).sum(dim=-1)
                       for start in range(0, left.shape[0], rows)])
+
+
+def uses_batched_gemv(tensor: torch.Tensor) -> bool:
+    """Whether row_dots takes the batched-GEMV branch for ``tensor``'s device (CUDA; tests force it on CPU)."""
+    return tensor.device.type == "cuda"
 
 
 _BMM_OUT_DTYPE_FAILED: set = set()  # dtypes for which torch.bmm(out_dtype=float32) raised once
@@ -74,8 +79,20 @@ def scaled_logits_into(out: torch.Tensor, image_chunk: torch.Tensor, text: torch
     scaled = image_chunk * scale.to(image_chunk.dtype) if image_chunk.dtype == out.dtype else image_chunk
     if scaled.dtype == out.dtype:
         return torch.mm(scaled, text.t(), out=out)
-    out.copy_(torch.mm(scaled, text.t()))  # low-precision GEMM on accelerators: scale in fp32 after
+    # Low-precision GEMM on accelerators, scaled in fp32 after. Its output stays fp32 (mm's out_dtype):
+    # rounded to 16 bits, the logits would disagree with the fp32 row_dots diagonal by ~scale * 2^-9,
+    # which does not cancel in lse - diagonal (a 2.5 % loss error at B=37 in bf16).
+    if hasattr(torch.ops.aten.mm, "dtype") and scaled.dtype not in _MM_OUT_DTYPE_FAILED:
+        try:
+            out.copy_(torch.mm(scaled, text.t(), out_dtype=out.dtype))
+            return out.mul_(scale)
+        except (RuntimeError, TypeError, NotImplementedError):  # the probe: remembered, tried once per dtype
+            _MM_OUT_DTYPE_FAILED.add(scaled.dtype)
+    out.copy_(torch.mm(scaled, text.t()))
     return out.mul_(scale)
+
+
+_MM_OUT_DTYPE_FAILED: set = set()  # dtypes for which torch.mm(out_dtype=float32) raised once
 
 
 def positive_entries(start: int, stop: int, n_cols: int, positive_offset: int, device) -> tuple:
