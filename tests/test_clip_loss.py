@@ -270,3 +270,18 @@ def test_logit_scale_gradient_is_as_accurate_as_open_clips(monkeypatch, backend,
         open_clip_errors.append(abs(reference - truth) / abs(truth))
     assert rms(ours_errors) <= 2 * rms(open_clip_errors), (
         f"B={batch} {backend}: relative errors {ours_errors} vs open_clip's {open_clip_errors}")
+
+
+@pytest.mark.parametrize("batch,dim", [(37, 200), (1000, 64)])
+def test_error_bar_catches_a_tenth_of_a_percent_in_the_temperature_gradient(batch, dim):
+    """The fp32 bar of tests/numerics.py is scaled to the quantity: d loss / d logit_scale is ~1e-2..1e-4,
+    and a 0.1 % error in it must fail (an absolute floor of 1e-6 once let 1.6 % pass)."""
+    image, text = clip_like_features(batch, dim, seed=batch + dim)
+    ours = loss_and_grads(ClipLoss(), image, text, LOGIT_SCALE)
+    baseline = loss_and_grads(OpenClipLoss(), image, text, LOGIT_SCALE)
+    truth = loss_and_grads(OpenClipLoss(), image.double(), text.double(), LOGIT_SCALE)
+    judge = lambda value: assert_close_to_truth(value, baseline["logit_scale"], truth["logit_scale"],  # noqa: E731
+                                                dtype=torch.float32, kind="bwd", name="grad logit_scale")
+    judge(ours["logit_scale"])
+    with pytest.raises(AssertionError, match="grad logit_scale"):
+        judge(ours["logit_scale"] * 1.001)
