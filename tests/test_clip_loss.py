@@ -97,9 +97,14 @@ def test_non_contiguous_inputs_and_float_scale():
     strided_image = torch.stack([image, image], dim=2)[:, :, 0]  # non-contiguous view equal to image
     transposed_text = text.T.contiguous().T
     assert not strided_image.is_contiguous() and not transposed_text.is_contiguous()
-    ours = clip_loss(strided_image, transposed_text, LOGIT_SCALE)
-    reference = OpenClipLoss()(image, text, torch.tensor(LOGIT_SCALE))
-    assert_matches_reference(ours, reference, name="loss", floor=1.0)
+    leaves = [strided_image.detach().requires_grad_(), transposed_text.detach().requires_grad_()]
+    assert not leaves[0].is_contiguous() and not leaves[1].is_contiguous()
+    ours = clip_loss(*leaves, LOGIT_SCALE)  # a Python float: no gradient for it
+    ours.backward()
+    reference = loss_and_grads(OpenClipLoss(), image, text, LOGIT_SCALE)
+    assert_matches_reference(ours, reference["loss"], name="loss", floor=1.0)
+    assert_matches_reference(leaves[0].grad, reference["image"], name="grad image (strided)")
+    assert_matches_reference(leaves[1].grad, reference["text"], name="grad text (transposed)")
 
 
 def test_small_workspace_chunks_are_as_accurate_as_one_chunk(monkeypatch):

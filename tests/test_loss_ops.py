@@ -73,10 +73,22 @@ def test_grad_scale_shares_add_up_to_sum_g_x():
     assert_matches_reference(total, (grad_logits * (image.double() @ text.double().T)).sum(), name="sum of shares")
 
 
-def test_siglip_loss_torch_ops_opcheck():
+def test_siglip_loss_torch_ops_opcheck_and_values():
     image, text, scale, bias = _block(37, 53, 20, seed=3)
     torch.library.opcheck(siglip_loss_torch.siglip_loss_fwd, (image, text, scale, bias, 3, False))
     torch.library.opcheck(siglip_loss_torch.siglip_loss_bwd, (image, text, scale, bias, 3, torch.tensor(0.5), False))
+    loss_sum = siglip_loss_torch.siglip_loss_fwd(image, text, scale, bias, 3, False)
+    grad_image, grad_text, grad_bias = siglip_loss_torch.siglip_loss_bwd(image, text, scale, bias, 3, torch.tensor(0.5),
+                                                                         False)
+    logits = scale * image.double() @ text.double().T + bias  # the fp64 dense truth, positives at j = i + 3
+    positives = torch.zeros_like(logits)
+    positives[torch.arange(37), torch.arange(37) + 3] = 1
+    assert_matches_reference(loss_sum, -torch.nn.functional.logsigmoid((2 * positives - 1) * logits).sum(),
+                             name="loss_sum", floor=1.0)
+    grad_logits = 0.5 * (logits.sigmoid() - positives)
+    assert_matches_reference(grad_image, 9.0 * grad_logits @ text.double(), name="grad_image")
+    assert_matches_reference(grad_text, 9.0 * grad_logits.T @ image.double(), name="grad_text")
+    assert_matches_reference(grad_bias, grad_logits.sum(), name="grad_bias", floor=1.0)
 
 
 def test_compiled_model_and_torch_backend_loss_have_no_graph_break():
