@@ -137,8 +137,8 @@ def run_tests(copy: Path, arguments: tuple, timeout: int) -> tuple[int, str, flo
     except subprocess.TimeoutExpired:
         return 124, "timed out", time.perf_counter() - start
     failed = [line.split(" ")[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return done.returncode, (failed[0] if failed else done.stdout.strip().splitlines()[-1:] or [""])[0], \
-        time.perf_counter() - start
+    last_lines = done.stdout.strip().splitlines() or [""]
+    return done.returncode, failed[0] if failed else last_lines[-1], time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
