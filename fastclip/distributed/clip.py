@@ -26,8 +26,10 @@ sum_ij G0_ij x_ij (each rank's rows contribute the backward primitive's grad_sca
 add up to it over all ranks and blocks); gradients are scaled after.
 The local objective weights pair i by c_i = g / b (or g_i for "none"): row_coef = c_i / 2 on the
 local rows and col_coef_j = c_j / 2 on column j, delivered from its owner by the exchange; its scale
-gradient needs the expectations E^row_i = sum_j P_ij x_ij and E^col_j = sum_i Q_ij x_ij, which the
-forward computes with the statistics (d loss_i / ds = 1/2 [(E^row_i - x_ii) + (E^col_i - x_ii)]).
+gradient needs d loss_i / ds = 1/2 [(E_P[x]_i - x_ii) + (E_Q[x]_i - x_ii)], computed as
+1/2 [(E_P[log P]_i + CE^row_i) + (E_Q[log Q]_i + CE^col_i)] / s from the expected log-probabilities
+the forward returns with the statistics (x = (S - lse + log P) / s along a row; no |S|-sized
+cancellation, so within 2x open_clip's fp32 error: docs/numerics.md).
 CLIP's gradient w.r.t. a shared bias is exactly 0 (softmax is shift invariant).
 """
 from __future__ import annotations
@@ -36,8 +38,24 @@ import torch
 
 from fastclip.distributed.comm import World, all_reduce_
 from fastclip.distributed.exchange import GradientPass
-from fastclip.ops.chunking import accumulate_dtype
+from fastclip.ops.chunking import accumulate_dtype, row_dots
 from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs
+
+
+def _pair_scale_grads(image, text, scale, stats) -> torch.Tensor:
+    """d loss_i / d scale = 1/2 [(E_P[x]_i - x_ii) + (E_Q[x]_i - x_ii)] for the (b,) local pairs.
+
+    E_P[x] - x_ii = (E_P[log P] - log P_ii) / scale with log P_ii = S_ii - row_lse_i. Where the
+    softmax sits on its positive this is a small difference of the tiles' S_ii and the diagonal's:
+    the two must agree to better than ~|S| eps, and a diagonal from another summation order than
+    the backend's tile GEMM misses by that much (~5x open_clip's error). So S_ii is taken exact, in
+    fp64 from the (rounded) features, an O(b D) dot: the error left is the tiles' own, as in open_clip.
+    """
+    wide = torch.float64
+    diagonal = row_dots(image.to(wide), text.to(wide)) * scale.to(wide)
+    row_part = stats.row_expect.to(wide) + (stats.row_lse.to(wide) - diagonal)
+    col_part = stats.col_expect.to(wide) + (stats.col_lse.to(wide) - diagonal)
+    return (0.5 * (row_part + col_part) / scale.to(wide)).to(stats.row_lse.dtype)
 
 
 class DistributedClip:
@@ -64,8 +82,7 @@ class DistributedClip:
             value = reduce_pairs(pair_losses(stats.row_lse, stats.col_lse, diagonal), reduction)
         pair_scale_grad = None
         if with_expectations:
-            products = diagonal / scale  # x_ii = I_i . T_i
-            pair_scale_grad = 0.5 * ((stats.row_expect - products) + (stats.col_expect - products))
+            pair_scale_grad = _pair_scale_grads(image, text, scale, stats)
         return value, (stats.row_lse, pair_scale_grad, *stats.saved)
 
     def backward(self, op, image, text, scale, bias, saved, grad_output, reduction, want_scale, want_text,

@@ -32,7 +32,7 @@ class ColumnStats:
     """CLIP forward statistics on rank r, each over the *global* batch.
 
     row_lse, row_expect: (b,) for the local rows; col_lse, col_expect: (b,) for the local columns
-    (expectations of x = I.T under the row / column softmax, only when asked); pair_loss_total:
+    (expected log-probabilities E[log P] under the row / column softmax, only when asked); pair_loss_total:
     sum of every rank's per-pair losses (only when ``diagonal`` was given); saved: exchange state
     for backward.
     """
@@ -88,8 +88,8 @@ class GatherExchange:
         col_max = all_reduce_(world, col_partial.clone(), dist.ReduceOp.MAX)
         weight = (col_partial - col_max).exp()
         pieces = [weight]
-        if with_expectations:
-            pieces.append(weight * col_expect_partial)
+        if with_expectations:  # E[log q] merged as in fastclip.ops.chunking.merge_lse: terms <= 0
+            pieces.append(torch.where(weight > 0, weight * (col_expect_partial + (col_partial - col_max)), 0.0))
         if diagonal is not None:
             # sum_all loss_i = 1/2 [sum_i (row_lse_i - 2 S_ii) + sum_j col_lse_j]: the row part rides along
             pieces.append((row_lse - 2.0 * diagonal).sum().reshape(1))
@@ -98,7 +98,7 @@ class GatherExchange:
         col_sum = packed[:n]
         col_lse = col_max + col_sum.log()
         own = self._own(b)
-        col_expect = packed[n:2 * n][own] / col_sum[own] if with_expectations else None
+        col_expect = packed[n:2 * n][own] / col_sum[own] - col_sum[own].log() if with_expectations else None
         total = 0.5 * (packed[-1] + col_lse.sum()) if diagonal is not None else None
         return ColumnStats(row_lse, col_lse[own], row_expect if with_expectations else None, col_expect, total,
                            (texts, col_lse))

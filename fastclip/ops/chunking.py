@@ -123,15 +123,24 @@ def feature_grads_of_chunk(grad_logits: torch.Tensor, image_chunk: torch.Tensor,
 
 
 def merge_lse(lse_a: torch.Tensor, expect_a, lse_b: torch.Tensor, expect_b):
-    """Merge softmax statistics of two disjoint parts: (log-sum-exp, expectation under that softmax or None).
+    """Merge softmax statistics of two disjoint parts: (log-sum-exp, E[log softmax] or None).
 
-    lse = log(e^lse_a + e^lse_b); expect = expect_a w_a + expect_b w_b with w = e^(lse_part - lse),
-    the parts' shares of the merged mass. The torch side of kernels/common.py's merge kernel.
+    With M = max(lse_a, lse_b) and l_k = e^(lse_k - M): lse = M + log l, l = l_a + l_b, and the
+    expected log-probability, expect = sum_k l_k (expect_k + lse_k - M) / l - log l. The weights are
+    normalised by the division (their rounding cancels) and each term is <= 0 (nothing cancels):
+    kernels/common.py's merge kernel does the same on (max, sum, weighted sum).
     """
-    merged = torch.logaddexp(lse_a, lse_b)
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # two empty parts stay empty
+    weight_a, weight_b = (lse_a - top).exp(), (lse_b - top).exp()
+    total = weight_a + weight_b
+    log_total = total.log()
+    merged = top + log_total
     if expect_a is None:
         return merged, None
-    return merged, expect_a * (lse_a - merged).exp() + expect_b * (lse_b - merged).exp()
+    gap_a = torch.where(weight_a > 0, expect_a + (lse_a - top), torch.zeros_like(top))
+    gap_b = torch.where(weight_b > 0, expect_b + (lse_b - top), torch.zeros_like(top))
+    return merged, (weight_a * gap_a + weight_b * gap_b) / total - log_total
 
 
 def uniform_value(row_coef: torch.Tensor, col_coef: torch.Tensor):

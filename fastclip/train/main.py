@@ -23,17 +23,19 @@ from pathlib import Path
 
 import torch
 
+from fastclip.distributed.comm import World
 from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
 from fastclip.precision import check_precision_supported
 from fastclip.train.args import parse_args
-from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, say, seed_everything
+from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext, init_distributed, is_peer_failure, shutdown_distributed
 from fastclip.train.folder_zeroshot import evaluate_folder
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
+from fastclip.train.process_group import (barrier, decide_on_main, gather_objects, init_distributed, is_peer_failure,
+                                          say, shutdown_distributed)
 from fastclip.train.profiling import StepProfiler
 from fastclip.train.resume import planned_total_steps, resume_if_asked
 from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
@@ -41,7 +43,7 @@ from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
 logger = logging.getLogger("fastclip.train")
 
 
-def _prepare_output(config: TrainConfig, ctx: DistributedContext):
+def _prepare_output(config: TrainConfig, ctx: World):
     """Rank 0 checks the output folder and picks the checkpoint (run_dir.py); every rank gets the plan."""
     holder = {}
 
@@ -49,13 +51,13 @@ def _prepare_output(config: TrainConfig, ctx: DistributedContext):
         plan, holder["loaded"] = prepare_output(config)
         return plan
 
-    plan = ctx.decide_on_main(decide)
+    plan = decide_on_main(ctx, decide)
     for note in plan.notes:
         say(ctx, note)
     return plan, holder.get("loaded")
 
 
-def run(config: TrainConfig, ctx: DistributedContext) -> dict:
+def run(config: TrainConfig, ctx: World) -> dict:
     """Train as ``config`` says; returns the results dict (rank 0 also writes results.json)."""
     wall_start = time.perf_counter()
     check_precision_supported(config.precision, ctx.device)
@@ -73,8 +75,8 @@ def run(config: TrainConfig, ctx: DistributedContext) -> dict:
     parts.schedule = LearningRateSchedule(config.lr, config.warmup, total_steps, config.lr_scheduler)
     del loaded  # rank 0's copy of the optimiser state
     say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, precision {config.precision}, "
-             f"{ctx.world_size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)} "
-             f"of {config.batch_size * ctx.world_size} samples, output {config.output_dir}")
+             f"{ctx.size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)} "
+             f"of {config.batch_size * ctx.size} samples, output {config.output_dir}")
     plain_every = (plain_progress_interval(total_steps) if config.progress_every_n_steps is None
                    else config.progress_every_n_steps)
     bar = not config.no_progress and sys.stderr.isatty()
@@ -121,9 +123,9 @@ def run(config: TrainConfig, ctx: DistributedContext) -> dict:
         "samples_per_second": timing["samples_per_second"],
         "samples_seen": state.samples_seen,
         "nonfinite_steps": state.nonfinite_total,
-        "skipped_images": sum(ctx.gather_objects(state.skipped_images)),
+        "skipped_images": sum(gather_objects(ctx, state.skipped_images)),
         "skipped_rows": len(getattr(batches.dataset, "skipped_rows", ())),
-        "world_size": ctx.world_size,
+        "world_size": ctx.size,
         "precision": config.precision,
         "model": config.model,
         "train_seconds": timing["train_seconds"],
@@ -162,7 +164,7 @@ def _schedule_summary(config: TrainConfig, batches, state: TrainState, total_ste
     return text
 
 
-def _evaluate_embedded(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module, data: TrainData) -> dict:
+def _evaluate_embedded(config: TrainConfig, ctx: World, model: torch.nn.Module, data: TrainData) -> dict:
     """Zero-shot/retrieval report on rank 0 (the others wait); {} elsewhere."""
     results = {}
     if ctx.is_main:
@@ -172,11 +174,11 @@ def _evaluate_embedded(config: TrainConfig, ctx: DistributedContext, model: torc
                                     tokenizer=data.tokenizer, device=ctx.device, precision=config.precision,
                                     workers=min(config.workers, 2))
         model.train()
-    ctx.barrier()
+    barrier(ctx)
     return results
 
 
-def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module, data: TrainData) -> dict:
+def _evaluate_val_data(config: TrainConfig, ctx: World, model: torch.nn.Module, data: TrainData) -> dict:
     """Image<->text recall@1/5/10 on the --val-data pairs (rank 0; identical captions count as one)."""
     results = {}
     if ctx.is_main:
@@ -193,7 +195,7 @@ def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torc
         print("validation retrieval: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in recalls.items())
               + f" ({MATCH_RULE})", flush=True)
         model.train()
-    ctx.barrier()
+    barrier(ctx)
     return results
 
 
@@ -217,7 +219,7 @@ def train(config: TrainConfig) -> dict:
     """Train as ``config`` says (under torchrun: on every rank) and return the results dict.
 
     Starts the process group when torchrun's environment asks for one and leaves it running (a second
-    call reuses it; :func:`~fastclip.train.distributed.shutdown_distributed` ends it). Errors are raised:
+    call reuses it; :func:`~fastclip.train.process_group.shutdown_distributed` ends it). Errors are raised:
     ValueError for what the user can fix, :class:`~fastclip.train.loop.NonFiniteAbort` for divergence.
     """
     return run(config, init_distributed(config.device, config.dist_backend, config.dist_timeout))
