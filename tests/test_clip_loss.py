@@ -122,27 +122,19 @@ def test_small_workspace_chunks_are_as_accurate_as_one_chunk(monkeypatch):
             assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=torch.float32, kind=kind, name=name)
 
 
-def test_column_far_below_the_chunk_max_keeps_its_precision(monkeypatch):
+def test_column_far_below_the_chunk_max_keeps_its_precision():
     # The images cluster around one direction and text 0 points the other way: its column's logits sit
-    # ~2*scale below the chunk max, where exp(S - chunk max) underflows in fp32 (the one-GEMV column sum
-    # would give log 0); the exact fallback must catch it, and this checks that it ran.
-    from fastclip.ops import clip_loss_torch
-
+    # ~2*scale below the chunk max, where exp(S - chunk max) underflows in fp32 (a one-GEMV column sum
+    # would give log 0); the torch backend's exact fallback must catch it.
     generator = torch.Generator().manual_seed(2)
     centre = F.normalize(torch.randn(8, generator=generator), dim=0)
     image = F.normalize(centre + 0.1 * torch.randn(64, 8, generator=generator), dim=-1)
     text = F.normalize(image + 0.1 * torch.randn(64, 8, generator=generator), dim=-1)
     text[0] = -centre
-    exact_columns, real_exact = [], clip_loss_torch._exact_column_stats
-
-    def exact(logits, columns, *args):
-        exact_columns.extend(columns.tolist())
-        return real_exact(logits, columns, *args)
-
-    monkeypatch.setattr(clip_loss_torch, "_exact_column_stats", exact)
+    logits = 60.0 * image @ text.T
+    assert float((logits[:, 0] - logits.max()).exp().sum()) < 1e-30, "column 0 no longer underflows: test too easy"
     ours = loss_and_grads(ClipLoss(backend="torch"), image, text, 60.0)
     reference = loss_and_grads(OpenClipLoss(), image, text, 60.0)
-    assert 0 in exact_columns, "the exact column fallback did not run: the test no longer exercises it"
     for name in ("loss", "image", "text", "logit_scale"):
         assert_matches_reference(ours[name], reference[name], name=name)
 
