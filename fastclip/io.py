@@ -143,13 +143,33 @@ def publish_dir(staging: PathLike, final: PathLike, *, replace: bool = False) ->
     if final.exists():
         if not replace:
             raise FileExistsError(f"{final} already exists")
-        retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name) + "old."))
-        os.replace(final, retired / final.name)
-        os.replace(staging, final)
-        shutil.rmtree(retired, ignore_errors=True)
+        _swap_in(staging, final)
     else:
         os.replace(staging, final)
     fsync_dir(final.parent)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace the folder ``final`` by ``staging``: move the old one aside, rename the new one in, delete the old.
+
+    If renaming the new one in fails, the old one is moved back before the error propagates. A kill
+    between the two renames leaves the old folder whole inside ``.<name>.old.<random>/``, which
+    :func:`remove_stale_temporaries` puts back when ``final`` is missing.
+    """
+    retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name) + "old."))
+    try:
+        os.replace(final, retired / final.name)
+    except BaseException:
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        os.replace(retired / final.name, final)
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)  # the new folder is in place before the old one is deleted
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 # mkstemp/mkdtemp add 8 characters of [a-z0-9_]; atomic_write adds ".tmp"; atomic_dir's retired copy "old.".
@@ -161,7 +181,8 @@ def remove_stale_temporaries(folder: PathLike, target_pattern: str = r".+") -> l
 
     Only hidden entries shaped as this module makes them (``.<target>.<8 random chars>``) are touched;
     call it only where no other writer is running (e.g. at the start of a run, on the main rank).
-    Returns what was removed.
+    A folder that ``atomic_dir(replace=True)`` had moved aside when it was killed is put back when its
+    target is missing (the user's data is never deleted). Returns what was removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -172,6 +193,10 @@ def remove_stale_temporaries(folder: PathLike, target_pattern: str = r".+") -> l
         match = _TEMPORARY.match(entry.name)
         if match is None or not target.fullmatch(match.group("target")):
             continue
+        original = folder / match.group("target")
+        if match.group(1) and (entry / original.name).is_dir() and not original.exists():
+            os.replace(entry / original.name, original)  # killed between atomic_dir's two renames
+            fsync_dir(folder)
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:

@@ -180,6 +180,9 @@ class HostBackend:
         return SimpleNamespace(siglip_loss_fwd=self.host.siglip_loss_fwd, siglip_loss_bwd=self.host.siglip_loss_bwd)
 
 
+GRAD_SCALE_FLOOR = 1e-3  # the natural scale of a block's d loss / d scale (see assert_outputs_match_truth)
+
+
 def assert_outputs_match_truth(ours: dict, baseline: dict, truth: dict, dtype) -> None:
     """Every output of ``ours`` written (no NaN left from a poisoned buffer) and within the error bars of
     tests/numerics.py against the same-dtype baseline; "grad_*" outputs are judged as backward."""
@@ -188,7 +191,10 @@ def assert_outputs_match_truth(ours: dict, baseline: dict, truth: dict, dtype) -
     for name, value in ours.items():
         assert not value.isnan().any(), f"{name} has elements no kernel wrote"
         kind = "bwd" if name.startswith("grad") else "fwd"
-        assert_close_to_truth(value, baseline[name], truth[name], dtype=dtype, kind=kind, name=name)
+        # d scale is a small sum of terms of either sign, each ~ coef * entropy / scale (~1e-2 together):
+        # its rounding scales with the terms, not with the sum, which can be ~1e-5
+        floor = GRAD_SCALE_FLOOR if name == "grad_scale" else 0.0
+        assert_close_to_truth(value, baseline[name], truth[name], dtype=dtype, kind=kind, name=name, floor=floor)
 
 
 # ---- fp64 truths (materialising S) and inputs ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""fastclip.model.attention: every attn_impl agrees with the math reference; declared support."""
+"""fastclip.model.attention: every attn_impl (math included) agrees with an independent dense reference
+written here (fp64 as the truth, the same dtype as the error bar); declared support."""
 import importlib
 
 import pytest
@@ -9,9 +10,21 @@ from fastclip.model.attention import BACKENDS, Attention, attention, describe_ba
 from tests.numerics import assert_close_to_truth
 
 attention_module = importlib.import_module("fastclip.model.attention")
-# fp32: every impl within 2e-6 abs / 1e-5 rel of math. fp16/bf16: judged against the fp64 truth with
-# the shared bars of tests/numerics.py (|impl - truth| <= K * |same-dtype math - truth| + tol).
+# fp32: every impl within 2e-6 abs / 1e-5 rel of the fp64 reference. fp16/bf16: judged against the fp64
+# truth with the shared bars of tests/numerics.py (|impl - truth| <= K * |same-dtype reference - truth| + tol).
 RUNNABLE_IMPLS = [name for name, available, _ in describe_backends() if available]
+
+
+def reference_attention(query, key, value, causal=False):
+    """Dense attention written independently of fastclip (einsum over (B, L, H, Dh), softmax in at least
+    fp32): in fp64 the truth; in a 16-bit dtype the same-dtype baseline."""
+    softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", query, key) / query.shape[-1] ** 0.5
+    if causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = scores.to(softmax_dtype).softmax(dim=-1).to(value.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
 def _qkv(batch, length_q, length_k, heads, head_dim, dtype, seed):
@@ -26,10 +39,10 @@ def _qkv(batch, length_q, length_k, heads, head_dim, dtype, seed):
 def test_impls_agree_with_math_fp32(impl, causal, shape):
     batch, length, heads, head_dim = shape
     q, k, v = (t.float() for t in _qkv(batch, length, length, heads, head_dim, torch.float32, seed=length))
-    expected = attention(q, k, v, causal=causal, impl="math")
+    expected = reference_attention(q.double(), k.double(), v.double(), causal=causal)
     result = attention(q, k, v, causal=causal, impl=impl)
-    assert result.shape == (batch, length, heads, head_dim)
-    torch.testing.assert_close(result, expected, atol=2e-6, rtol=1e-5)
+    assert result.shape == (batch, length, heads, head_dim) and result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), expected, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", RUNNABLE_IMPLS)
@@ -37,9 +50,9 @@ def test_impls_agree_with_math_fp32(impl, causal, shape):
 @pytest.mark.parametrize("causal", [False, True])
 def test_impls_low_precision_within_error_bars(impl, dtype, causal):
     q64, k64, v64 = _qkv(2, 50, 50, 4, 32, dtype, seed=7)
-    truth = attention(q64, k64, v64, causal=causal, impl="math")
     q, k, v = (t.to(dtype) for t in (q64, k64, v64))
-    reference = attention(q, k, v, causal=causal, impl="math")
+    truth = reference_attention(*(t.double() for t in (q, k, v)), causal=causal)  # the rounded inputs, exactly
+    reference = reference_attention(q, k, v, causal=causal)
     result = attention(q, k, v, causal=causal, impl=impl)
     assert result.dtype == dtype
     assert_close_to_truth(result, reference, truth, dtype=dtype, kind="fwd", name=f"attention[{impl}]")
@@ -50,12 +63,11 @@ def test_impls_low_precision_within_error_bars(impl, dtype, causal):
 def test_gradients_agree_with_math_fp32(impl, causal):
     inputs = [t.float().requires_grad_() for t in _qkv(3, 23, 23, 2, 16, torch.float32, seed=3)]
     grad_out = torch.randn(3, 23, 2, 16)
-    grads = {}
-    for name in ("math", impl):
-        out = attention(*inputs, causal=causal, impl=name)
-        grads[name] = torch.autograd.grad(out, inputs, grad_out)
-    for expected, result in zip(grads["math"], grads[impl]):
-        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(reference_attention(*inputs64, causal=causal), inputs64, grad_out.double())
+    result = torch.autograd.grad(attention(*inputs, causal=causal, impl=impl), inputs, grad_out)
+    for which, want, got in zip("qkv", expected, result):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{which}[{impl}]: {m}")
 
 
 @pytest.mark.parametrize("impl", [i for i in RUNNABLE_IMPLS if BACKENDS[i].supports_key_mask])
@@ -143,11 +155,14 @@ def test_gradients_low_precision_within_error_bars(impl, dtype):
     base = _qkv(2, 31, 31, 2, 16, dtype, seed=5)
     grad_out = torch.randn(2, 31, 2, 16, dtype=torch.float64)
 
-    def grads(name, cast):
-        inputs = [t.to(cast).requires_grad_() for t in base]
-        out = attention(*inputs, causal=True, impl=name)
-        return torch.autograd.grad(out, inputs, grad_out.to(cast))
+    base = [t.to(dtype).double() for t in base]  # the truth sees the rounded inputs exactly
 
-    truth, reference, result = grads("math", torch.float64), grads("math", dtype), grads(impl, dtype)
+    def grads(run, cast):
+        inputs = [t.to(cast).requires_grad_() for t in base]
+        return torch.autograd.grad(run(*inputs), inputs, grad_out.to(cast))
+
+    ours = lambda *inputs: attention(*inputs, causal=True, impl=impl)  # noqa: E731
+    dense = lambda *inputs: reference_attention(*inputs, causal=True)  # noqa: E731
+    truth, reference, result = grads(dense, torch.float64), grads(dense, dtype), grads(ours, dtype)
     for which, t, r, o in zip("qkv", truth, reference, result):
         assert_close_to_truth(o, r, t, dtype=dtype, kind="bwd", name=f"d{which}[{impl}]")

@@ -1,11 +1,14 @@
 """benchmarks/bench_clip_loss_gpu.py: its dry run (CPU, Triton interpreter) and its pytest-benchmark view (GPU)."""
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_clip_loss_gpu.py"
 
@@ -26,6 +29,20 @@ def test_dry_run_writes_a_row_for_every_peer(bench, tmp_path):
     for peer in bench.PEERS:
         assert f"{peer}," in text, f"no row for {peer}"
     assert (tmp_path / "clip_loss_gpu_summary.txt").read_text().startswith("B=65536")
+    rows = [row for row in csv.DictReader(io.StringIO(text)) if row["status"] == "ok"]
+    assert {"floor", "triton", "torch", "open_clip"} <= {row["peer"] for row in rows}
+    for row in rows:  # the columns say what they claim: TFLOP/s from 8 B^2 D (fwd+bwd), ordered quantiles
+        batch, dim, median = int(row["B"]), int(row["D"]), float(row["ms_median"])
+        flops = 2 * bench.GEMMS[row["mode"]] * batch * batch * dim
+        assert float(row["tflops"]) == pytest.approx(flops / (median * 1e-3) / 1e12, rel=1e-9), row["peer"]
+        assert 0 < float(row["ms_min"]) <= float(row["ms_p20"]) <= median <= float(row["ms_p80"]), row["peer"]
+    image, text_features, scale = bench.make_inputs(int(rows[0]["B"]), int(rows[0]["D"]), "cpu", torch.bfloat16)
+    logits = float(scale.detach()) * image.detach().double() @ text_features.detach().double().T
+    labels = torch.arange(logits.shape[0])
+    truth = float(0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)))
+    for row in rows:  # the loss each fastclip peer computed is the fp64 loss of the benchmark's inputs
+        if row["peer"] in ("triton", "triton_det", "triton_ws1g", "torch"):
+            assert float(row["loss"]) == pytest.approx(truth, rel=1e-6), row["peer"]  # fp32-accumulated, exact inputs
 
 
 @pytest.mark.gpu

@@ -97,9 +97,14 @@ def test_non_contiguous_inputs_and_float_scale():
     strided_image = torch.stack([image, image], dim=2)[:, :, 0]  # non-contiguous view equal to image
     transposed_text = text.T.contiguous().T
     assert not strided_image.is_contiguous() and not transposed_text.is_contiguous()
-    ours = clip_loss(strided_image, transposed_text, LOGIT_SCALE)
-    reference = OpenClipLoss()(image, text, torch.tensor(LOGIT_SCALE))
-    assert_matches_reference(ours, reference, name="loss", floor=1.0)
+    leaves = [strided_image.detach().requires_grad_(), transposed_text.detach().requires_grad_()]
+    assert not leaves[0].is_contiguous() and not leaves[1].is_contiguous()
+    ours = clip_loss(*leaves, LOGIT_SCALE)  # a Python float: no gradient for it
+    ours.backward()
+    reference = loss_and_grads(OpenClipLoss(), image, text, LOGIT_SCALE)
+    assert_matches_reference(ours, reference["loss"], name="loss", floor=1.0)
+    assert_matches_reference(leaves[0].grad, reference["image"], name="grad image (strided)")
+    assert_matches_reference(leaves[1].grad, reference["text"], name="grad text (transposed)")
 
 
 def test_small_workspace_chunks_are_as_accurate_as_one_chunk(monkeypatch):
@@ -118,11 +123,17 @@ def test_small_workspace_chunks_are_as_accurate_as_one_chunk(monkeypatch):
 
 
 def test_column_far_below_the_chunk_max_keeps_its_precision():
-    # Text 0 is anti-aligned with every image: its column's logits sit ~2*scale below the chunk max,
-    # where summing exp(S - chunk max) in fp32 would underflow; the exact fallback must catch it.
-    image, text = clip_like_features(64, 8, seed=2)
-    text[0] = -F.normalize(image.sum(0), dim=0)
-    ours = loss_and_grads(ClipLoss(), image, text, 60.0)
+    # The images cluster around one direction and text 0 points the other way: its column's logits sit
+    # ~2*scale below the chunk max, where exp(S - chunk max) underflows in fp32 (a one-GEMV column sum
+    # would give log 0); the torch backend's exact fallback must catch it.
+    generator = torch.Generator().manual_seed(2)
+    centre = F.normalize(torch.randn(8, generator=generator), dim=0)
+    image = F.normalize(centre + 0.1 * torch.randn(64, 8, generator=generator), dim=-1)
+    text = F.normalize(image + 0.1 * torch.randn(64, 8, generator=generator), dim=-1)
+    text[0] = -centre
+    logits = 60.0 * image @ text.T
+    assert float((logits[:, 0] - logits.max()).exp().sum()) < 1e-30, "column 0 no longer underflows: test too easy"
+    ours = loss_and_grads(ClipLoss(backend="torch"), image, text, 60.0)
     reference = loss_and_grads(OpenClipLoss(), image, text, 60.0)
     for name in ("loss", "image", "text", "logit_scale"):
         assert_matches_reference(ours[name], reference[name], name=name)
@@ -270,3 +281,18 @@ def test_logit_scale_gradient_is_as_accurate_as_open_clips(monkeypatch, backend,
         open_clip_errors.append(abs(reference - truth) / abs(truth))
     assert rms(ours_errors) <= 2 * rms(open_clip_errors), (
         f"B={batch} {backend}: relative errors {ours_errors} vs open_clip's {open_clip_errors}")
+
+
+@pytest.mark.parametrize("batch,dim", [(37, 200), (1000, 64)])
+def test_error_bar_catches_a_tenth_of_a_percent_in_the_temperature_gradient(batch, dim):
+    """The fp32 bar of tests/numerics.py is scaled to the quantity: d loss / d logit_scale is ~1e-2..1e-4,
+    and a 0.1 % error in it must fail (an absolute floor of 1e-6 once let 1.6 % pass)."""
+    image, text = clip_like_features(batch, dim, seed=batch + dim)
+    ours = loss_and_grads(ClipLoss(), image, text, LOGIT_SCALE)
+    baseline = loss_and_grads(OpenClipLoss(), image, text, LOGIT_SCALE)
+    truth = loss_and_grads(OpenClipLoss(), image.double(), text.double(), LOGIT_SCALE)
+    judge = lambda value: assert_close_to_truth(value, baseline["logit_scale"], truth["logit_scale"],  # noqa: E731
+                                                dtype=torch.float32, kind="bwd", name="grad logit_scale")
+    judge(ours["logit_scale"])
+    with pytest.raises(AssertionError, match="grad logit_scale"):
+        judge(ours["logit_scale"] * 1.001)

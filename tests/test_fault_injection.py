@@ -63,8 +63,8 @@ def test_sigkill_at_each_stage_of_a_checkpoint_write_then_resume(fault, uninterr
     _assert_resumes_like_the_uninterrupted_run(tmp_path, uninterrupted)
 
 
-def test_sigkill_at_a_random_line_of_a_checkpoint_write_then_resume(uninterrupted, tmp_path):
-    line = random.randrange(1, LINES_PER_SAVE)
+def test_sigkill_at_a_random_line_of_a_checkpoint_write_then_resume(uninterrupted, tmp_path, seed):
+    line = random.randrange(1, LINES_PER_SAVE)  # seeded by the fixture; FASTCLIP_TEST_SEED picks another line
     killed = run_with_fault(f"kill-at-line:4:0:{line}", run_args(tmp_path))
-    assert killed.returncode == -signal.SIGKILL, f"line {line}: {killed.stderr[-3000:]}"
+    assert killed.returncode == -signal.SIGKILL, f"line {line} (seed {seed}): {killed.stderr[-3000:]}"
     _assert_resumes_like_the_uninterrupted_run(tmp_path, uninterrupted)

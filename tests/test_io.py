@@ -1,13 +1,16 @@
-"""fastclip.io: atomic files and folders survive a SIGKILL at any moment (old or new, never a mix)."""
+"""fastclip.io: atomic files and folders survive a SIGKILL at any moment (old or new, never a mix), fsync
+what they rename (watched through the system calls), and keep the old folder when a replace fails."""
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 
 import pytest
 
 from fastclip.io import atomic_dir, atomic_write, atomic_write_json, remove_stale_temporaries
+from tests.syscall_spy import SyscallSpy
 
 
 def _slow_file_writer(path, started):
@@ -90,3 +93,101 @@ def test_stale_cleanup_touches_only_its_own_temporaries(tmp_path):
     assert [path.name for path in removed] == [".step_1.abcd1234"]
     assert sorted(entry.name for entry in tmp_path.iterdir()) == [".gitignore", ".hidden.config",
                                                                     ".other.abcd1234.tmp", "step_1"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_atomic_write_fsyncs_the_file_before_and_the_folder_after_the_rename(tmp_path, existing):
+    target = tmp_path / "sub" / "r.json"
+    if existing:
+        target.parent.mkdir()
+        target.write_text("old")
+    with SyscallSpy() as spy:
+        atomic_write_json(target, {"a": 1})
+    spy.assert_durable_renames([target])
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_atomic_dir_fsyncs_every_file_and_folder_before_and_the_parent_after_the_rename(tmp_path, replace):
+    target = tmp_path / "ckpt"
+    if replace:
+        target.mkdir()
+        (target / "stale").write_text("old")
+    with SyscallSpy() as spy:
+        with atomic_dir(target, replace=replace) as staging:
+            (staging / "a.bin").write_bytes(b"a" * 100)
+            (staging / "nested").mkdir()
+            (staging / "nested" / "b.txt").write_text("b")
+    spy.assert_durable_renames([target])
+    assert sorted(path.name for path in target.rglob("*")) == ["a.bin", "b.txt", "nested"]
+
+
+def _fail_on_rename_into(monkeypatch, target, error=OSError("injected: rename failed")):
+    """Make os.replace raise the first time it would move something onto ``target`` (the new folder
+    coming in; a later rename onto it, putting the old folder back, works)."""
+    real_replace, failed = os.replace, []
+
+    def replace(source, destination):
+        if os.path.abspath(destination) == os.path.abspath(target) and not failed:
+            failed.append(source)
+            raise error
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("error", [OSError("injected"), KeyboardInterrupt()])
+def test_a_failed_replace_keeps_the_old_folder_in_place(tmp_path, monkeypatch, error):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "x").write_text("old")
+    _fail_on_rename_into(monkeypatch, target, error)
+    with pytest.raises(type(error)):
+        with atomic_dir(target, replace=True) as staging:
+            (staging / "x").write_text("new")
+    monkeypatch.undo()
+    assert (target / "x").read_text() == "old"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["data"]  # no staging or retired copy left
+
+
+def test_a_failed_cleanup_of_the_old_folder_still_leaves_the_new_one(tmp_path, monkeypatch):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "x").write_text("old")
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # the old copy stays behind
+    with atomic_dir(target, replace=True) as staging:
+        (staging / "x").write_text("new")
+    monkeypatch.undo()
+    assert (target / "x").read_text() == "new"
+    remove_stale_temporaries(tmp_path, "data")  # the leftover old copy is garbage now: removed, not restored
+    assert [entry.name for entry in tmp_path.iterdir()] == ["data"] and (target / "x").read_text() == "new"
+
+
+def test_a_kill_between_the_two_renames_is_undone_by_the_stale_cleanup(tmp_path, monkeypatch):
+    """SIGKILL after the old folder was moved aside and before the new one came in: the old one is only
+    hidden, and the next start's cleanup puts it back instead of deleting it."""
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "x").write_text("old")
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: from the second rename on nothing runs, not even the error handling."""
+
+    real_replace, calls = os.replace, []
+
+    def replace(source, destination):
+        calls.append(destination)
+        if len(calls) > 1:
+            raise Killed()
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(Killed):
+        with atomic_dir(target, replace=True) as staging:
+            (staging / "x").write_text("new")
+    monkeypatch.undo()
+    assert not target.exists()  # the state a kill at that moment leaves
+    remove_stale_temporaries(tmp_path, "data")
+    assert (target / "x").read_text() == "old"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["data"]

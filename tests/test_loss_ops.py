@@ -103,10 +103,22 @@ def test_grad_scale_shares_add_up_to_sum_g_x():
     assert_matches_reference(total, (grad_logits * (image.double() @ text.double().T)).sum(), name="sum of shares")
 
 
-def test_siglip_loss_torch_ops_opcheck():
+def test_siglip_loss_torch_ops_opcheck_and_values():
     image, text, scale, bias = _block(37, 53, 20, seed=3)
     torch.library.opcheck(siglip_loss_torch.siglip_loss_fwd, (image, text, scale, bias, 3, False))
     torch.library.opcheck(siglip_loss_torch.siglip_loss_bwd, (image, text, scale, bias, 3, torch.tensor(0.5), False))
+    loss_sum = siglip_loss_torch.siglip_loss_fwd(image, text, scale, bias, 3, False)
+    grad_image, grad_text, grad_bias = siglip_loss_torch.siglip_loss_bwd(image, text, scale, bias, 3, torch.tensor(0.5),
+                                                                         False)
+    logits = scale * image.double() @ text.double().T + bias  # the fp64 dense truth, positives at j = i + 3
+    positives = torch.zeros_like(logits)
+    positives[torch.arange(37), torch.arange(37) + 3] = 1
+    assert_matches_reference(loss_sum, -torch.nn.functional.logsigmoid((2 * positives - 1) * logits).sum(),
+                             name="loss_sum", floor=1.0)
+    grad_logits = 0.5 * (logits.sigmoid() - positives)
+    assert_matches_reference(grad_image, 9.0 * grad_logits @ text.double(), name="grad_image")
+    assert_matches_reference(grad_text, 9.0 * grad_logits.T @ image.double(), name="grad_text")
+    assert_matches_reference(grad_bias, grad_logits.sum(), name="grad_bias", floor=1.0)
 
 
 def test_compiled_model_and_torch_backend_loss_have_no_graph_break():
@@ -123,3 +135,78 @@ def test_compiled_model_and_torch_backend_loss_have_no_graph_break():
     compiled.backward()
     assert_matches_reference(compiled, eager, name="compiled loss", floor=1.0)
     assert scale.grad is not None and torch.isfinite(scale.grad)
+
+
+# ------------------------------------------------------------- the accelerator branch, run on CPU
+# On an accelerator the torch backend runs its GEMMs in the 16-bit input dtype (scaled_logits_into
+# multiplies by the temperature after the GEMM, in fp32). CPU normally takes the fp32 path, so these tests force the accelerator branch
+# and judge it against an fp64 truth, with a dense same-dtype baseline as the error bar.
+
+
+@pytest.fixture
+def accelerator_branch(monkeypatch):
+    """Force the 16-bit GEMM branch on CPU; yields what the GEMMs saw.
+
+    CPU has no mm/bmm with an fp32 out_dtype, so it is emulated the way cuBLAS computes it: fp32
+    products and sums of the 16-bit inputs.
+    """
+    from fastclip.ops import chunking
+
+    seen = []
+    real_scaled_logits_into = chunking.scaled_logits_into
+
+    def scaled_logits_into(out, image_chunk, text, scale):
+        seen.append(image_chunk.dtype)
+        return real_scaled_logits_into(out, image_chunk, text, scale)
+
+    def with_out_dtype(real, name):
+        def gemm(left, right, *, out_dtype=None, **kwargs):
+            if out_dtype is None:
+                return real(left, right, **kwargs)
+            seen.append((name, left.dtype, out_dtype))
+            return real(left.to(out_dtype), right.to(out_dtype))
+        return gemm
+
+    for module in (clip_loss_torch, siglip_loss_torch):
+        monkeypatch.setattr(module, "gemm_dtype", lambda tensor: tensor.dtype)
+        monkeypatch.setattr(module, "scaled_logits_into", scaled_logits_into)
+    monkeypatch.setattr(torch, "mm", with_out_dtype(torch.mm, "mm"))
+    return seen
+
+
+def _dense_clip_loss(image, text, scale, bias):
+    """Plain dense PyTorch CLIP loss (materialises S) with the softmax in fp32 or fp64."""
+    accumulate = torch.float64 if image.dtype == torch.float64 else torch.float32
+    logits = (scale * image @ text.T).to(accumulate) + bias
+    labels = torch.arange(image.shape[0])
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+
+
+def _dense_siglip_loss(image, text, scale, bias):
+    accumulate = torch.float64 if image.dtype == torch.float64 else torch.float32
+    logits = (scale * image @ text.T).to(accumulate) + bias
+    signs = 2 * torch.eye(image.shape[0], dtype=accumulate) - 1
+    return -torch.nn.functional.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_accelerator_16bit_branch_is_as_accurate_as_dense_torch(accelerator_branch, dtype, loss_name):
+    from fastclip.loss import ClipLoss, SigLipLoss
+    from tests.loss_utils import loss_and_grads
+    from tests.numerics import assert_close_to_truth
+
+    seed = 37 + (dtype == torch.float16) + 2 * (loss_name == "siglip")
+    image, text = clip_like_features(37, 200, dtype, seed=seed)
+    scale, bias = 14.0, -2.5  # exact in every dtype: the truth sees the very inputs ours sees
+    ours_loss = ClipLoss(backend="torch") if loss_name == "clip" else SigLipLoss(backend="torch")
+    dense = _dense_clip_loss if loss_name == "clip" else _dense_siglip_loss
+    ours = loss_and_grads(ours_loss, image, text, scale, bias)
+    assert dtype in accelerator_branch and ("mm", dtype, torch.float32) in accelerator_branch, \
+        f"the 16-bit GEMM branch was not taken (seed {seed})"
+    baseline = loss_and_grads(dense, image, text, scale, bias)
+    truth = loss_and_grads(dense, image.double(), text.double(), scale, bias)
+    for name in ("loss", "image", "text", "logit_scale", "logit_bias"):
+        kind = "fwd" if name == "loss" else "bwd"
+        assert_close_to_truth(ours[name], baseline[name], truth[name], dtype=dtype, kind=kind,
+                              name=f"{loss_name} {name} (seed {seed})")

@@ -1,7 +1,9 @@
 """Checkpoints: a run killed (SIGKILL) at step k and resumed gives the per-step losses of an uninterrupted
-run; corrupt checkpoints are reported and the previous one used; atomic writes and keep-last-N."""
+run; corrupt checkpoints are reported and the previous one used; atomic writes (fsync'ed, watched
+through the system calls) and keep-last-N."""
 import os
 import signal
+import zipfile
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from safetensors.torch import load_file
 
 from fastclip.train import checkpoint
 from fastclip.train.main import main
-from tests.train_utils import logged_losses, run_with_fault
+from tests.syscall_spy import SyscallSpy
+from tests.train_utils import logged_losses, run_with_fault, tiny_clip, tiny_state
 
 KILL_AT_STEP = 8  # mid second epoch (6 steps per epoch), so the data position is mid-epoch
 
@@ -58,13 +61,42 @@ def _copy_run(source, destination):
     return checkpoint.list_checkpoints(destination)
 
 
-@pytest.mark.parametrize("damage", ["flip_weight_byte", "truncate_state", "delete_manifest"])
+def _flip_a_byte_inside_a_tensor(state_file):
+    """Flip one byte in the middle of the largest tensor's storage inside state.pt's zip archive: the
+    file still loads (torch does not check the archive's CRCs), only with another number in it."""
+    with zipfile.ZipFile(state_file) as archive:
+        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
+    data = bytearray(state_file.read_bytes())
+    name_length, extra_length = int.from_bytes(data[record.header_offset + 26:record.header_offset + 28], "little"), \
+        int.from_bytes(data[record.header_offset + 28:record.header_offset + 30], "little")
+    position = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+    before = torch.load(state_file, weights_only=True)
+    data[position] ^= 0x40
+    state_file.write_bytes(bytes(data))
+    after = torch.load(state_file, weights_only=True)  # still loads: only the checksum can tell
+    changed = [name for name, tensor in _tensors(after) if not torch.equal(tensor, dict(_tensors(before))[name])]
+    assert after.keys() == before.keys() and len(changed) == 1, changed
+
+
+def _tensors(value, name=""):
+    """(path, tensor) of every tensor inside nested dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        return [(name, value)]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
+    return [pair for key, item in items for pair in _tensors(item, f"{name}/{key}")]
+
+
+@pytest.mark.parametrize("damage", ["flip_weight_byte", "flip_state_tensor_byte", "truncate_state", "delete_manifest"])
 def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(uninterrupted, tmp_path, damage):
     older, newest = _copy_run(uninterrupted, tmp_path / "run")
     if damage == "flip_weight_byte":
         data = bytearray((newest / "model.safetensors").read_bytes())
         data[len(data) // 2] ^= 0xFF
         (newest / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "flip_state_tensor_byte":
+        _flip_a_byte_inside_a_tensor(newest / "state.pt")
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="state.pt does not match its checksum"):
+            checkpoint.verify_checkpoint(newest)
     elif damage == "truncate_state":
         size = (newest / "state.pt").stat().st_size
         os.truncate(newest / "state.pt", size // 2)
@@ -124,3 +156,22 @@ def test_rng_state_round_trips_through_plain_types():
     checkpoint.restore_rng_state(snapshot, torch.device("cpu"))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename_and_the_folder_after(tmp_path):
+    """A power cut can lose what was never fsync'ed even after the rename; a SIGKILL cannot show that,
+    so the system calls are watched: the step folder and each of its files are synced before it is
+    renamed into place, and checkpoints/ after; pruning and setting aside sync the folder too."""
+    model = tiny_clip()
+    with SyscallSpy() as spy:
+        paths = [checkpoint.save_checkpoint(tmp_path, step, model, tiny_state(step), model_name="tiny",
+                                            run_id="run", keep_last=1) for step in (1, 2)]
+    spy.assert_durable_renames(paths)
+    assert sorted((paths[1]).iterdir()) == sorted(paths[1] / name for name in
+                                                  ("manifest.json", "model.safetensors", "state.pt"))
+    pruned = [(index, source) for index, source, _ in spy.renames() if source == paths[0].resolve()]
+    assert len(pruned) == 1 and spy.synced(paths[0].parent, after=pruned[0][0]), spy.events
+    with SyscallSpy() as spy:
+        aside = checkpoint.set_aside_corrupt(paths[1])
+    [(index, _, destination)] = spy.renames()
+    assert destination == aside.resolve() and spy.synced(aside.parent, after=index), spy.events

@@ -42,11 +42,16 @@ def trained(default_run):
 
 def test_results_json_has_the_promised_keys_and_fractions(trained):
     _, _, results = trained
-    assert results["steps"] == 2 * (4800 // 64)
-    assert results["samples_per_second"] > 0
+    assert results["steps"] == 2 * (4800 // 64) and results["samples_seen"] == results["steps"] * 64
+    # the rate is the samples trained over the seconds spent in training steps, and those fit in the wall time
+    assert 0 < results["train_seconds"] < results["wall_seconds"]
+    assert results["samples_per_second"] == pytest.approx(results["samples_seen"] / results["train_seconds"], rel=1e-9)
     for key in ("zeroshot_top1", "zeroshot_top5"):
         assert 0.0 <= results[key] <= 1.0
     assert results["zeroshot_top5"] >= results["zeroshot_top1"]
+    # the headline numbers are the seen split's prompt-ensemble zero-shot accuracies, 1/256 apart at most
+    assert results["zeroshot_top1"] == results["evaluation"]["val_seen/ensemble_top1"]
+    assert results["zeroshot_top5"] == results["evaluation"]["val_seen/ensemble_top5"]
     assert results["model"] == "RN-Tiny" and results["nonfinite_steps"] == 0
 
 

@@ -22,9 +22,11 @@ def gemm_kind(left: torch.Tensor, right: torch.Tensor) -> tuple:
 
 
 def fp32_out_or(aten_op, key: tuple, operand: torch.Tensor, fast, fallback):
-    """fast() (a torch GEMM with out_dtype=float32) where ``aten_op`` has that overload, ``operand`` is on
-    a GPU and ``key`` did not raise before; else fallback()."""
-    if operand.device.type == "cuda" and hasattr(aten_op, "dtype") and key not in _FP32_OUT_FAILED:
+    """fast() (a torch GEMM with out_dtype=float32) where ``aten_op`` has that overload and ``key`` did not
+    raise before on ``operand``'s device kind; else fallback(). (CPU runs fp32 GEMMs and never gets here,
+    except in the tests that force the accelerator branch: a CPU failure is remembered for CPU only.)"""
+    key = (operand.device.type, *key)
+    if hasattr(aten_op, "dtype") and key not in _FP32_OUT_FAILED:
         try:
             return fast()
         except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
@@ -57,10 +59,3 @@ def addmm_fp32_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
     return fp32_out_or(torch.ops.aten.mm, ("addmm", gemm_kind(left, right)), left,
                        lambda: torch.addmm(out, left, right, out_dtype=out.dtype, out=out),
                        lambda: out.add_(matmul_fp32(left, right)))
-
-
-def batched_row_dots_fp32(left: torch.Tensor, right: torch.Tensor):
-    """(left_i . right_i) as one batched GEMV with an fp32 output, or None where torch cannot."""
-    return fp32_out_or(torch.ops.aten.bmm, ("bmm", left.dtype), left,
-                       lambda: torch.bmm(left[:, None, :], right[:, :, None], out_dtype=torch.float32).reshape(-1),
-                       lambda: None)
