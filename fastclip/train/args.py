@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-std", type=float, nargs="+", metavar="STD",
                       help="per-channel std of the image normalisation (default: OpenAI CLIP's)")
     data.add_argument("--image-interpolation", choices=IMAGE_INTERPOLATIONS,
-                      help="resize interpolation (default: bicubic; random: bilinear or bicubic per image in "
-                           "training, bicubic in evaluation)")
+                      help="interpolation of the evaluation resize (default: bicubic; random means bicubic there); "
+                           "training crops are bicubic, as in open_clip")
     data.add_argument("--image-resize-mode", choices=IMAGE_RESIZE_MODES,
                       help="evaluation resize: shortest side + center crop (default), longest side + pad, or "
                            "squash to the square")
@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SyncBatchNorm: BatchNorm statistics over the global batch (ResNet towers, DDP)")
     dist.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
     dist.add_argument("--loss-dist-impl",
-                      help="distributed loss: CLIP gather|ring, SigLIP bidir|shift|reduce|gather (default: "
-                           "gather for CLIP, bidir for SigLIP)")
+                      help="distributed loss: gather or ring for CLIP; bidir, shift, reduce, gather or ring for "
+                           "SigLIP (default: gather for CLIP, bidir for SigLIP)")
     dist.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     dist.add_argument("--dist-timeout", type=float,
                       help="seconds a collective may wait for the other ranks before this rank gives up with an "
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--zeroshot-templates",
                      help="prompts for --imagenet-val: imagenet (CLIP's 80), single, shapes, or a file of '{}' lines")
     out.add_argument("--val-frequency", type=int,
-                     help="--val-data retrieval every N epochs and at the end (0: only at the end)")
+                     help="--val-data retrieval every N epochs and at the end (0: never)")
     out.add_argument("--report-to", help="'tensorboard', 'wandb', 'wandb,tensorboard' or 'all' (metrics.jsonl is "
                      "always written; WANDB_MODE=offline logs wandb without a network)")
     out.add_argument("--wandb-project-name", help="wandb project")

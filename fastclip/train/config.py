@@ -324,7 +324,7 @@ def _validate_open_clip_options(config: TrainConfig) -> None:
     if config.val_num_samples is not None and config.val_num_samples < 1:
         raise ValueError(f"--val-num-samples must be >= 1, got {config.val_num_samples}")
     if config.val_frequency < 0:
-        raise ValueError(f"--val-frequency must be >= 0 (0 means only at the end), got {config.val_frequency}")
+        raise ValueError(f"--val-frequency must be >= 0 (0 means never), got {config.val_frequency}")
     if (config.dataset_resampled or config.train_data_upsampling_factors) and config.dataset_type != "webdataset":
         raise ValueError("--dataset-resampled and --train-data-upsampling-factors apply to --dataset-type webdataset")
     if config.train_data_upsampling_factors is not None:
