@@ -280,3 +280,24 @@ def test_the_run_name_open_clip_would_give(tmp_path):
                          "--workers", "2", "--precision", "amp_bf16"])
     name = open_clip_run_name(config, tmp_path)
     assert re.fullmatch(r"\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d-model_RN-Tiny-lr_0.001-b_8-j_2-p_amp_bf16", name), name
+
+
+@pytest.mark.parametrize("saved, now", [((8, 1), (16, 1)), ((8, 2), (8, 1)), ((4, 2), (8, 3))])
+def test_a_resume_on_another_batch_shape_goes_on_from_the_same_sample_of_the_epoch(saved, now):
+    """docs/design.md section 6: what resume.py does when the batch size or world size changes (map-style data)."""
+    from fastclip.data.loader import ShardedEpochSampler
+
+    size, seed, epoch, done = 101, 7, 2, 3  # 3 global batches of the saved shape trained
+    (batch, world), (new_batch, new_world) = saved, now
+
+    def global_order(batch, world, start_batch=0):
+        ranks = [list(ShardedEpochSampler(size, batch, rank=rank, world_size=world, seed=seed, epoch=epoch,
+                                          start_batch=start_batch)) for rank in range(world)]
+        return [ranks[rank][index] for index in range(len(ranks[0])) for rank in range(world)]  # round-robin
+
+    consumed = done * batch * world
+    restart = consumed // (new_batch * new_world) * new_batch * new_world  # a whole batch of the new shape
+    resumed = global_order(new_batch, new_world, start_batch=restart // (new_batch * new_world))
+    uninterrupted = global_order(batch, world)
+    common = min(len(resumed), len(uninterrupted) - restart)
+    assert common > 0 and resumed[:common] == uninterrupted[restart:restart + common]
