@@ -96,6 +96,23 @@ def test_bad_flags_get_one_line_and_exit_2(argv, expected, capsys):
     assert expected in error and "usage:" not in error and len(error.strip().splitlines()) == 1, error
 
 
+def test_force_context_length_and_quick_gelu_reach_the_model():
+    from fastclip.train.build import build_model
+    from fastclip.train.distributed import DistributedContext
+
+    config = parse_args(["--dataset-type", "synthetic", "--force-context-length", "16", "--force-quick-gelu",
+                         "--force-image-size", "32"])
+    model = build_model(config, DistributedContext())
+    assert model.context_length == 16 and model.config.quick_gelu
+
+
+def test_counts_are_singular_or_plural():
+    from fastclip.eval.zeroshot import format_folder_result
+
+    line = format_folder_result("d", {"top1": 0.5, "top5": 1.0, "images": 1, "classes": 3, "templates": 1})
+    assert line.endswith("(1 image, 3 classes, 1 template)")
+
+
 def test_open_clip_aliases_and_implied_settings():
     config = parse_args(["--precision", "amp_bfloat16", "--delete-previous-checkpoint", "--force-quick-gelu",
                          "--force-image-size", "32", "32", "--dataset-type", "synthetic"])
@@ -259,7 +276,8 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     assert main(["--train-data", str(tmp_path / "missing.csv"), "--workers", "0"]) == 2  # refused after the folder check
     assert main(["--train-data", str(tmp_path / "missing.csv"), "--logs", "L", "--name", "n", "--workers", "0"]) == 2
     assert sorted(path.name for path in tmp_path.iterdir()) == []
-    assert capsys.readouterr().err.count("fastclip train: ") == 2
+    error = capsys.readouterr().err
+    assert error.count("fastclip train: ") == 2 and "ValueError" not in error  # the prefix eval uses too
 
 
 def test_version_is_shown_by_the_command_and_by_info(capsys):
