@@ -1,7 +1,8 @@
 """fastclip packaging.
 
 The Triton kernels live in the top-level ``kernels/`` folder of the repository and ship inside the
-wheel as ``fastclip.kernels`` (``package_dir`` below), so there is never a bare ``kernels`` module.
+wheel as ``fastclip.kernels`` (``package_dir`` below), so there is never a bare ``kernels`` module; a
+plain checkout on PYTHONPATH finds them there too (fastclip/__init__.py).
 
 The CUDA C++ kernels (csrc/) are built only when asked, into ``fastclip._C``::
 
@@ -80,16 +81,18 @@ setup(
     description="Memory-linear fused CLIP/SigLIP losses, distributed loss, CLIP model and trainer",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.11 needs 3.10
     packages=packages,
     package_dir={"fastclip.kernels": "kernels"},
     package_data={"fastclip": ["assets/*"]},  # the CLIP BPE vocabulary and its licence
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
-        "torch>=2.4",
+        # The supported range (docs/gpu.md): the newest end is what CI runs, the oldest what
+        # benchmarks/oldest_stack_check.sh tests (torch 2.11 / triton 3.6 / numpy >= 2.4).
+        "torch>=2.11,<2.15",
         "numpy",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "triton>=3.6,<3.9; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "torchvision",
         "pillow",
         "ftfy",

@@ -6,14 +6,14 @@
 #   - a clean copy of the tree: the tracked files and the untracked ones git does not ignore
 #     (no virtual environment, no egg-info, no build outputs);
 #   - python3 of a fresh virtual environment that sees this environment's packages except fastclip
-#     itself and those the GPU image lacks (ftfy, wcwidth, open_clip, inf_cl, nvtx, webdataset), so
-#     the script must install fastclip from the copy and skip the peers, saying so.
+#     itself and those the GPU image lacks (ftfy, wcwidth, open_clip, inf_cl, siglip_kernel, nvtx,
+#     webdataset), so the script must run fastclip from the copy (no install) and skip the peers, saying so.
 # Needs: the active Python with torch, triton, pytest (CI's .venv).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-HIDDEN_PACKAGES="fastclip ftfy wcwidth open_clip open_clip_torch open_clip_train inf_cl nvtx webdataset"
+HIDDEN_PACKAGES="fastclip ftfy wcwidth open_clip open_clip_torch open_clip_train inf_cl siglip_kernel nvtx webdataset"
 
 mkdir -p "$WORK/tree" "$WORK/site"
 git -C "$REPO" ls-files -z --cached --others --exclude-standard \
@@ -46,6 +46,7 @@ OUT="$WORK/gpu_check"
 
 python - "$OUT" <<'EOF'
 """The dry run counts only if its tests ran: junit XML with tests > 0, no errors or failures, some passed."""
+import json
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -66,11 +67,14 @@ for name, must_pass in (("gpu_tests", False), ("small_shape_tests", True)):
     if must_pass and counts["tests"] - counts["skipped"] == 0:
         problems.append(f"{name}: every test was skipped")
 environment = (out / "environment.txt").read_text()
-for peer in ("open_clip", "inf_cl", "nvtx", "ftfy"):
+for peer in ("open_clip", "inf_cl", "siglip_kernel", "nvtx", "ftfy"):
     if f"{peer}: NOT importable" not in environment:
         problems.append(f"environment.txt does not report {peer} as skipped")
 if not (out / "clip_loss_gpu.csv").exists():
     problems.append("the benchmark's dry run wrote no clip_loss_gpu.csv")
+tuned = out / "tuned_tiles_interpreter.json"
+if not tuned.exists() or not all("fastest" in record for record in json.loads(tuned.read_text())["kernels"].values()):
+    problems.append("the tuning stage's dry run timed no config of some kernel (tuned_tiles_interpreter.json)")
 if problems:
     sys.exit("gpu_check.sh dry run did not really run: " + "; ".join(problems))
 print("gpu_check.sh dry run: tests ran, peers reported as skipped, benchmark rows written")

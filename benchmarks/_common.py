@@ -228,15 +228,22 @@ def append_results(name: str, rows: Iterable[dict], results_dir: Path) -> Path:
     Earlier rows are kept as they are; ``results_dir`` is ``output_dir(args)`` (never a default, so
     no caller writes the committed results by accident).
     """
+    json_path = Path(results_dir) / f"{name}.json"
+    previous = json.loads(json_path.read_text()) if json_path.exists() else []
+    return write_snapshot(name, previous, results_dir, stamped=list(rows))
+
+
+def write_snapshot(name: str, rows: Iterable[dict], results_dir: Path, *, stamped: Sequence[dict] = ()) -> Path:
+    """Write <results_dir>/<name>.csv and .json holding exactly ``rows`` plus ``stamped`` (these stamped
+    with environment_info), atomically: a report that is a snapshot (e.g. kernel_report) replaces
+    its previous rows instead of appending a second copy of them."""
     from fastclip.io import atomic_write, atomic_write_json  # the project's one crash-safe writer
 
     results_dir = Path(results_dir)
     stamp = environment_info()
-    rows = [{**row, **stamp} for row in rows]
     csv_path = results_dir / f"{name}.csv"
     json_path = results_dir / f"{name}.json"
-    previous = json.loads(json_path.read_text()) if json_path.exists() else []
-    all_rows = previous + rows
+    all_rows = list(rows) + [{**row, **stamp} for row in stamped]
     fields: list[str] = []
     for row in all_rows:
         fields += [key for key in row if key not in fields]

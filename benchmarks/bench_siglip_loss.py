@@ -11,6 +11,9 @@ Implementations (one row each per case, same inputs):
                     backend column says which ran)
     fastclip-torch  the same with backend="torch" (the portable chunked path; CUDA default only)
     open_clip       open_clip.loss.SigLipLoss (materialises B x B logits, labels and their log-sigmoid)
+    siglip_kernel   siglip-kernel's fused_siglip_loss (PyPI siglip-kernel, fused Triton SigLIP; CUDA only),
+                    called with log(logit_scale) as it takes the log temperature; its reduction is
+                    open_clip's (sum / B). bash benchmarks/fetch_gpu_wheels.sh fetches its wheel
     materialised    the same formula in five lines of plain PyTorch (CUDA default only): a stand-in
                     peer where open_clip is not installed (e.g. the GPU machine); its values equal
                     open_clip's
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common; fastclip co
 import _common  # noqa: E402
 
 NAME = "bench_siglip_loss"
-IMPLEMENTATIONS = ("fastclip", "fastclip-torch", "open_clip", "materialised")
+IMPLEMENTATIONS = ("fastclip", "fastclip-torch", "open_clip", "siglip_kernel", "materialised")
 DEFAULT_IMPLEMENTATIONS = {"cpu": ("fastclip", "open_clip"), "cuda": IMPLEMENTATIONS}
 MATERIALISING = ("open_clip", "materialised")
 LOGIT_SCALE, LOGIT_BIAS = 10.0, -10.0  # SigLIP's initial exp(t) and b
@@ -78,6 +81,10 @@ def loss_module(implementation):
         from open_clip.loss import SigLipLoss
 
         return SigLipLoss()
+    if implementation == "siglip_kernel":
+        from siglip_kernel import fused_siglip_loss
+
+        return lambda image, text, scale, bias: fused_siglip_loss(image, text, scale.log(), bias)
     return materialised_siglip_loss
 
 
@@ -107,6 +114,11 @@ def skip_reason(case: dict, machine_memory: int) -> str | None:
     """open_clip / materialised hold S, the labels, y·S and its log-sigmoid: about 5 B² elements at peak."""
     if case["implementation"] == "open_clip" and importlib.util.find_spec("open_clip") is None:
         return "skipped: open_clip is not importable here (pip install open_clip_torch)"
+    if case["implementation"] == "siglip_kernel":
+        if not case["device"].startswith("cuda"):
+            return "skipped: siglip-kernel runs on CUDA only"
+        if importlib.util.find_spec("siglip_kernel") is None:
+            return "skipped: siglip_kernel is not importable here (pip install siglip-kernel)"
     if case["implementation"] not in MATERIALISING:
         return None
     return _common.materialised_memory_skip(case, machine_memory, square_tensors=5)

@@ -9,21 +9,26 @@
 # On the device tool (results come back as one archive; carry [".whl"] when the wheels were fetched):
 #     bash benchmarks/gpu_check.sh /tmp/gpu_check; tar -C /tmp -czf "$OUT/gpu_check.tgz" gpu_check
 #
-# Needs python3 with torch, triton and pytest; no network. Steps:
+# Needs python3 with torch, triton and pytest; no network, no install (docs/gpu.md). Steps:
 #   1. the peers' wheels in .whl/ (or FASTCLIP_WHEELS), fetched beforehand by benchmarks/fetch_gpu_wheels.sh,
-#      are installed --no-index into a throw-away folder on PYTHONPATH (open_clip, ftfy, Inf-CL, nvtx);
-#   2. fastclip is installed from this tree (pip install --no-deps --no-build-isolation --no-index -e .)
-#      unless this tree is already the importable fastclip, kernels included (fastclip.kernels is the
-#      repository's kernels/ folder, mapped by setup.py);
+#      are installed --no-index one at a time into a throw-away folder on PYTHONPATH (open_clip, ftfy,
+#      Inf-CL, siglip-kernel, nvtx): a wheel that fails drops only the comparisons that need it;
+#   2. fastclip runs from this tree: PYTHONPATH starts with the repository, whose kernels/ folder is
+#      fastclip.kernels (fastclip/__init__.py); the script stops unless both come from this tree;
 #   3. OUT_DIR/environment.txt lists versions and every peer that is missing, with what that skips;
 #   3b. when nvcc and a GPU are here, fastclip._C (csrc/) is built for its arch in the background;
 #   4. pytest -m gpu, then -m "not gpu" (in parallel with pytest-xdist when it is there: a fresh machine
 #      compiles every kernel variant cold, ~1-1.5 s each on sm90, ~60 variants), junit XML for each;
 #   4b. the cuda backend's tests and benchmarks/kernel_report_cuda.py on the built library;
-#   5. benchmarks/bench_clip_loss_gpu.py (D=512, B 4096..65536 on a GPU; --dry-run without one).
+#   5. benchmarks/bench_clip_loss_gpu.py (D=512, B 4096..65536 on a GPU; --dry-run without one);
+#   5b. on a GPU, benchmarks/bench_siglip_loss.py at D=768, B 16384 and 65536, bf16, with siglip-kernel;
+#   6. the tuning stage, in what is left of the budget: benchmarks/tune_tiles.py times every declared
+#      tile config of each kernel at the benchmark shapes and writes tuned_tiles_<arch>.json (the
+#      fastest per kernel; `python benchmarks/tune_tiles.py --defaults FILE` prints them as defaults).
 # OUT_DIR gets: environment.txt, nvidia-smi.txt, install.log, gpu_tests.log/.xml,
 # small_shape_tests.log/.xml, bench.log, clip_loss_gpu.csv/json, clip_loss_gpu_D512.png,
-# clip_loss_gpu_summary.txt (measured targets), cuda_build.log, cuda_tests.log/.xml, kernel_report_cuda.csv.
+# clip_loss_gpu_summary.txt (measured targets), bench_siglip.log, bench_siglip_loss.csv/json,
+# tune.log, tuned_tiles_<arch>.json, cuda_build.log, cuda_tests.log/.xml, kernel_report_cuda.csv.
 # Exit status 0 when the test runs passed, the cuda backend built (where it can) and the benchmark ran.
 # Every stage has its own limit, and no stage runs past SCRIPT_BUDGET_S (470 s) in total.
 set -u -o pipefail
@@ -50,39 +55,40 @@ limit() {  # the smaller of $1 and what is left of the script's budget (at least
     [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
 }
 
-# 1. the peers' wheels, when they were brought along
+# 1. the peers' wheels, when they were brought along: one pip call per wheel, so one bad wheel only
+# drops its own comparisons
 : > "$OUT/install.log"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
     SITE="$(mktemp -d)"
     SCRATCH+=("$SITE")
-    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-            "$WHEELS"/*.whl >> "$OUT/install.log" 2>&1; then
-        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-        echo "installed the wheels of $WHEELS: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')" | tee -a "$OUT/install.log"
-    else
-        echo "could not install the wheels of $WHEELS (see install.log): the peers they hold are skipped" \
-            | tee -a "$OUT/install.log"
-    fi
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    for wheel in "$WHEELS"/*.whl; do
+        if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+                "$wheel" >> "$OUT/install.log" 2>&1; then
+            echo "installed $(basename "$wheel")" | tee -a "$OUT/install.log"
+        else
+            echo "could not install $(basename "$wheel") (see install.log): the comparisons that need it are skipped" \
+                | tee -a "$OUT/install.log"
+        fi
+    done
 else
-    echo "no wheels in $WHEELS (bash benchmarks/fetch_gpu_wheels.sh fetches them): open_clip/Inf-CL comparisons skipped" \
+    echo "no wheels in $WHEELS (bash benchmarks/fetch_gpu_wheels.sh fetches them): open_clip/Inf-CL/siglip-kernel comparisons skipped" \
         | tee -a "$OUT/install.log"
 fi
 
-# 2. fastclip from this tree, with its kernels
-this_tree_imports() {
-    "$PYTHON" - "$REPO" <<'EOF' 2>/dev/null
+# 2. fastclip from this tree, kernels included, with no install: the repository leads PYTHONPATH
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PYTHON" - "$REPO" <<'EOF' 2>&1 | tee -a "$OUT/install.log"
 import os, sys
 import fastclip, fastclip.kernels.clip_loss  # noqa: E401
-sys.exit(0 if os.path.realpath(fastclip.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep) else 1)
+tree = os.path.realpath(sys.argv[1]) + os.sep
+for module in (fastclip, fastclip.kernels, fastclip.kernels.clip_loss):
+    if not os.path.realpath(module.__file__).startswith(tree):
+        sys.exit(f"{module.__name__} comes from {module.__file__}, not from this tree {tree}")
 EOF
-}
-if ! this_tree_imports; then
-    echo "installing fastclip from $REPO (editable, no dependencies, no network)" | tee -a "$OUT/install.log"
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" >> "$OUT/install.log" 2>&1
-    if ! this_tree_imports; then
-        echo "fastclip from $REPO (with fastclip.kernels) does not import after the install: see $OUT/install.log"
-        exit 1
-    fi
+then
+    echo "fastclip with its kernels does not import from $REPO (see above)"
+    exit 1
 fi
 
 # 3. what is here, and what is skipped without it
@@ -99,6 +105,7 @@ SKIPPED_WITHOUT = {
     "open_clip": "the open_clip comparison tests and benchmark rows",
     "ftfy": "open_clip (it imports ftfy)",
     "inf_cl": "the Inf-CL benchmark rows",
+    "siglip_kernel": "the siglip-kernel SigLIP benchmark rows",
     "nvtx": "NVTX ranges in the trainer's profiler (not used here)",
     "matplotlib": "the benchmark's PNG plot",
 }
@@ -200,6 +207,26 @@ timeout "$bench_limit" "$PYTHON" benchmarks/bench_clip_loss_gpu.py "$OUT" --mode
     --budget-s "$bench_budget" "${bench_mode[@]}" 2>&1 | tee "$OUT/bench.log"
 bench_status=$?
 [ $bench_status -eq 124 ] && echo "benchmark stopped at the ${bench_limit}s limit" | tee -a "$OUT/bench.log"
+
+# 5b. the SigLIP benchmark against siglip-kernel (GPU only: its peers run on CUDA)
+if [ "${bench_mode[0]}" != "--dry-run" ]; then
+    timeout "$(limit "$BENCH_TIMEOUT_S")" "$PYTHON" benchmarks/bench_siglip_loss.py --device cuda --dim 768 \
+        --batches 16384 65536 --modes fwd+bwd --repeats 3 --implementations fastclip siglip_kernel open_clip \
+        --out-dir "$OUT" 2>&1 | tee "$OUT/bench_siglip.log"
+fi
+
+# 6. the tuning stage: every declared tile config of each kernel at the benchmark shapes, in what is
+# left of the budget (the JSON is rewritten after each kernel, so a stop at the limit keeps the rest)
+tune_left=$((SCRIPT_BUDGET_S - (SECONDS - START_S)))
+if [ "$tune_left" -lt 30 ]; then
+    echo "tuning skipped: ${tune_left} s of the budget left" | tee "$OUT/tune.log"
+else
+    tune_mode=()
+    interpret=0
+    if [ "${bench_mode[0]}" = "--dry-run" ]; then tune_mode=(--dry-run); interpret=1; fi
+    TRITON_INTERPRET=$interpret timeout "$tune_left" "$PYTHON" benchmarks/tune_tiles.py "$OUT" \
+        --budget-s $((tune_left - 20)) "${tune_mode[@]}" 2>&1 | tee "$OUT/tune.log"
+fi
 
 echo "tests exit status: $tests_status, cuda backend status: $cuda_status, benchmark exit status: $bench_status, $((SECONDS - START_S)) s; results in $OUT"
 [ $tests_status -eq 0 ] && [ $bench_status -eq 0 ] && [ $cuda_status -eq 0 ]

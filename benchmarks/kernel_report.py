@@ -174,7 +174,7 @@ def _size_arguments(rows: int) -> dict:
     Sizes the kernels mark do_not_specialize only feed the heuristics (e.g. EVEN_D, or an EVEN_N on
     the column count); strides are specialised (16-divisibility, == 1) exactly as a launch does.
     """
-    return {"n_rows": rows, "n_cols": BATCH, "dim": DIM, "positive_offset": 0, "cols_per_split": BATCH,
+    return {"n_rows": rows, "n_cols": BATCH, "dim": DIM, "positive_offset": 0, "tiles_per_split": BATCH,
             "stride_image_row": DIM, "stride_image_dim": 1, "stride_text_row": DIM, "stride_text_dim": 1,
             "stride_grad_row": BATCH, "n_parts": 4, "length": BATCH, "stride_part": BATCH}
 
@@ -377,11 +377,12 @@ def main(argv=None) -> int:
         return 2
     rows = report_rows(args.defaults_only, args.archs)
     stamp = toolchain()
-    path = _common.append_results(NAME, [{**row, **stamp} for row in rows], _common.output_dir(args))
+    # A snapshot: the CSV/JSON hold this run's rows only (a re-run replaces them, never duplicates them).
+    path = _common.write_snapshot(NAME, [], _common.output_dir(args), stamped=[{**row, **stamp} for row in rows])
     from fastclip.io import atomic_write
 
     estimate = roofline.report(rows)
-    estimate_path = path.with_name(f"{NAME}_roofline.txt")  # this run's estimate (the rows accumulate)
+    estimate_path = path.with_name(f"{NAME}_roofline.txt")  # this run's estimate, from the same rows
     with atomic_write(estimate_path) as handle:
         handle.write(f"python benchmarks/kernel_report.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
                      f"{stamp} {_common.environment_info()['date']}\n\n{estimate}\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -41,30 +42,67 @@ def check_features(image_features, text_features) -> None:
                          f"{text_features.device}: move both to one device")
 
 
+HOST_CHECK_ENV = "FASTCLIP_HOST_CHECKS"
+
+
+def host_checks_enabled() -> bool:
+    """FASTCLIP_HOST_CHECKS=1 (read at call time): also read logit_scale/logit_bias tensors on the host."""
+    return os.environ.get(HOST_CHECK_ENV, "0").strip() not in ("", "0")
+
+
+def _check_value(number: float, name: str, positive: bool) -> None:
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is {number}: it must be finite. A diverged temperature usually means "
+                         "the learning rate is too high, or clamp it (open_clip clamps ln(scale) at ln 100)")
+    if positive and number <= 0:
+        raise ValueError(f"{name} is {number} but must be > 0. It is the already-exponentiated "
+                         "temperature: pass model.logit_scale.exp(), not the log")
+
+
 def as_scalar_tensor(value, name: str, reference: torch.Tensor, *, positive: bool) -> torch.Tensor:
-    """A float or one-element tensor -> a one-element tensor on reference's device (grad kept)."""
+    """A float or one-element tensor -> a one-element tensor on reference's device (grad kept).
+
+    A Python float, or a CPU tensor (reading it syncs nothing), is checked here, on the host: a
+    non-finite value (or a non-positive one when ``positive``) raises ValueError. A device tensor's
+    value is never read on the host (no ``float()``, no device sync, CUDA-graph and torch.compile
+    safe): ``guard_scalars`` checks it on the device instead, so a bad one gives a NaN loss.
+    FASTCLIP_HOST_CHECKS=1 reads it here too and raises the same ValueError, at the price of one
+    device-to-host sync per call (a debugging setting).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {value.dtype}: use .float()")
-        if value.device != reference.device and value.device.type != "cpu":
-            raise ValueError(f"{name} is on {value.device} but the features are on {reference.device}: "
-                             "move it to the features' device")
-        tensor = value if value.device == reference.device else value.to(reference.device)
-    else:
-        tensor = torch.tensor(float(value), device=reference.device)
-    if not _is_compiling() and tensor.device.type != "meta":  # a meta tensor has a shape but no value to check
-        number = float(tensor.detach().reshape(()))
-        if not math.isfinite(number):
-            raise ValueError(f"{name} is {number}: it must be finite. A diverged temperature usually means "
-                             "the learning rate is too high, or clamp it (open_clip clamps ln(scale) at ln 100)")
-        if positive and number <= 0:
-            raise ValueError(f"{name} is {number} but must be > 0. It is the already-exponentiated "
-                             "temperature: pass model.logit_scale.exp(), not the log")
+    if not isinstance(value, torch.Tensor):
+        _check_value(float(value), name, positive)
+        return torch.tensor(float(value), device=reference.device)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {value.dtype}: use .float()")
+    if value.device != reference.device and value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device} but the features are on {reference.device}: "
+                         "move it to the features' device")
+    tensor = value if value.device == reference.device else value.to(reference.device)
+    if (host_checks_enabled() or reads_without_sync(value.device)) and not _is_compiling() \
+            and tensor.device.type != "meta":
+        _check_value(float(value.detach().reshape(())), name, positive)  # free on CPU; opted-in elsewhere
     return tensor
+
+
+def reads_without_sync(device: torch.device) -> bool:
+    """True where reading a value on the host waits for nothing: a CPU tensor (no stream to sync)."""
+    return device.type == "cpu"
+
+
+def guard_scalars(scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``scale``, or NaN where scale is not finite and > 0 or bias is not finite: checked on the device.
+
+    No host sync: one elementwise ``where`` on 0-dim tensors. A bad logit_scale or logit_bias tensor
+    thus makes the loss and every gradient NaN (never a wrong finite number), which the trainer's
+    non-finite-loss check reports; FASTCLIP_HOST_CHECKS=1 turns it into the ValueError of
+    ``as_scalar_tensor``. A valid scale passes unchanged (times 1), and so does its gradient.
+    """
+    valid = torch.isfinite(scale) & (scale > 0) & torch.isfinite(bias)
+    return scale * torch.where(valid, 1.0, float("nan")).to(scale.dtype)  # a product: d/d scale is NaN too
 
 
 def check_reduction(reduction: str, allowed) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.backends import LossInputs, select_backend
-from fastclip.checks import as_scalar_tensor, check_features, check_reduction
+from fastclip.checks import as_scalar_tensor, check_features, check_reduction, guard_scalars
 from fastclip.ops.clip_loss import REDUCTIONS, ClipLossFunction
 from fastclip.ops.siglip_loss import SigLipLossFunction
 
@@ -55,6 +55,8 @@ def _prepare(image_features, text_features, logit_scale, logit_bias, backend, de
         bias = torch.zeros((), device=image_features.device)
     else:
         bias = as_scalar_tensor(logit_bias, "logit_bias", image_features, positive=False)
+    if isinstance(logit_scale, torch.Tensor) or isinstance(logit_bias, torch.Tensor):
+        scale = guard_scalars(scale, bias)  # checked on the device: no host sync (floats were checked above)
     chosen = select_backend(backend, LossInputs(image_features.device, image_features.dtype, deterministic))
     return scale, bias, chosen
 

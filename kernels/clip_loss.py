@@ -48,7 +48,9 @@ BWD_TILE_CONFIGS = {
 # exp/store epilogue hides behind another's MMA. The backward's log-softmax d-scale sum needs both
 # the logits and G live: every 128-wide backward tile spills there (kernel report: 16-56 STL/LDL),
 # 64 x 64 takes ~150 registers. The choice follows the report's roofline model
-# (python benchmarks/kernel_report.py), not a GPU measurement.
+# (python benchmarks/kernel_report.py), not a GPU measurement. Its L2 term (issue 16) keeps them: the
+# 128-wide backward tiles spill, and a 128 x 128 forward (1 CTA/SM) pays more in its serial epilogue
+# than it saves in L2 bytes; only a resident row block (modelled, not implemented) would go lower.
 CLIP_FWD_CONFIGS = with_default_first(FWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
                                                "sm80": TileConfig(64, 128, 32, 4, 4)})
 # With expectations the x tile stays live beside the logits: 128-wide tiles spill on sm80, so the
@@ -62,12 +64,12 @@ CLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 
 
 
 @triton.heuristics({"EVEN_D": lambda args: args["dim"] % args["BLOCK_D"] == 0})
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "cols_per_split"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "tiles_per_split"])
 def _clip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr,
         row_max_ptr, row_sum_ptr, row_wsum_ptr,
         col_max_ptr, col_sum_ptr, col_wsum_ptr, col_lock_ptr,
-        n_rows, n_cols, dim, cols_per_split,
+        n_rows, n_cols, dim, tiles_per_split,
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
         HAS_EXPECTATIONS: tl.constexpr, LOCKED_COLUMNS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -81,8 +83,8 @@ def _clip_loss_fwd_kernel(
     Natural units on purpose: S - max is formed before any base change, so the exponent's rounding
     is relative to the small difference, not to |S| ~ 30 (base-2 logits cost ~3x the LSE error).
     Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits). Program (pid_m, pid_s) owns BLOCK_M rows and the
-    columns [pid_s * cols_per_split, +cols_per_split), walked in BLOCK_N tiles; each tile's x is one
-    D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
+    column tiles [pid_s * tiles_per_split, +tiles_per_split) (the last split may have fewer); each
+    tile's x is one D-looped dot (_similarity_tile). Splitting the columns keeps the GPU full when the row block count
     is small (a rank's local rows against the global columns).
     Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays, merged by _lse_merge_kernel.
     Columns, deterministic (LOCKED_COLUMNS=False): partials at [pid_m, col] of (cdiv(n_rows, BLOCK_M),
@@ -101,12 +103,15 @@ def _clip_loss_fwd_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     row_wsum = tl.zeros((BLOCK_M,), tl.float32)
-    col_begin = pid_s * cols_per_split
-    n_tiles = tl.cdiv(tl.minimum(cols_per_split, n_cols - col_begin), BLOCK_N)
+    first_tile = pid_s * tiles_per_split
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(n_cols, BLOCK_N) - first_tile)  # this split's tiles
     col_partial_base = pid_m.to(tl.int64) * n_cols
-    for step in range(0, n_tiles):
-        tile = (step + pid_m) % n_tiles if LOCKED_COLUMNS else step
-        col_block = pid_s * (cols_per_split // BLOCK_N) + tile
+    # The trip count is the launcher's integer, the same for every program (no count derived from
+    # program_id). Steps past this split's n_tiles (the last split only) map to a tile past n_cols:
+    # every column masked, nothing merged.
+    for step in range(0, tiles_per_split):
+        tile = tl.where(step < n_tiles, (step + pid_m) % n_tiles, step) if LOCKED_COLUMNS else step
+        col_block = first_tile + tile
         cols, col_valid = _block_range(col_block, n_cols, BLOCK_N)
         x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                              stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,

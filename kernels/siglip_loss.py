@@ -18,9 +18,12 @@ from .common import TileConfig, with_default_first, _block_range, _log1p, _logit
 # One exp + one log per element (forward) and one exp (backward): lighter than the CLIP tile. The
 # same declared lists; defaults at 2 CTAs per SM without spilling (the kernel report's roofline model
 # finds them fastest, so that one CTA's epilogue hides behind another's MMA; not measured on a GPU).
+# The sm90 backward is 128 x 128 (8 warps, 118 registers, 2 CTAs/SM, no spill): with the model's L2
+# term (benchmarks/roofline.py) a 64 x 128 tile's operand loads, B^2 D elt (1/64 + 1/128), take longer
+# from L2 than its MMAs; 128 x 128 loads a third less (estimate 8.5 against 12.3 ms on H100).
 SIGLIP_FWD_CONFIGS = with_default_first(FWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
                                                  "sm80": TileConfig(64, 128, 32, 4, 4)})
-SIGLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
+SIGLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(128, 128, 64, 8, 3),
                                                  "sm80": TileConfig(128, 64, 32, 4, 4)})
 
 
@@ -29,10 +32,10 @@ SIGLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64
     "HAS_POSITIVES": lambda args: args["positive_offset"] < args["n_cols"]
     and args["positive_offset"] + args["n_rows"] > 0,
 })
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "positive_offset", "cols_per_split"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "positive_offset", "tiles_per_split"])
 def _siglip_loss_fwd_kernel(
         image_ptr, text_ptr, scale_ptr, bias_ptr, partial_ptr,
-        n_rows, n_cols, dim, positive_offset, cols_per_split,
+        n_rows, n_cols, dim, positive_offset, tiles_per_split,
         stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -40,8 +43,9 @@ def _siglip_loss_fwd_kernel(
     """Partial sums of softplus(-y S) = -log sigmoid(y S), y = +1 on j = i + positive_offset else -1.
 
     Math: z = -y S; softplus(z) = max(z, 0) + log1p(exp(-|z|)), exact for large |z| of either sign.
-    Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits); program (pid_m, pid_s) walks the columns
-    [pid_s * cols_per_split, +cols_per_split) in BLOCK_N tiles, summing each tile into per-row fp32
+    Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits); program (pid_m, pid_s) walks the column tiles
+    [pid_s * tiles_per_split, +tiles_per_split) of BLOCK_N (a host count: no loop bound comes from
+    program_id; tiles past n_cols are masked), summing each tile into per-row fp32
     totals (a second (BLOCK_M, BLOCK_N) accumulator beside the dot's would spill registers).
     Saved: one fp32 partial per program at partial[pid_m * n_splits + pid_s]; the launcher sums them
     in a fixed order (bitwise repeatable).
@@ -52,11 +56,8 @@ def _siglip_loss_fwd_kernel(
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     row_totals = tl.zeros((BLOCK_M,), tl.float32)
-    col_begin = pid_s * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
-    for col_start in range(col_begin, col_end, BLOCK_N):
-        cols = col_start + tl.arange(0, BLOCK_N)
-        col_valid = cols < n_cols
+    for step in range(0, tiles_per_split):
+        cols, col_valid = _block_range(pid_s * tiles_per_split + step, n_cols, BLOCK_N)
         x = _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                              stride_image_row, stride_image_dim, stride_text_row, stride_text_dim,
                              BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, UPCAST_DOT)

@@ -33,3 +33,14 @@ def test_triton_clip_loss_fwd_bwd_gpu(bench, benchmark):
     step = bench.make_step("triton", bench.make_inputs(16384, 512, "cuda", torch.bfloat16), "fwd+bwd")
     step()
     benchmark(lambda: (step(), torch.cuda.synchronize()))
+
+
+def test_memory_bound_is_spelled_out_with_its_margin(bench):
+    # B = 65536, D = 512, bf16, the default 256 MiB workspace: 128 + 256 + 4 MiB
+    terms = bench.memory_bound_terms(65536, 512, 2, 256 * 2**20)
+    assert (terms["bound_gradients_mb"], terms["bound_workspace_mb"], terms["bound_vectors_mb"]) == (128, 256, 4)
+    assert terms["memory_bound_mb"] == 388
+    row = {"status": "ok", "extra_peak_mb": 384.5, **terms, "memory_margin_mb": 388 - 384.5}
+    line = bench.memory_margin_line(row)
+    assert "extra peak 384.5 MiB <= bound 388.0 MiB" in line and "margin 3.5 MiB (0.9% of the bound)" in line
+    assert bench.memory_margin_line(None).endswith("not measured")

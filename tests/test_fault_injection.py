@@ -50,7 +50,7 @@ def _assert_resumes_like_the_uninterrupted_run(tmp_path, uninterrupted):
     left = sorted(entry.name for entry in (tmp_path / "checkpoints").iterdir())
     assert left[-1] == "step_00000004" and not [name for name in left if not name.startswith("step_")]  # no debris
     for path in checkpoint.list_checkpoints(tmp_path):
-        checkpoint.load_checkpoint(path)  # every checkpoint left verifies
+        checkpoint.load_training_checkpoint(path)  # every checkpoint left verifies
 
 
 @pytest.mark.parametrize("fault", sorted(NAMED_FAULTS))
@@ -59,7 +59,7 @@ def test_sigkill_at_each_stage_of_a_checkpoint_write_then_resume(fault, uninterr
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert [path.name for path in checkpoint.list_checkpoints(tmp_path)] == NAMED_FAULTS[fault]
     for path in checkpoint.list_checkpoints(tmp_path):
-        checkpoint.load_checkpoint(path)  # whatever was renamed into place is whole
+        checkpoint.load_training_checkpoint(path)  # whatever was renamed into place is whole
     _assert_resumes_like_the_uninterrupted_run(tmp_path, uninterrupted)
 
 

@@ -126,3 +126,28 @@ def test_roofline_terms(monkeypatch):
     assert serial["epilogue"] == pytest.approx(epilogue_ms) and serial["ms"] == pytest.approx(floor_ms / 4 + epilogue_ms)
     overlapped = roofline.estimate(h200, roofline.replace(busy, ctas_per_sm=2), ideal, roofline.SCENARIOS[0])
     assert overlapped["terms"]["fwd kernel"]["ms"] == pytest.approx(max(floor_ms / 4, epilogue_ms))
+
+
+def test_roofline_l2_term_counts_operand_bytes(monkeypatch):
+    monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "128")
+    h100 = next(gpu for gpu in roofline.GPUS if gpu.name.startswith("H100"))
+    assert 30 < h100.l2_bytes / (h100.sms * h100.clock_hz) < 40  # tens of bytes per clock per SM (sources in roofline.py)
+    tile = roofline.TileKernel(64, 128, 128, 2, mufu=0.0, fp32=0.0, stores=0.0)
+    square = 65536.0**2 * 512 * 2
+    assert roofline.operand_bytes(tile) == pytest.approx(square * (1 / 64 + 1 / 128))
+    assert roofline.operand_bytes(tile, resident_rows=True) == pytest.approx(65536 * 512 * 2 + square / 64)
+    without, with_l2 = (roofline.estimate(h100, tile, tile, roofline.SCENARIOS[index]) for index in (1, 4))
+    assert not without["terms"]["fwd kernel"]["l2"]
+    assert with_l2["terms"]["fwd kernel"]["l2"] == pytest.approx(square * (3 / 128) / h100.l2_bytes * 1e3)
+    assert with_l2["terms"]["fwd kernel"]["ms"] == pytest.approx(with_l2["terms"]["fwd kernel"]["l2"])  # L2-bound
+    # a row block too large for one SM's shared memory next to its column pipeline cannot be resident
+    huge = roofline.TileKernel(512, 128, 128, 1, mufu=0.0, fp32=0.0, stores=0.0)
+    assert roofline.estimate(h100, huge, tile, roofline.SCENARIOS[6]) is None
+
+
+def test_a_report_is_a_snapshot(tmp_path):
+    common = report._common
+    common.write_snapshot("kernel_report", [], tmp_path, stamped=[{"arch": "sm90", "kernel": "k"}])
+    common.write_snapshot("kernel_report", [], tmp_path, stamped=[{"arch": "sm90", "kernel": "k"}])
+    assert len(json.loads((tmp_path / "kernel_report.json").read_text())) == 1
+    assert (tmp_path / "kernel_report.csv").read_text().count("sm90,k") == 1

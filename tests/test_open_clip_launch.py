@@ -98,11 +98,11 @@ def test_bad_flags_get_one_line_and_exit_2(argv, expected, capsys):
 
 def test_force_context_length_and_quick_gelu_reach_the_model():
     from fastclip.train.build import build_model
-    from fastclip.train.distributed import DistributedContext
+    from fastclip.distributed.comm import World
 
     config = parse_args(["--dataset-type", "synthetic", "--force-context-length", "16", "--force-quick-gelu",
                          "--force-image-size", "32"])
-    model = build_model(config, DistributedContext())
+    model = build_model(config, World())
     assert model.context_length == 16 and model.config.quick_gelu
 
 

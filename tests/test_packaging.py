@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -66,3 +67,18 @@ def test_fastclip_info_runs_as_a_command():
     assert "torch" in result.stdout and "auto ->" in result.stdout
     usage = subprocess.run([sys.executable, "-m", "fastclip", "nonsense"], capture_output=True, text=True)
     assert usage.returncode == 2 and "unknown subcommand" in usage.stderr
+
+
+def test_a_plain_checkout_on_pythonpath_imports_its_own_kernels(tmp_path):
+    """PYTHONPATH=<checkout> finds fastclip.kernels in that checkout's kernels/, even beside an install
+    (this environment's) whose fastclip.kernels maps to another tree."""
+    checkout = tmp_path / "checkout"
+    for folder in ("fastclip", "kernels"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    probe = ("import fastclip, fastclip.kernels.clip_loss as k; "
+             "print(fastclip.__file__); print(fastclip.kernels.__file__); print(k.__file__)")
+    environment = {**os.environ, "PYTHONPATH": str(checkout), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=environment, check=True,
+                            capture_output=True, text=True)
+    for line in result.stdout.split():
+        assert line.startswith(str(checkout)), result.stdout

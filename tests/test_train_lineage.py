@@ -75,7 +75,7 @@ def test_a_structurally_bad_manifest_is_corrupt_and_latest_falls_back_to_the_pre
     newest = _save(tmp_path, 2, model, "run-a")
     _damage_manifest(newest, damage)
     with pytest.raises(checkpoint.CorruptCheckpointError):
-        checkpoint.load_checkpoint(newest)
+        checkpoint.load_training_checkpoint(newest)
     plan, loaded = _plan(tmp_path, "--resume", "latest")
     assert loaded.step == 1 and plan.run_id == "run-a"  # the lineage goes on from its previous checkpoint
     assert any("corrupt" in note and "step_00000002" in note for note in plan.notes)
@@ -86,7 +86,7 @@ def test_a_structurally_bad_manifest_is_corrupt_and_latest_falls_back_to_the_pre
 def test_a_state_file_that_is_not_a_training_state_is_corrupt(tmp_path, model):
     path = checkpoint.save_checkpoint(tmp_path, 1, model, {"something": 1}, model_name="x", run_id="r")
     with pytest.raises(checkpoint.CorruptCheckpointError, match="not a fastclip training state"):
-        checkpoint.load_checkpoint(path)
+        checkpoint.load_training_checkpoint(path)
 
 
 def test_a_fresh_run_refuses_an_output_dir_holding_an_earlier_run(tmp_path, model):
@@ -301,7 +301,7 @@ def test_a_full_disk_during_a_save_exits_2_and_keeps_the_earlier_checkpoints(tmp
     assert main(synthetic_run_args(tmp_path, "--max-steps", "4")) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert _names(tmp_path) == ["step_00000002"]
-    checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step_00000002")
+    checkpoint.load_training_checkpoint(tmp_path / "checkpoints" / "step_00000002")
 
 
 @pytest.mark.parametrize("flag", ["--keep-last", "--save-every-n-steps", "--save-frequency", "--workers"])

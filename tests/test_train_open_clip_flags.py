@@ -123,7 +123,7 @@ def test_piped_train_prints_progress_lines_and_intermediate_zero_shot(tmp_path):
 def test_force_patch_dropout_sets_the_models_patch_dropout(tmp_path):
     from fastclip.train.args import parse_args
     from fastclip.train.build import build_model
-    from fastclip.train.distributed import init_distributed
+    from fastclip.train.process_group import init_distributed
 
     config = parse_args(tiny_run(tmp_path / "run", "--force-patch-dropout", "0.5"))
     assert config.patch_dropout == 0.5

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fastclip.train import TrainConfig
 from fastclip.train.build import build_model, build_parts, build_train_data
-from fastclip.train.distributed import DistributedContext
+from fastclip.distributed.comm import World
 from fastclip.train.loop import TrainState, train_step
 from fastclip.train.main import main
 from fastclip.train.optim import LearningRateSchedule
@@ -23,7 +23,7 @@ def _config(precision, **extra):
 
 @pytest.mark.parametrize("precision", sorted(PURE))
 def test_a_pure_step_runs_in_that_dtype_without_autocast_and_the_loss_in_fp32(precision):
-    dtype, config, ctx = PURE[precision], _config(precision), DistributedContext(device=torch.device("cpu"))
+    dtype, config, ctx = PURE[precision], _config(precision), World(device=torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(config, ctx)
     # open_clip's pure modes: model.to(dtype), every floating tensor of the model in that dtype

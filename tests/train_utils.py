@@ -49,5 +49,5 @@ def tiny_clip() -> torch.nn.Module:
 
 
 def tiny_state(step: int) -> dict:
-    """The smallest training state ``load_checkpoint`` accepts."""
+    """The smallest training state ``load_training_checkpoint`` accepts."""
     return {"train": {"step": step}, "optimizer": {}, "rng": [], "world_size": 1, "batch_size": 8}

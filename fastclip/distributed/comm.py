@@ -19,11 +19,23 @@ DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.floa
 
 @dataclass(frozen=True)
 class World:
-    """A process group as the losses see it: ``group`` (None = world), this process's rank in it, its size."""
+    """A process group as one process sees it: ``group`` (None = the world group), this process's ``rank`` in it
+    and its ``size``. The trainer's world (``fastclip.train.process_group``) also names the ``local_rank`` on
+    this node and the ``device``; the losses build one per call from their ``process_group``."""
 
-    group: object
-    rank: int
-    size: int
+    group: object = None
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
 
     def global_rank(self, group_rank: int) -> int:
         """The world rank of ``group_rank`` (P2P ops address peers by world rank)."""

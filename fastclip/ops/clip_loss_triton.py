@@ -47,7 +47,7 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
     col_expect = common.allocate((n_cols if with_expectations else 0,), fp32, device)
     block_m = config.block_m
     # Splits from all rows, not per chunk: the statistics then do not depend on the workspace size.
-    splits, cols_per_split = common.column_splits(common.cdiv(n_rows, block_m), n_cols, config.block_n, device)
+    splits, tiles_per_split = common.column_splits(common.cdiv(n_rows, block_m), n_cols, config.block_n, device)
     if locked_columns:  # merged in place under per-tile locks: no column workspace, one chunk
         chunk = n_rows
         col_lse.fill_(float("-inf"))
@@ -71,7 +71,7 @@ def _forward(image, text, scale, bias, with_expectations: bool, locked_columns: 
         image_rows = image[start:start + rows]
         _clip_loss_fwd_kernel[(blocks, splits)](
             image_rows, text, scale, bias, *row_parts, *col_args,
-            rows, n_cols, dim, cols_per_split,
+            rows, n_cols, dim, tiles_per_split,
             image_rows.stride(0), image_rows.stride(1), text.stride(0), text.stride(1),
             HAS_EXPECTATIONS=with_expectations, LOCKED_COLUMNS=locked_columns, **options)
         row_expect_out = row_expect[start:start + rows] if with_expectations else row_lse

@@ -32,10 +32,10 @@ def _forward(image, text, scale, bias, positive_offset: int, config) -> torch.Te
     n_rows, dim = image.shape
     n_cols = text.shape[0]
     blocks = common.cdiv(n_rows, config.block_m)
-    splits, cols_per_split = common.column_splits(blocks, n_cols, config.block_n, image.device)
+    splits, tiles_per_split = common.column_splits(blocks, n_cols, config.block_n, image.device)
     partials = common.allocate((blocks * splits,), torch.float32, image.device)
     _siglip_loss_fwd_kernel[(blocks, splits)](
-        image, text, scale, bias, partials, n_rows, n_cols, dim, positive_offset, cols_per_split,
+        image, text, scale, bias, partials, n_rows, n_cols, dim, positive_offset, tiles_per_split,
         image.stride(0), image.stride(1), text.stride(0), text.stride(1),
         **common.launch_options(config, image.dtype, dim))
     return partials.sum()

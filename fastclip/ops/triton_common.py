@@ -3,7 +3,11 @@
 Settings, all read at call time (no process-wide toggles, nothing queried at import):
     FASTCLIP_FP32_PRECISION = tf32 (default) | ieee   how the kernels' dots treat fp32 inputs: TF32
         tensor cores (10-bit mantissa products, ~8x faster) or exact fp32 FMA. The backward cuBLAS
-        GEMMs follow torch.backends.cuda.matmul.allow_tf32 as every torch matmul does.
+        GEMMs follow torch.backends.cuda.matmul.allow_tf32 as every torch matmul does. Triton's TF32
+        dot truncates the operands (no rounding), so with unit-norm fp32 features each logit is off
+        by at most 2^-9 and each log-sum-exp by at most TF32_LSE_BOUND_PER_SCALE x logit_scale
+        (emulated in tests/test_tf32_bound.py: ~2e-4 at scale 10, ~1e-2 at 100); use ieee where
+        that matters near scale 100. 16-bit features are unaffected (their products are exact).
     FASTCLIP_AUTOTUNE = 1    time every tile config declared for this GPU's architecture (sm80/sm90
         lists in kernels/clip_loss.py) once per shape and keep the fastest; otherwise the first
         (default) config of the list is used with no timing.
@@ -23,6 +27,7 @@ from fastclip.ops.workspace import workspace_bytes
 FP16_HEADROOM = 256.0  # G is stored times 2^8 in fp16 so softmax / sigmoid values ~1/B stay out of subnormals
 FP32_PRECISION_ENV = "FASTCLIP_FP32_PRECISION"
 AUTOTUNE_ENV = "FASTCLIP_AUTOTUNE"
+TF32_LSE_BOUND_PER_SCALE = 2.0**-9  # |LSE error| / logit_scale with truncated TF32 operands, unit-norm features
 MAX_WORKSPACE_ELEMENTS = 2**31 - 1  # kernels index one workspace with 32-bit offsets
 _TUNED_CONFIGS: dict = {}
 
@@ -55,8 +60,40 @@ def shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
 
 def launch_options(config, dtype: torch.dtype, dim: int) -> dict:
     """The keyword arguments every S-tile kernel takes: dot flags and the config's blocks and warps."""
+    if triton_interpret_mode():
+        _interpreter_index_fix()
     return {"DOT_PRECISION": dot_precision(dtype), "UPCAST_DOT": upcast_dot(dtype),
             "BLOCK_D": block_d(config, dim, torch.finfo(dtype).bits // 8), **config.launch_options()}
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_index_fix() -> None:
+    """Make triton 3.6's CPU interpreter run loops whose bound is a kernel argument under numpy >= 2.4.
+
+    That interpreter passes int arguments as shape-(1,) arrays and its tensors' __index__ calls
+    int() on them, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every `for ... in range(0, n)` with a runtime n fails. Triton 3.7 squeezes first;
+    under TRITON_INTERPRET=1 only, on an older triton with a newer numpy, the launchers apply that
+    same fix to the interpreter's tensor patching, once. Compiled GPU kernels never pass here.
+    """
+    import numpy
+    import triton
+    from triton.runtime import interpreter
+
+    def release(version: str) -> tuple:
+        return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if (original is None or release(triton.__version__) >= (3, 7) or release(numpy.__version__) < (2, 4)
+            or getattr(original, "squeezes_index", False)):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -103,7 +140,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def column_splits(n_row_blocks: int, n_cols: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(n_splits, cols_per_split) so that row blocks x splits fills the GPU about twice over.
+    """(n_splits, tiles_per_split): column tiles of block_n per split, so that row blocks x splits
+    fills the GPU about twice over. Every split but the last has tiles_per_split tiles.
 
     A rank's few local rows against the global columns would otherwise leave most SMs idle. In the
     interpreter two splits exercise the row-partial merge.
@@ -111,8 +149,8 @@ def column_splits(n_row_blocks: int, n_cols: int, block_n: int, device: torch.de
     col_tiles = cdiv(n_cols, block_n)
     target = 2 if device.type != "cuda" else 2 * _multiprocessors(device.index or 0)
     splits = min(col_tiles, max(1, cdiv(target, n_row_blocks)))
-    cols_per_split = cdiv(col_tiles, splits) * block_n
-    return cdiv(n_cols, cols_per_split), cols_per_split
+    tiles_per_split = cdiv(col_tiles, splits)
+    return cdiv(col_tiles, tiles_per_split), tiles_per_split
 
 
 def row_chunk(n_rows: int, block_m: int, bytes_per_block: int, elements_per_block: int) -> int:

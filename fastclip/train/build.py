@@ -13,12 +13,13 @@ import torch
 
 from fastclip.checkpoint_format import read_weights
 from fastclip.data.loader import TrainBatches
+from fastclip.distributed.comm import World
 from fastclip.precision import make_grad_scaler, parameter_dtype
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext
 from fastclip.train.lit import apply_locks
 from fastclip.train.loop import TrainParts
 from fastclip.train.optim import build_optimizer, find_parameter
+from fastclip.train.process_group import barrier, say
 from fastclip.train.profiling import NvtxRanges
 
 
@@ -28,13 +29,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def say(ctx: DistributedContext, message: str) -> None:
-    """Print ``message`` on the main rank."""
-    if ctx.is_main:
-        print(message, flush=True)
-
-
-def build_model(config: TrainConfig, ctx: DistributedContext) -> torch.nn.Module:
+def build_model(config: TrainConfig, ctx: World) -> torch.nn.Module:
     """The CLIP of ``config.model`` on ``ctx.device``, random or from ``config.pretrained`` (what
     ``fastclip.create_model(pretrained=...)`` takes)."""
     import fastclip
@@ -59,16 +54,16 @@ def build_model(config: TrainConfig, ctx: DistributedContext) -> torch.nn.Module
     return model
 
 
-def build_loss(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module) -> torch.nn.Module:
+def build_loss(config: TrainConfig, ctx: World, model: torch.nn.Module) -> torch.nn.Module:
     from fastclip.loss import ClipLoss, SigLipLoss
 
     if config.siglip:
         if not hasattr(model, "logit_bias") or model.logit_bias is None:
             raise ValueError(f"--siglip needs a model with a learned logit_bias; {config.model} has none "
                              "(use e.g. --model fastclip-tiny-siglip)")
-        return SigLipLoss(rank=ctx.rank, world_size=ctx.world_size, dist_impl=config.loss_dist_impl)
+        return SigLipLoss(rank=ctx.rank, world_size=ctx.size, dist_impl=config.loss_dist_impl)
     return ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad, cache_labels=True,
-                    rank=ctx.rank, world_size=ctx.world_size, dist_impl=config.loss_dist_impl or "gather")
+                    rank=ctx.rank, world_size=ctx.size, dist_impl=config.loss_dist_impl or "gather")
 
 
 @dataclass
@@ -81,7 +76,7 @@ class TrainData:
     embedded_root: Path | None  # the embedded shapes set's folder, when the run trains on it
 
 
-def build_train_data(config: TrainConfig, ctx: DistributedContext, image_size: int, context_length: int) -> TrainData:
+def build_train_data(config: TrainConfig, ctx: World, image_size: int, context_length: int) -> TrainData:
     import fastclip
 
     tokenizer = functools.partial(fastclip.tokenize, context_length=context_length, truncate=True)
@@ -112,9 +107,9 @@ def build_train_data(config: TrainConfig, ctx: DistributedContext, image_size: i
         weights = (upsampling_weights(config.train_data_upsampling_factors, config.train_data)
                    if config.train_data_upsampling_factors else None)
         dataset = WebDatasetPairs(config.train_data, train_transform, tokenizer, rank=ctx.rank,
-                                  world_size=ctx.world_size, seed=config.seed, resampled=config.dataset_resampled,
+                                  world_size=ctx.size, seed=config.seed, resampled=config.dataset_resampled,
                                   source_weights=weights)
-    batches = TrainBatches(dataset, config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed,
+    batches = TrainBatches(dataset, config.batch_size, rank=ctx.rank, world_size=ctx.size, seed=config.seed,
                            workers=config.workers, pin_memory=ctx.device.type == "cuda",
                            num_samples=config.train_num_samples if config.dataset_type == "webdataset" else None)
     return TrainData(batches, eval_transform, tokenizer, embedded_root)
@@ -133,7 +128,7 @@ def image_transforms(config: TrainConfig, image_size: int) -> tuple[Callable, Ca
     return evaluation, training
 
 
-def prepare_embedded_set(config: TrainConfig, ctx: DistributedContext, image_size: int) -> Path:
+def prepare_embedded_set(config: TrainConfig, ctx: World, image_size: int) -> Path:
     """Generate the embedded shapes set once (main rank; the others wait), return its folder."""
     from fastclip.data.shapes import ShapesConfig, ensure_shapes_dataset
 
@@ -147,11 +142,11 @@ def prepare_embedded_set(config: TrainConfig, ctx: DistributedContext, image_siz
     root = None
     if ctx.is_main:
         root = ensure_shapes_dataset(shapes_config, config.cache_dir, log=lambda message: say(ctx, message))
-    ctx.barrier()
+    barrier(ctx)
     return ensure_shapes_dataset(shapes_config, config.cache_dir) if root is None else root
 
 
-def build_parts(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module,
+def build_parts(config: TrainConfig, ctx: World, model: torch.nn.Module,
                 lineage: dict[str, object]) -> tuple[TrainParts, str]:
     """Wrap ``model`` (DDP when distributed), build loss, optimiser and scaler. Returns (parts, optimiser name).
 

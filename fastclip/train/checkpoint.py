@@ -211,8 +211,9 @@ class LoadedCheckpoint:
         return self.manifest.get("run_id")
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Verify and read a checkpoint folder (weights are applied separately by :func:`load_weights_into`).
+def load_training_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Verify and read a trainer checkpoint folder: manifest and training state (weights are applied
+    separately by :func:`load_weights_into`; ``fastclip.model.load_checkpoint`` reads only the weights).
 
     Raises CorruptCheckpointError naming what is wrong.
     """
@@ -282,7 +283,7 @@ def find_resume_checkpoint(resume: str, output_dir: str | Path, log=logger.warni
         candidates = older + [chosen]
     for path in reversed(candidates):
         try:
-            return load_checkpoint(path)
+            return load_training_checkpoint(path)
         except CorruptCheckpointError as error:
             log(f"checkpoint {path} is corrupt, trying the previous one: {error}")
             if on_corrupt is not None:

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from fastclip.train.process_group import barrier
+
 PREFIX = "imagenet-val"  # the metric names: imagenet-val/top1, imagenet-val/top5, ...
 
 
@@ -43,5 +45,5 @@ def evaluate_folder(config, ctx, model: torch.nn.Module, transform: Callable, to
         announce(format_folder_result(config.imagenet_val, found))
         results = {f"{PREFIX}/{key}": value for key, value in found.items()}
         model.train()
-    ctx.barrier()
+    barrier(ctx)
     return results

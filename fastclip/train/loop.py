@@ -13,12 +13,13 @@ import torch
 
 from fastclip.data.image_io import UnreadableDataError
 from fastclip.data.loader import TrainBatches
+from fastclip.distributed.comm import World
 from fastclip.train.accumulation import forward_backward
 from fastclip.train.checkpoint import capture_rng_state, save_checkpoint
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext
 from fastclip.train.metrics import MetricsLogger
 from fastclip.train.optim import LearningRateSchedule, clamp_logit_scale
+from fastclip.train.process_group import all_or_none, any_true, gather_objects
 from fastclip.train.preemption import StopRequest
 from fastclip.train.profiling import NvtxRanges, StepProfiler
 
@@ -54,7 +55,7 @@ class TrainParts:
     schedule: LearningRateSchedule | None  # set once the total step count is known (after a resume)
     scaler: torch.amp.GradScaler | None    # precision "amp" only
     logit_scale: torch.nn.Parameter | None
-    ctx: DistributedContext
+    ctx: World
     precision: str
     accum_freq: int = 1
     grad_clip_norm: float | None = None
@@ -87,7 +88,7 @@ def optimizer_update(parts: TrainParts, loss: torch.Tensor) -> tuple[bool, float
         parts.scaler.unscale_(parts.optimizer)
     grad_norm = _gradient_norm(parts.trainable, parts.grad_clip_norm)
     finite = bool(torch.isfinite(loss).item()) and bool(torch.isfinite(grad_norm).item())
-    finite = not parts.ctx.any_true(not finite)
+    finite = not any_true(parts.ctx, not finite)
     if parts.scaler is not None:
         parts.scaler.step(parts.optimizer)  # skips the update itself when it found inf/NaN
         parts.scaler.update()
@@ -109,7 +110,7 @@ def train_step(parts: TrainParts, state: TrainState, images: torch.Tensor, token
     with ranges("optimizer"):
         applied, grad_norm = optimizer_update(parts, loss)
     state.step += 1
-    state.samples_seen += images.shape[0] * parts.ctx.world_size
+    state.samples_seen += images.shape[0] * parts.ctx.size
     if applied:
         state.nonfinite_in_row = 0
     else:
@@ -128,7 +129,7 @@ def train_step(parts: TrainParts, state: TrainState, images: torch.Tensor, token
 
 def checkpoint_state(parts: TrainParts, state: TrainState, batch_size: int) -> dict:
     """The non-weight part of a checkpoint. Collective: every rank must call it (RNG gather)."""
-    rng_states = parts.ctx.gather_objects(capture_rng_state(parts.ctx.device))
+    rng_states = gather_objects(parts.ctx, capture_rng_state(parts.ctx.device))
     return {
         "batch_size": batch_size,  # per process; with world_size, what step-exact resume needs
         "train": state.to_dict(),
@@ -136,7 +137,7 @@ def checkpoint_state(parts: TrainParts, state: TrainState, batch_size: int) -> d
         "scaler": parts.scaler.state_dict() if parts.scaler is not None else {},
         "schedule": parts.schedule.state_dict(),
         "rng": rng_states,
-        "world_size": parts.ctx.world_size,
+        "world_size": parts.ctx.size,
     }
 
 
@@ -150,14 +151,14 @@ def save(parts: TrainParts, state: TrainState, config: TrainConfig, *, most_rece
 
     def write() -> None:
         if parts.ctx.is_main:
-            details = {"batch_size": config.batch_size, "world_size": parts.ctx.world_size,
+            details = {"batch_size": config.batch_size, "world_size": parts.ctx.size,
                        "accum_freq": parts.accum_freq, "most_recent_only": most_recent_only,
                        "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             save_checkpoint(config.output_dir, state.step, parts.unwrapped, payload, model_name=config.model,
                             run_id=parts.lineage.get("run_id"), parent=parts.lineage.get("parent"),
                             details=details, keep_last=config.keep_last)
 
-    parts.ctx.all_or_none(write)
+    all_or_none(parts.ctx, write)
 
 
 def run_epochs(parts: TrainParts, state: TrainState, data: TrainBatches, config: TrainConfig, *, total_steps: int,
@@ -193,19 +194,19 @@ def run_epochs(parts: TrainParts, state: TrainState, data: TrainBatches, config:
             state.skipped_images += skipped
             seconds = time.perf_counter() - start
             train_seconds += seconds
-            trained_samples += images.shape[0] * parts.ctx.world_size
+            trained_samples += images.shape[0] * parts.ctx.size
             if profiler is not None:
                 profiler.step()
             if state.step % config.log_every_n_steps == 0 or state.step == total_steps:
                 values.update(epoch=state.epoch, data_time=data_seconds, step_time=seconds,
-                              samples_per_second=images.shape[0] * parts.ctx.world_size / seconds,
+                              samples_per_second=images.shape[0] * parts.ctx.size / seconds,
                               nonfinite_total=state.nonfinite_total, skipped_images=state.skipped_images)
                 metrics.log(state.step, values)
-            metrics.progress(1, loss=values["loss"], samples_s=images.shape[0] * parts.ctx.world_size / seconds)
+            metrics.progress(1, loss=values["loss"], samples_s=images.shape[0] * parts.ctx.size / seconds)
             if config.save_every_n_steps and state.step % config.save_every_n_steps == 0:
                 save(parts, state, config)
                 last_saved = state.step
-            if stop is not None and state.step < total_steps and parts.ctx.any_true(stop.requested):  # all ranks
+            if stop is not None and state.step < total_steps and any_true(parts.ctx, stop.requested):  # all ranks
                 stopped = True
                 break
         if state.batch_in_epoch >= data.num_batches and not stopped:

@@ -24,18 +24,20 @@ from pathlib import Path
 
 import torch
 
+from fastclip.distributed.comm import World
 from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
 from fastclip.precision import check_precision_supported
 from fastclip.train.args import parse_args
-from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, say, seed_everything
+from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext, init_distributed, is_peer_failure, shutdown_distributed
 from fastclip.train.folder_zeroshot import evaluate_folder
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
 from fastclip.train.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted, StopRequest, resume_command
+from fastclip.train.process_group import (barrier, decide_on_main, gather_objects, init_distributed, is_peer_failure,
+                                          say, shutdown_distributed)
 from fastclip.train.profiling import StepProfiler
 from fastclip.train.resume import planned_total_steps, resume_if_asked
 from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
@@ -44,7 +46,7 @@ from fastclip.train.run_log import console_log, write_params
 logger = logging.getLogger("fastclip.train")
 
 
-def _prepare_output(config: TrainConfig, ctx: DistributedContext):
+def _prepare_output(config: TrainConfig, ctx: World):
     """Rank 0 checks the output folder and picks the checkpoint (run_dir.py); every rank gets the plan."""
     holder = {}
 
@@ -52,13 +54,13 @@ def _prepare_output(config: TrainConfig, ctx: DistributedContext):
         plan, holder["loaded"] = prepare_output(config)
         return plan
 
-    plan = ctx.decide_on_main(decide)
+    plan = decide_on_main(ctx, decide)
     for note in plan.notes:
         say(ctx, note)
     return plan, holder.get("loaded")
 
 
-def run(config: TrainConfig, ctx: DistributedContext, where: dict | None = None) -> dict:
+def run(config: TrainConfig, ctx: World, where: dict | None = None) -> dict:
     """Train as ``config`` says; returns the results dict (rank 0 also writes results.json).
 
     SIGTERM/SIGUSR1 stop the run after the step in flight with a checkpoint: :class:`Preempted` is raised.
@@ -68,7 +70,7 @@ def run(config: TrainConfig, ctx: DistributedContext, where: dict | None = None)
         return _run(config, ctx, stop, {} if where is None else where, cleanup)
 
 
-def _run(config: TrainConfig, ctx: DistributedContext, stop: StopRequest, where: dict,
+def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
          cleanup: contextlib.ExitStack) -> dict:
     wall_start = time.perf_counter()
     log = cleanup.enter_context(console_log(ctx.is_main or (config.log_local and ctx.local_rank == 0)))
@@ -88,8 +90,8 @@ def _run(config: TrainConfig, ctx: DistributedContext, stop: StopRequest, where:
     parts.schedule = _schedule(config, batches.num_batches, total_steps)
     del loaded  # rank 0's copy of the optimiser state
     say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, precision {config.precision}, "
-             f"{ctx.world_size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)}, "
-             f"global batch {config.batch_size * ctx.world_size} ({config.batch_size} per process), "
+             f"{ctx.size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)}, "
+             f"global batch {config.batch_size * ctx.size} ({config.batch_size} per process), "
              f"output {config.output_dir}")
     for warning in _schedule_warnings(config, total_steps):
         say(ctx, warning)
@@ -154,9 +156,9 @@ def _run(config: TrainConfig, ctx: DistributedContext, stop: StopRequest, where:
         "samples_per_second": timing["samples_per_second"],
         "samples_seen": state.samples_seen,
         "nonfinite_steps": state.nonfinite_total,
-        "skipped_images": sum(ctx.gather_objects(state.skipped_images)),
+        "skipped_images": sum(gather_objects(ctx, state.skipped_images)),
         "skipped_rows": len(getattr(batches.dataset, "skipped_rows", ())),
-        "world_size": ctx.world_size,
+        "world_size": ctx.size,
         "precision": config.precision,
         "model": config.model,
         "train_seconds": timing["train_seconds"],
@@ -222,7 +224,7 @@ def _schedule_summary(config: TrainConfig, batches, state: TrainState, total_ste
     return text
 
 
-def _evaluate_embedded(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module, data: TrainData) -> dict:
+def _evaluate_embedded(config: TrainConfig, ctx: World, model: torch.nn.Module, data: TrainData) -> dict:
     """Zero-shot/retrieval report on rank 0 (the others wait); {} elsewhere."""
     results = {}
     if ctx.is_main:
@@ -232,11 +234,11 @@ def _evaluate_embedded(config: TrainConfig, ctx: DistributedContext, model: torc
                                     tokenizer=data.tokenizer, device=ctx.device, precision=config.precision,
                                     workers=min(config.workers, 2))
         model.train()
-    ctx.barrier()
+    barrier(ctx)
     return results
 
 
-def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torch.nn.Module, data: TrainData) -> dict:
+def _evaluate_val_data(config: TrainConfig, ctx: World, model: torch.nn.Module, data: TrainData) -> dict:
     """Image<->text recall@1/5/10 on the --val-data pairs (rank 0; identical captions count as one)."""
     results = {}
     if ctx.is_main:
@@ -253,7 +255,7 @@ def _evaluate_val_data(config: TrainConfig, ctx: DistributedContext, model: torc
         print("validation retrieval: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in recalls.items())
               + f" ({MATCH_RULE})", flush=True)
         model.train()
-    ctx.barrier()
+    barrier(ctx)
     return results
 
 
@@ -277,7 +279,7 @@ def train(config: TrainConfig) -> dict:
     """Train as ``config`` says (under torchrun: on every rank) and return the results dict.
 
     Starts the process group when torchrun's environment asks for one and leaves it running (a second
-    call reuses it; :func:`~fastclip.train.distributed.shutdown_distributed` ends it). Errors are raised:
+    call reuses it; :func:`~fastclip.train.process_group.shutdown_distributed` ends it). Errors are raised:
     ValueError for what the user can fix, :class:`~fastclip.train.loop.NonFiniteAbort` for divergence,
     :class:`~fastclip.train.preemption.Preempted` when SIGTERM/SIGUSR1 stopped the run with a checkpoint.
     """

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from fastclip.data.loader import TrainBatches
-from fastclip.train.build import say, seed_everything
-from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_checkpoint,
+from fastclip.distributed.comm import World
+from fastclip.train.build import seed_everything
+from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_training_checkpoint,
                                        load_weights_into, restore_rng_state)
 from fastclip.train.config import TrainConfig
-from fastclip.train.distributed import DistributedContext
 from fastclip.train.loop import TrainParts, TrainState
+from fastclip.train.process_group import all_or_none, say
 from fastclip.train.run_dir import RunPlan
 
 
@@ -21,7 +22,7 @@ def planned_total_steps(config: TrainConfig, data: TrainBatches, state: TrainSta
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def resume_if_asked(config: TrainConfig, ctx: DistributedContext, parts: TrainParts, data: TrainBatches,
+def resume_if_asked(config: TrainConfig, ctx: World, parts: TrainParts, data: TrainBatches,
                     plan: RunPlan, loaded: LoadedCheckpoint | None) -> TrainState:
     """Load the checkpoint ``plan`` names into ``parts`` on every rank; return the training state.
 
@@ -31,19 +32,19 @@ def resume_if_asked(config: TrainConfig, ctx: DistributedContext, parts: TrainPa
     """
     if plan.resume_path is None:
         return TrainState()
-    found = ctx.all_or_none(lambda: _restore(config, parts, loaded or load_checkpoint(plan.resume_path)))
+    found = all_or_none(ctx, lambda: _restore(config, parts, loaded or load_training_checkpoint(plan.resume_path)))
     state = found.state
     train = TrainState(**{key: value for key, value in state["train"].items()
                           if key in TrainState.__dataclass_fields__})
     saved_world, saved_batch = state["world_size"], state.get("batch_size", config.batch_size)
-    if saved_world == ctx.world_size and saved_batch == config.batch_size and len(state["rng"]) > ctx.rank:
+    if saved_world == ctx.size and saved_batch == config.batch_size and len(state["rng"]) > ctx.rank:
         restore_rng_state(state["rng"][ctx.rank], ctx.device)
     else:
         # Every epoch's global sample order (map-style data) is one (seed, epoch) permutation, whatever the
         # batch shape: go on from the same sample of it. Webdataset shards are dealt per rank: only the count holds.
         consumed = train.batch_in_epoch * saved_batch * saved_world
-        train.batch_in_epoch = consumed // (config.batch_size * ctx.world_size)
-        restart = train.batch_in_epoch * config.batch_size * ctx.world_size  # a whole batch of the new shape
+        train.batch_in_epoch = consumed // (config.batch_size * ctx.size)
+        restart = train.batch_in_epoch * config.batch_size * ctx.size  # a whole batch of the new shape
         if train.batch_in_epoch >= data.num_batches:
             train.epoch, train.batch_in_epoch = train.epoch + 1, 0
         where = (f"Training goes on from sample {restart} of the epoch's order ({consumed} were trained; a batch of "
@@ -51,7 +52,7 @@ def resume_if_asked(config: TrainConfig, ctx: DistributedContext, parts: TrainPa
                  f"Training skips the first {restart} samples of the epoch, but the webdataset shards are dealt to "
                  "the ranks anew, so they are not the samples the earlier run saw")
         say(ctx, f"WARNING: NOT STEP-EXACT: {found.path} was written with --batch-size {saved_batch} on "
-                 f"{saved_world} process(es), this run has --batch-size {config.batch_size} on {ctx.world_size}. "
+                 f"{saved_world} process(es), this run has --batch-size {config.batch_size} on {ctx.size}. "
                  f"{where}; the batches, the schedule and the random streams (reseeded from --seed, rank and step) "
                  "differ from an uninterrupted run. Resume with the same batch size and process count for a "
                  "step-exact continuation.")

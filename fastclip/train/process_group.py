@@ -1,95 +1,92 @@
-"""Process-group setup for torchrun: NCCL on GPU, gloo on CPU; rank and device of this process."""
+"""Process-group setup for torchrun: NCCL on GPU, gloo on CPU; the :class:`~fastclip.distributed.comm.World`
+of this process (rank, size, local rank, device), and the few collectives the trainer's control flow needs
+(agree on a flag, share a decision, fail together), and ``say``: print once, on the main rank."""
 from __future__ import annotations
 
 import datetime
 import os
 import pickle
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from fastclip.distributed.comm import World
 
-@dataclass
-class DistributedContext:
-    """Where this process sits: ``rank`` of ``world_size`` (global), ``local_rank`` on its node."""
 
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
+def say(world: World, message: str) -> None:
+    """Print ``message`` on the main rank (the trainer's notes and warnings)."""
+    if world.is_main:
+        print(message, flush=True)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
-    def any_true(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
-        if not self.distributed:
-            return bool(flag)
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+def any_true(world: World, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
+    if not world.distributed:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
-    def gather_objects(self, value) -> list:
-        """``value`` of every rank, in rank order (on every rank)."""
-        if not self.distributed:
-            return [value]
-        values = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
 
-    def broadcast_object(self, value):
-        """Rank 0's ``value`` on every rank."""
-        if not self.distributed:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+def gather_objects(world: World, value) -> list:
+    """``value`` of every rank, in rank order (on every rank)."""
+    if not world.distributed:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
 
-    def decide_on_main(self, decide: Callable[[], object]):
-        """``decide()`` on rank 0 only; its result reaches every rank, and so does its exception.
 
-        For decisions that touch shared files (which checkpoint to resume, cleaning up): one rank acts,
-        and an error there stops every rank at once instead of leaving the others waiting in a collective.
-        """
-        outcome = None
-        if self.is_main:
-            try:
-                outcome = (True, decide())
-            except Exception as error:
-                outcome = (False, error)
-        if self.distributed:
-            shared = self.broadcast_object(_picklable(outcome) if self.is_main else None)
-            outcome = outcome if self.is_main else shared  # rank 0 keeps its own error, traceback and all
-        passed, value = outcome
-        if not passed:
-            raise value
+def broadcast_object(world: World, value):
+    """Rank 0's ``value`` on every rank."""
+    if not world.distributed:
         return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
-    def all_or_none(self, action: Callable[[], object]):
-        """``action()`` on every rank; if it fails on any rank, every rank raises the first failure."""
-        error = None
+
+def decide_on_main(world: World, decide: Callable[[], object]):
+    """``decide()`` on rank 0 only; its result reaches every rank, and so does its exception.
+
+    For decisions that touch shared files (which checkpoint to resume, cleaning up): one rank acts,
+    and an error there stops every rank at once instead of leaving the others waiting in a collective.
+    """
+    outcome = None
+    if world.is_main:
         try:
-            result = action()
-        except Exception as caught:
-            error = caught
-        if self.distributed:
-            failures = [item for item in self.gather_objects(_picklable((error is None, error))) if not item[0]]
-            if failures and error is None:
-                raise failures[0][1]
-        if error is not None:
-            raise error
-        return result
+            outcome = (True, decide())
+        except Exception as error:
+            outcome = (False, error)
+    if world.distributed:
+        shared = broadcast_object(world, _picklable(outcome) if world.is_main else None)
+        outcome = outcome if world.is_main else shared  # rank 0 keeps its own error, traceback and all
+    passed, value = outcome
+    if not passed:
+        raise value
+    return value
+
+
+def all_or_none(world: World, action: Callable[[], object]):
+    """``action()`` on every rank; if it fails on any rank, every rank raises the first failure."""
+    error = None
+    try:
+        result = action()
+    except Exception as caught:
+        error = caught
+    if world.distributed:
+        failures = [item for item in gather_objects(world, _picklable((error is None, error))) if not item[0]]
+        if failures and error is None:
+            raise failures[0][1]
+    if error is not None:
+        raise error
+    return result
 
 
 def _picklable(outcome: tuple) -> tuple:
@@ -124,7 +121,7 @@ def _pick_device(requested: str | None, local_rank: int) -> torch.device:
 
 
 def init_distributed(device: str | None = None, backend: str | None = None,
-                     timeout_seconds: float = 1800.0) -> DistributedContext:
+                     timeout_seconds: float = 1800.0) -> World:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group.
 
     ``timeout_seconds`` bounds how long any collective waits for the other ranks (``--dist-timeout``):
@@ -143,7 +140,7 @@ def init_distributed(device: str | None = None, backend: str | None = None,
         timeout = datetime.timedelta(seconds=timeout_seconds)
         dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=rank,
                                 world_size=world_size, **kwargs)
-    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+    return World(rank=rank, size=world_size, local_rank=local_rank, device=torch_device)
 
 
 def _attempt_store(timeout: datetime.timedelta):
