@@ -67,6 +67,11 @@ class FlagParser(argparse.ArgumentParser):
         return [flag for action in self._actions for flag in action.option_strings]
 
     def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        known = set(self.known_flags())
+        unknown = [item for item in args if item.startswith("--") and item != "--" and item.split("=", 1)[0] not in known]
+        if unknown:  # before argparse's own checks (a missing required flag would hide the typo)
+            raise FlagError(self.unknown_message(unknown))
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             raise FlagError(self.unknown_message(extras))

@@ -96,6 +96,14 @@ def test_bad_flags_get_one_line_and_exit_2(argv, expected, capsys):
     assert expected in error and "usage:" not in error and len(error.strip().splitlines()) == 1, error
 
 
+def test_an_eval_typo_is_named_before_a_missing_required_flag(capsys):
+    from fastclip.eval.main import main as evaluate
+
+    assert evaluate(["--tas", "zeroshot", "--checkpoint", "x"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown flag --tas; did you mean --task" in error and len(error.strip().splitlines()) == 1
+
+
 def test_force_context_length_and_quick_gelu_reach_the_model():
     from fastclip.train.build import build_model
     from fastclip.distributed.comm import World
