@@ -24,8 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common; fastclip comes from the install / PYTHONPATH
-import _common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _loss_sweep; fastclip from the install / PYTHONPATH
+import _loss_sweep  # noqa: E402
 
 NAME = "bench_clip_loss"
 IMPLEMENTATIONS = ("fastclip", "open_clip")
@@ -58,20 +58,20 @@ def run_case(case: dict) -> dict:
 
     torch.manual_seed(0)
     dtype = getattr(torch, case["dtype"])
-    return _common.measure_loss_case(loss_module(case["implementation"]),
-                                     lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
+    return _loss_sweep.measure_loss_case(loss_module(case["implementation"]),
+                                         lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
 
 
 def skip_reason(case: dict, machine_memory: int) -> str | None:
     """open_clip keeps two B x B logits, their log-softmax and gradients: about 6 B² elements at peak."""
     if case["implementation"] != "open_clip":
         return None
-    return _common.materialised_memory_skip(case, machine_memory, square_tensors=6)
+    return _loss_sweep.materialised_memory_skip(case, machine_memory, square_tensors=6)
 
 
 def build_parser():
-    return _common.loss_benchmark_parser(__doc__, implementations=IMPLEMENTATIONS,
-                                         batches=[4096, 8192, 16384, 65536], quick_batches=[1024, 2048])
+    return _loss_sweep.loss_benchmark_parser(__doc__, implementations=IMPLEMENTATIONS,
+                                             batches=[4096, 8192, 16384, 65536], quick_batches=[1024, 2048])
 
 
 def main(argv=None) -> int:
@@ -80,10 +80,10 @@ def main(argv=None) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
-    _common.check_device(parser, args.device)
-    _common.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(),
-                           implementations=args.implementations or IMPLEMENTATIONS, run_case=run_case,
-                           skip_reason=skip_reason, reference="open_clip", title="CLIP loss")
+    _loss_sweep.check_device(parser, args.device)
+    _loss_sweep.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(),
+                               implementations=args.implementations or IMPLEMENTATIONS, run_case=run_case,
+                               skip_reason=skip_reason, reference="open_clip", title="CLIP loss")
     return 0
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 try:
     import pytest  # noqa: F401
 
-    test_clip_loss_speed = _common.loss_speed_test("clip_loss", IMPLEMENTATIONS, make_inputs, loss_module)
+    test_clip_loss_speed = _loss_sweep.loss_speed_test("clip_loss", IMPLEMENTATIONS, make_inputs, loss_module)
 except ImportError:  # running as a script without pytest installed
     pass
 

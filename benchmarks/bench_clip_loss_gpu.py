@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _measure  # noqa: E402
+import _results  # noqa: E402
 
 PEERS = ("floor", "triton", "triton_det", "triton_ws1g", "cuda", "torch", "open_clip", "inf_cl")
 LARGE_WORKSPACE_MB = "1024"  # triton_ws1g: the triton backend with FASTCLIP_WORKSPACE_MB=1024
@@ -161,7 +162,7 @@ def measure(peer: str, batch: int, dim: int, mode: str, device: str, dtype, repe
             base = torch.cuda.memory_allocated()
         step()
         extra = torch.cuda.max_memory_allocated() - base if device == "cuda" else float("nan")
-        timing = _common.time_function(step, device=device, warmup=0, repeats=repeats)
+        timing = _measure.time_function(step, device=device, warmup=0, repeats=repeats)
     except torch.cuda.OutOfMemoryError:
         return {**row, "status": "oom"}
     finally:
@@ -227,12 +228,12 @@ def run(output: Path, dims, batches, modes, device: str, dtype, repeats: int, bu
                     print(_format(row), flush=True)
                 add_ratios(rows)
                 all_rows += rows
-                path = _common.append_results("clip_loss_gpu", rows, results_dir=output)  # kept if killed later
+                path = _results.append_results("clip_loss_gpu", rows, results_dir=output)  # kept if killed later
     for dim in dims:
-        _common.plot_results([r for r in all_rows if r["D"] == dim and r.get("mode") == "fwd+bwd"], x="B",
-                             series="peer", panels=[("ms_median", "fwd+bwd ms"), ("tflops", "TFLOP/s (8 B^2 D)"),
-                                                    ("extra_peak_mb", "extra peak MiB")],
-                             title=f"CLIP loss fwd+bwd, {device}, D={dim}", output=output / f"clip_loss_gpu_D{dim}.png")
+        _results.plot_results([r for r in all_rows if r["D"] == dim and r.get("mode") == "fwd+bwd"], x="B",
+                              series="peer", panels=[("ms_median", "fwd+bwd ms"), ("tflops", "TFLOP/s (8 B^2 D)"),
+                                                     ("extra_peak_mb", "extra peak MiB")],
+                              title=f"CLIP loss fwd+bwd, {device}, D={dim}", output=output / f"clip_loss_gpu_D{dim}.png")
     print(f"wrote {output / 'clip_loss_gpu.csv'}")
     print(summarize(all_rows, output))
     return all_rows
@@ -301,7 +302,7 @@ def _format(row: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", nargs="?", type=Path, default=_common.RESULTS_DIR, help="folder for CSV/JSON/PNG")
+    parser.add_argument("output", nargs="?", type=Path, default=_results.RESULTS_DIR, help="folder for CSV/JSON/PNG")
     parser.add_argument("--dims", type=int, nargs="+", default=[512, 768, 1024])
     parser.add_argument("--min-batch", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=131072)
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
         print("no CUDA device: use --dry-run to check the script on CPU (it measures nothing meaningful)")
         return 2
     batches = [b for b in (args.min_batch * 2**k for k in range(20)) if b <= args.max_batch]
-    print(_common.environment_info())
+    print(_results.environment_info())
     args.output.mkdir(parents=True, exist_ok=True)
     run(args.output, args.dims, batches, args.modes, device, getattr(torch, args.dtype), args.repeats, args.budget_s,
         args.peers)

@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-import _common  # noqa: E402
+import _measure  # noqa: E402
+import _results  # noqa: E402
 
 IMPLEMENTATIONS = ("fastclip-gather", "fastclip-ring", "open_clip")
 
@@ -78,7 +79,7 @@ def rank_case(rank: int, world_size: int, case: dict) -> dict:
     step(_features(8, case["dim"], device, dtype, seed=rank))  # lazy imports and first-call setup, not measured
     tensors = _features(case["batch"], case["dim"], device, dtype, seed=1000 + rank)
     dist.barrier()
-    baseline = _common.reset_peak_memory(device)
+    baseline = _measure.reset_peak_memory(device)
     storages = {}
 
     def pack(tensor):
@@ -90,7 +91,7 @@ def rank_case(rank: int, world_size: int, case: dict) -> dict:
         loss = module(*tensors)
     loss.backward()
     del loss
-    peak = _common.peak_memory(device)
+    peak = _measure.peak_memory(device)
     with count_communication() as counter:
         step(tensors)
     samples = []
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="b = 256, D = 256, 3 repeats")
-    _common.add_output_arguments(parser)
+    _results.add_output_arguments(parser)
     return parser
 
 
@@ -220,8 +221,8 @@ def main(argv=None) -> int:
         rows = _run_local_worlds(args, dtype)
     ok = [row for row in rows if row.get("status") == "ok"]
     _print_and_ratios(ok)
-    out = _common.output_dir(args)
-    path = _common.append_results("bench_distributed_loss", rows, out)
+    out = _results.output_dir(args)
+    path = _results.append_results("bench_distributed_loss", rows, out)
     plot(ok, args.device.split(":")[0], out)
     print(f"results: {path}")
     return 0
@@ -231,12 +232,12 @@ def plot(rows: list[dict], device_kind: str, out: Path) -> None:
     """One PNG per world size: time, extra peak memory and bytes per step against the local batch b."""
     for world_size in sorted({row["world_size"] for row in rows}):
         group = [row for row in rows if row["world_size"] == world_size]
-        _common.plot_results(group, x="batch", series="implementation",
-                             panels=[("ms_median", "fwd+bwd time per step (ms)"), ("peak_mb", "extra peak memory (MB)"),
-                                     ("comm_mb", "bytes communicated per step (MB)")],
-                             title=f"distributed CLIP loss, W={world_size}, x = local batch b per rank, "
-                                   f"D={group[0]['dim']}, {group[0]['dtype']}, {device_kind}",
-                             output=out / f"bench_distributed_loss_{device_kind}_w{world_size}.png")
+        _results.plot_results(group, x="batch", series="implementation",
+                              panels=[("ms_median", "fwd+bwd time per step (ms)"), ("peak_mb", "extra peak memory (MB)"),
+                                      ("comm_mb", "bytes communicated per step (MB)")],
+                              title=f"distributed CLIP loss, W={world_size}, x = local batch b per rank, "
+                                    f"D={group[0]['dim']}, {group[0]['dtype']}, {device_kind}",
+                              output=out / f"bench_distributed_loss_{device_kind}_w{world_size}.png")
 
 
 # ---- pytest-benchmark view: a W=2 gloo world per implementation, small sizes -----------------------------

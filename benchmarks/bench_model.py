@@ -36,9 +36,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import _common  # noqa: E402
-from _common import (append_results, low_mmap_threshold, peak_memory, reset_peak_memory,  # noqa: E402
-                     run_case_in_subprocess, summarize_times, synchronize, time_function)
+import _results  # noqa: E402
+from _measure import (low_mmap_threshold, peak_memory, reset_peak_memory, run_case_in_subprocess,  # noqa: E402
+                      summarize_times, synchronize, time_function)
+from _results import append_results  # noqa: E402
 
 NAME = "bench_model"
 QUICK_CPU = [("fastclip-tiny", 64), ("ViT-B-32", 16)]
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tokenizer", action="store_true")
     parser.add_argument("--texts", type=int, default=20000, help="captions for the tokenizer rows")
     parser.add_argument("--no-save", action="store_true", help="print only; write no CSV/JSON/PNG")
-    _common.add_output_arguments(parser)
+    _results.add_output_arguments(parser)
     return parser
 
 
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
                 _print_row(row)
                 rows.append(row)
     if not args.no_save:
-        out = _common.output_dir(args)
+        out = _results.output_dir(args)
         csv_path = append_results(NAME, rows, out)
         all_rows = json.loads((out / f"{NAME}.json").read_text())
         latest = [r for r in all_rows if r.get("date") == all_rows[-1].get("date")]

@@ -37,8 +37,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common; fastclip comes from the install / PYTHONPATH
-import _common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _loss_sweep; fastclip from the install / PYTHONPATH
+import _loss_sweep  # noqa: E402
 
 NAME = "bench_siglip_loss"
 IMPLEMENTATIONS = ("fastclip", "fastclip-torch", "open_clip", "siglip_kernel", "materialised")
@@ -105,8 +105,8 @@ def run_case(case: dict) -> dict:
 
     torch.manual_seed(0)
     dtype = getattr(torch, case["dtype"])
-    result = _common.measure_loss_case(loss_module(case["implementation"]),
-                                       lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
+    result = _loss_sweep.measure_loss_case(loss_module(case["implementation"]),
+                                           lambda batch: make_inputs(batch, case["dim"], case["device"], dtype), case)
     return {**result, "backend": _backend_name(case["implementation"], case["device"], dtype)}
 
 
@@ -121,13 +121,13 @@ def skip_reason(case: dict, machine_memory: int) -> str | None:
             return "skipped: siglip_kernel is not importable here (pip install siglip-kernel)"
     if case["implementation"] not in MATERIALISING:
         return None
-    return _common.materialised_memory_skip(case, machine_memory, square_tensors=5)
+    return _loss_sweep.materialised_memory_skip(case, machine_memory, square_tensors=5)
 
 
 def build_parser():
-    return _common.loss_benchmark_parser(__doc__, implementations=IMPLEMENTATIONS,
-                                         batches=[1024, 2048, 4096, 8192, 16384], quick_batches=[1024, 2048],
-                                         cuda_batches=[4096, 8192, 16384, 32768, 65536])
+    return _loss_sweep.loss_benchmark_parser(__doc__, implementations=IMPLEMENTATIONS,
+                                             batches=[1024, 2048, 4096, 8192, 16384], quick_batches=[1024, 2048],
+                                             cuda_batches=[4096, 8192, 16384, 32768, 65536])
 
 
 def main(argv=None) -> int:
@@ -136,12 +136,12 @@ def main(argv=None) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
-    _common.check_device(parser, args.device)
+    _loss_sweep.check_device(parser, args.device)
     implementations = args.implementations or DEFAULT_IMPLEMENTATIONS["cuda" if args.device.startswith("cuda")
                                                                       else "cpu"]
     reference = "open_clip" if importlib.util.find_spec("open_clip") else "materialised"
-    _common.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(), implementations=implementations,
-                           run_case=run_case, skip_reason=skip_reason, reference=reference, title="SigLIP loss")
+    _loss_sweep.run_loss_sweep(args, name=NAME, script=Path(__file__).resolve(), implementations=implementations,
+                               run_case=run_case, skip_reason=skip_reason, reference=reference, title="SigLIP loss")
     return 0
 
 
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 try:
     import pytest  # noqa: F401
 
-    test_siglip_loss_speed = _common.loss_speed_test("siglip_loss", ("fastclip", "open_clip"), make_inputs, loss_module)
+    test_siglip_loss_speed = _loss_sweep.loss_speed_test("siglip_loss", ("fastclip", "open_clip"), make_inputs, loss_module)
 except ImportError:  # running as a script without pytest installed
     pass
 

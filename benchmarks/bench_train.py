@@ -27,7 +27,7 @@ Same config, batch, precision and captions; with and without gradient checkpoint
 from one process per case that runs the two libraries round-robin (same machine load for both: CPU
 machines here are shared; one thread per process by default, as in bench_model.py); peak memory from
 a fresh process per variant (CUDA: max_memory_allocated; CPU: peak-RSS growth over one step, with
-glibc's mmap threshold pinned low so freed tensors leave the RSS: ``_common.low_mmap_threshold``).
+glibc's mmap threshold pinned low so freed tensors leave the RSS: ``_measure.low_mmap_threshold``).
 """
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import _common  # noqa: E402
-from _common import (append_results, low_mmap_threshold, peak_memory, plot_results, reset_peak_memory,  # noqa: E402
-                     run_case_in_subprocess, summarize_times, synchronize, time_function)
+import _results  # noqa: E402
+from _measure import (low_mmap_threshold, peak_memory, reset_peak_memory, run_case_in_subprocess,  # noqa: E402
+                      summarize_times, synchronize, time_function)
+from _results import append_results, plot_results  # noqa: E402
 
 NAME = "bench_train"
 QUICK_CPU = [("fastclip-tiny", 64), ("RN-Tiny", 128)]
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torchcompile", action="store_true",
                         help="time fastclip eager beside fastclip compiled (model + loss, as fastclip train "
                              "--torchcompile) and open_clip; results go to bench_train_compile.*")
-    _common.add_output_arguments(parser)
+    _results.add_output_arguments(parser)
     return parser
 
 
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
                libraries=libraries)
     if not rows:
         return 1
-    out = _common.output_dir(args)
+    out = _results.output_dir(args)
     name = f"{NAME}_compile" if args.torchcompile else NAME
     path = append_results(name, rows, out)
     suffix = "cpu" if args.device == "cpu" else "gpu"

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _results  # noqa: E402
 import roofline  # noqa: E402
 
 NAME = "kernel_report"
@@ -337,7 +337,7 @@ def report_rows(defaults_only: bool = False, archs=tuple(ARCHS), log=print) -> l
 
 
 def toolchain() -> dict:
-    """Versions of what compiled and read the kernels (stamped on every row beside _common's)."""
+    """Versions of what compiled and read the kernels (stamped on every row beside _results')."""
     import subprocess
 
     import triton
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--defaults-only", action="store_true",
                         help="only the default config and flag set of each kernel (about 10 compiles)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    _common.add_output_arguments(parser)
+    _results.add_output_arguments(parser)
     return parser
 
 
@@ -378,14 +378,14 @@ def main(argv=None) -> int:
     rows = report_rows(args.defaults_only, args.archs)
     stamp = toolchain()
     # A snapshot: the CSV/JSON hold this run's rows only (a re-run replaces them, never duplicates them).
-    path = _common.write_snapshot(NAME, [], _common.output_dir(args), stamped=[{**row, **stamp} for row in rows])
+    path = _results.write_snapshot(NAME, [], _results.output_dir(args), stamped=[{**row, **stamp} for row in rows])
     from fastclip.io import atomic_write
 
     estimate = roofline.report(rows)
     estimate_path = path.with_name(f"{NAME}_roofline.txt")  # this run's estimate, from the same rows
     with atomic_write(estimate_path) as handle:
         handle.write(f"python benchmarks/kernel_report.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-                     f"{stamp} {_common.environment_info()['date']}\n\n{estimate}\n")
+                     f"{stamp} {_results.environment_info()['date']}\n\n{estimate}\n")
     print(f"results: {path}, {estimate_path.name}\n")
     print(estimate)
     return 0

@@ -11,7 +11,7 @@ triton_common.chunked_backward):
 
 1. Forward kernel, one launch over the B x B tiles of S (default config and flags of the arch).
 2. Backward kernel, once per row chunk: recomputes its S tiles and writes G (chunk x B, bf16). The
-   chunk is the most whole row blocks whose G fits the workspace (triton_common.row_chunk;
+   chunk is the most whole row blocks whose G fits the workspace (workspace.rows_per_chunk;
    FASTCLIP_WORKSPACE_MB, default fastclip.ops.workspace.DEFAULT_WORKSPACE_MB).
 3. Per chunk, on cuBLAS: grad_image[rows] = G @ T and grad_text += G^T @ I[rows] (fp32 out), the
    grad_text sum costing GRAD_TEXT_FP32_PASSES_IN_GEMM passes over the (B, D) fp32 array per chunk.
@@ -191,13 +191,13 @@ def _gemm_ms(gpu: Gpu, flops: float, memory_bytes: float) -> float:
 
 def chunk_rows(block_m: int, workspace_mb: int | None = None) -> int:
     """Rows per backward chunk (the launcher's own rule) at FASTCLIP_WORKSPACE_MB, or at workspace_mb."""
-    from fastclip.ops import triton_common
+    from fastclip.ops.workspace import rows_per_chunk
 
     previous = os.environ.get(WORKSPACE_ENV)
     if workspace_mb is not None:
         os.environ[WORKSPACE_ENV] = str(workspace_mb)
     try:
-        return triton_common.row_chunk(BATCH, block_m, block_m * BATCH * ELEMENT, block_m * BATCH)
+        return rows_per_chunk(BATCH, block_m * BATCH * ELEMENT, block_rows=block_m, elements_per_block=block_m * BATCH)
     finally:
         if workspace_mb is not None:
             if previous is None:

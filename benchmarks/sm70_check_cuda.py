@@ -5,7 +5,7 @@ sm_70 branch), but only to compute_75 PTX; this script retargets that PTX to sm_
 a CUDA 12.x ptxas, then reports ptxas's registers / spills / shared memory per kernel and counts Volta
 HMMA instructions (opcode 0x236 in the low 12 bits of each 128-bit SASS word; the same count with
 Turing's 0x23c on an sm_75 cubin matches cuobjdump's HMMA count, which is how the opcode was checked).
-Not a build anyone runs: V100 users build with a CUDA 12.x toolkit (README, "CUDA backend").
+Not a build anyone runs: V100 users build with a CUDA 12.x toolkit (docs/cuda.md).
 
     pip download --no-deps "nvidia-cuda-nvcc-cu12==12.9.*" -d /tmp/cu12 && (cd /tmp/cu12 && python -m zipfile -e *.whl x)
     python benchmarks/sm70_check_cuda.py --ptxas /tmp/cu12/x/nvidia/cuda_nvcc/bin/ptxas

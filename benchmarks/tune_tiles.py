@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _results  # noqa: E402
 
 # (defaults table, module of the table, launcher, with_expectations) -> timed at (batch, dim)
 TABLES = (
@@ -92,7 +92,7 @@ def tune(out_dir: Path, budget_s: float, dry_run: bool) -> dict:
     dtype = getattr(torch, DTYPE)
     started = time.monotonic()
     path = out_dir / f"tuned_tiles_{arch}.json"
-    result = {"arch": arch, "dtype": DTYPE, "dry_run": dry_run, **_common.environment_info(), "kernels": {}}
+    result = {"arch": arch, "dtype": DTYPE, "dry_run": dry_run, **_results.environment_info(), "kernels": {}}
     for table, module_name, kind, with_expectations in TABLES:
         if time.monotonic() - started > budget_s:
             result["kernels"][table] = {"skipped": f"the {budget_s:.0f} s budget was spent"}

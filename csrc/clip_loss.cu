@@ -1,9 +1,9 @@
 // CUDA kernels of the CLIP loss primitives (the signatures and semantics of fastclip/ops/clip_loss_torch.py):
 //
 //   clip_loss_fwd_kernel     one pass over S = scale * I @ T.T + bias -> row and column softmax partials
-//   stats_merge_kernel       fixed-order merge of those partials into row_lse / col_lse (and E[x])
+//   stats_merge_kernel       fixed-order merge of those partials into row_lse / col_lse (and E[log p])
 //   clip_loss_grad_kernel    G = dL/dS for a chunk of rows, into the bounded workspace, and per-tile
-//                            partials of sum_ij G_ij x_ij (the logit_scale gradient)
+//                            partials of sum_ij G_ij x_ij (the logit_scale gradient, log-softmax form)
 //
 // binding.cpp chains them (chunk_driver.h), runs the two backward GEMMs dI = s G T, dT = s G^T I on
 // cuBLAS and sums the per-tile partials in a fixed order into d scale. The per-tile math is
@@ -17,9 +17,10 @@ namespace {
 
 // clip_loss_fwd_kernel: row and column softmax statistics from ONE computation of each S tile.
 //   Math (S = scale * x + bias, x = I_i . T_j): for rows, online over the block's column tiles,
-//   m_i = max_j S_ij, l_i = sum_j exp(S_ij - m_i), w_i = sum_j exp(S_ij - m_i) x_ij (w only with
-//   kExpectations); for columns, per 128-row block, c_j = max_i S_ij, s_j = sum_i exp(S_ij - c_j),
-//   v_j = sum_i exp(S_ij - c_j) x_ij. Natural units: S - max is formed before any exponential.
+//   m_i = max_j S_ij, l_i = sum_j exp(S_ij - m_i), w_i = sum_j exp(S_ij - m_i) (S_ij - m_i) (w only
+//   with kExpectations, in log form: tile_math.h); for columns, per 128-row block, c_j = max_i S_ij,
+//   s_j = sum_i exp(S_ij - c_j), v_j = sum_i exp(S_ij - c_j) (S_ij - c_j). Natural units: S - max is
+//   formed before any exponential.
 //   Tiling: grid (row blocks of the chunk, column splits); block (b, s) owns rows [128 b, +128) and
 //   the columns [s * cols_per_split, +cols_per_split), walked in 64-column tiles (device_tile.cuh:
 //   WMMA fp16/bf16/TF32 or FMA, fp32 accumulate; D in 32-element slices).
@@ -33,10 +34,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<P>)
                        [&](auto& block) { clip_forward_block<kExpectations>(args, block, blockIdx.x, blockIdx.y); });
 }
 
-// stats_merge_kernel: lse = m + log l (and E[x] = w / l) from n_parts partials per index.
+// stats_merge_kernel: lse = m + log l (and E[log p] = w / l - log l) from n_parts partials per index.
 //   Math: m = max_k m_k, l = sum_k l_k exp(m_k - m), w likewise (merge_partials_at), the running state
 //   of earlier row chunks merged first. Tiling: one thread per index, a sequential loop over the parts
-//   (fixed order). Saved: lse / E[x] when finalizing, else the merged running state.
+//   (fixed order). Saved: lse / E[log p] when finalizing, else the merged running state.
 __global__ void __launch_bounds__(kThreads) stats_merge_kernel(MergeArgs args) {
   const index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i < args.length) merge_partials_at(args, i);
@@ -48,9 +49,11 @@ __global__ void __launch_bounds__(kThreads) stats_merge_kernel(MergeArgs args) {
 //   G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos]), stored times headroom / max|coef| in
 //   the path's Grad type (the input dtype on tensor-core paths; fp32 on sm7x bf16 and fp32 inputs).
 //   d scale = sum_ij G_ij x_ij is summed beside G from the same fp32 G values (before rounding to the
-//   workspace dtype) and the same x: each thread over its 32 elements of the tile, then the 256 thread
-//   sums by a fixed pairwise tree. Forming it here, instead of sum_i I_i . dI_i / scale afterwards,
-//   keeps the digits that the GEMM outputs' rounding and the division would cost.
+//   workspace dtype), in log-softmax form: (sum R log P + C log Q) / scale with G = R + C, equal over
+//   whole rows and columns and free of sum G S's |S|-sized cancellation (tile_math.h); each thread
+//   over its 32 elements of the tile, then the 256 thread sums by a fixed pairwise tree. Forming it
+//   here, instead of sum_i I_i . dI_i / scale afterwards, keeps the digits that the GEMM outputs'
+//   rounding and the division would cost. A block of a larger S gets its share of the whole sum.
 //   Tiling: grid (column tiles, row blocks of the chunk), one S tile per block, D in 32-element slices.
 //   Saved: nothing; G is a transient workspace of at most FASTCLIP_WORKSPACE_MB, consumed by the two
 //   cuBLAS GEMMs before the next chunk. The tile's sum of G x (still times the multiplier) goes to

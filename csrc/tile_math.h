@@ -3,7 +3,7 @@
 //
 //   SoftmaxStats, segment_stats, merge_into   online log-sum-exp: one segment of a tile row/column, and
 //                                             the merge of partials (max, sum exp(S - max), sum exp(S - max) x)
-//   merge_partials_at                         the fixed-order merge of per-block partials into lse / E[x]
+//   merge_partials_at                         the fixed-order merge of per-block partials into lse / E[log p]
 //   clip_grad_value, siglip_*                 dL/dS and the SigLIP terms of one element
 //   is_positive, element_offset               the positives j = i + offset and 64-bit index arithmetic
 //   ChunkPlan, for_each_row_chunk, plan_column_splits   how rows are cut to fit the workspace, and columns split
@@ -101,8 +101,10 @@ FASTCLIP_HD float larger(float current, float candidate) { return current > cand
 constexpr float kMinusInfinity = -HUGE_VALF;
 
 // ---- Online log-sum-exp ---------------------------------------------------------------------------
-// A partial over some set of logits S (x their unscaled products): max m, l = sum exp(S - m) and
-// w = sum exp(S - m) x. lse = m + log l and E[x] = w / l. An empty set is (-inf, 0, 0).
+// A partial over some set of logits S: max m, l = sum exp(S - m) and, in log form, w = sum exp(S - m)
+// (S - m). lse = m + log l and E[log p] = w / l - log l (minus the entropy). The log form keeps the
+// local loss's d/d scale = (E[log p] + CE) / scale free of |S|-sized cancellation (E[x] - x_ii lost
+// ~|x| eps per merge). An empty set is (-inf, 0, 0).
 struct SoftmaxStats {
   float max;
   float sum;
@@ -114,14 +116,20 @@ FASTCLIP_HD SoftmaxStats empty_stats() { return SoftmaxStats{kMinusInfinity, 0.f
 // A shift that is finite for the empty set: exp(-inf - 0) = 0 instead of exp(NaN).
 FASTCLIP_HD float safe_shift(float max) { return max == kMinusInfinity ? 0.f : max; }
 
-// into <- into merged with part (both in natural units, so rounding is relative to S - max).
+// The gap m - shift (<= 0) of a partial's max below the merged shift; 0 for an empty partial, whose
+// l = w = 0 must not meet -inf.
+FASTCLIP_HD float max_gap(float max, float shift) { return max == kMinusInfinity ? 0.f : max - shift; }
+
+// into <- into merged with part (both in natural units, so rounding is relative to S - max). Moving a
+// log-form w to the shift M: w' = (w + l (m - M)) e^(m - M); every term of it keeps its sign.
 FASTCLIP_HD void merge_into(SoftmaxStats& into, const SoftmaxStats& part) {
   const float max = larger(into.max, part.max);
   const float shift = safe_shift(max);
   const float into_factor = natural_exp(into.max - shift);
   const float part_factor = natural_exp(part.max - shift);
+  into.weighted = (into.weighted + into.sum * max_gap(into.max, shift)) * into_factor +
+                  (part.weighted + part.sum * max_gap(part.max, shift)) * part_factor;
   into.sum = into.sum * into_factor + part.sum * part_factor;
-  into.weighted = into.weighted * into_factor + part.weighted * part_factor;
   into.max = max;
 }
 
@@ -133,13 +141,11 @@ template <bool kExpectations>
 FASTCLIP_HD SoftmaxStats segment_stats(const float* products, index_t step, int rotate, int count, float scale,
                                        float bias) {
   float logits[kSegment];
-  float values[kSegment];
   float max = kMinusInfinity;
   FASTCLIP_UNROLL
   for (int k = 0; k < kSegment; ++k) {
     const int i = (k + rotate) & (kSegment - 1);
-    values[k] = products[i * step];
-    logits[k] = i < count ? scale * values[k] + bias : kMinusInfinity;
+    logits[k] = i < count ? scale * products[i * step] + bias : kMinusInfinity;
     max = larger(max, logits[k]);
   }
   const float shift = safe_shift(max);
@@ -148,14 +154,14 @@ FASTCLIP_HD SoftmaxStats segment_stats(const float* products, index_t step, int 
   for (int k = 0; k < kSegment; ++k) {
     const float weight = natural_exp(logits[k] - shift);
     stats.sum += weight;
-    if (kExpectations && logits[k] != kMinusInfinity) stats.weighted += weight * values[k];
+    if (kExpectations && logits[k] != kMinusInfinity) stats.weighted += weight * (logits[k] - shift);
   }
   return stats;
 }
 
 // Merge of n_parts partials of index i (part k at k * part_stride + i), in order k = 0, 1, ...: the
 // result is bitwise repeatable. With has_running the running state (run_*) is merged first. finalize
-// writes lse = m + log l (and E[x] = w / l when expectation_out is set); otherwise the merged state
+// writes lse = m + log l (and E[log p] = w / l - log l when expectation_out is set); otherwise the merged state
 // goes back to run_*.
 struct MergeArgs {
   const float* part_max;
@@ -185,8 +191,9 @@ FASTCLIP_HD void merge_partials_at(const MergeArgs& a, index_t i) {
   }
   if (a.finalize) {
     const float sum = state.sum > 0.f ? state.sum : 1.f;  // only an all-masked index has sum 0
-    a.lse_out[i] = state.max + natural_log(sum);
-    if (a.expectation_out != nullptr) a.expectation_out[i] = state.weighted / sum;
+    const float log_sum = natural_log(sum);
+    a.lse_out[i] = state.max + log_sum;
+    if (a.expectation_out != nullptr) a.expectation_out[i] = state.weighted / sum - log_sum;
   } else {
     a.run_max[i] = state.max;
     a.run_sum[i] = state.sum;
@@ -204,10 +211,22 @@ FASTCLIP_HD index_t element_offset(index_t row, index_t col, index_t stride_row,
 // ---- Element math of the backward and of SigLIP --------------------------------------------------------
 // CLIP: G = row_coef (P - [pos]) + col_coef (Q - [pos]), P = exp(S - row_lse), Q = exp(S - col_lse).
 // The coefficients arrive already multiplied by the storage multiplier of the G workspace.
+// scale_term: this element's share of scale * sum_ij G_ij x_ij in log-softmax form, R log P + C log Q
+// (G = R + C, the row and column parts): equal over every whole row / column (S - log P = row_lse is
+// constant along a row and R's rows sum to zero; likewise C's columns) and free of the |S|-sized
+// cancellation of sum G (S - bias), which multiplies the fp32 lse rounding by |S| (issue 18).
 FASTCLIP_HD float clip_grad_value(float logit, float row_lse, float col_lse, float row_coef, float col_coef,
-                                  bool positive) {
-  const float grad = row_coef * natural_exp(logit - row_lse) + col_coef * natural_exp(logit - col_lse);
-  return positive ? grad - (row_coef + col_coef) : grad;
+                                  bool positive, float& scale_term) {
+  const float row_log = logit - row_lse;
+  const float col_log = logit - col_lse;
+  float row_part = row_coef * natural_exp(row_log);
+  float col_part = col_coef * natural_exp(col_log);
+  if (positive) {
+    row_part -= row_coef;
+    col_part -= col_coef;
+  }
+  scale_term = row_part * row_log + col_part * col_log;
+  return row_part + col_part;
 }
 
 // softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|): exact for large |z| of either sign.

@@ -222,15 +222,16 @@ FASTCLIP_HD void clip_grad_block(const ClipGradArgs& a, Block& block, index_t bl
     for_tile_elements(span, lane, kThreads, [&](int r, int c) {
       const float product = tile[r * kTileLd + c];  // x_ij, the logit before scale and bias
       const bool positive = is_positive(span.row0 + r, span.col0 + c, a.positive_offset);
+      float scale_term;
       const float grad = clip_grad_value(scale * product + bias, row_lse[r], col_lse[c], row_coef[r], col_coef[c],
-                                         positive);
-      total += grad * product;  // the fp32 G, before it is rounded to the workspace dtype
+                                         positive, scale_term);
+      total += scale_term;  // scale * G x in log form, from the fp32 G before it is rounded to the workspace dtype
       block.store_grad(element_offset(span.row0 + r, span.col0 + c, a.grad_stride, 1), grad);
     });
     lanes[lane] = total;
   }
-  const float tile_total = tree_sum(block, lanes);
-  if (block.thread() == 0) a.scale_partials[block_row * a.col_tiles + block_col] = tile_total;
+  const float tile_total = tree_sum(block, lanes);  // scale * sum G x over the tile (log form)
+  if (block.thread() == 0) a.scale_partials[block_row * a.col_tiles + block_col] = tile_total / scale;
 }
 
 // ---- SigLIP forward -----------------------------------------------------------------------------------

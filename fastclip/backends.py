@@ -1,50 +1,29 @@
 """Loss backends and dispatch from declared capabilities (the xformers ``not_supported_reasons`` pattern).
 
-Each backend is a small object that declares what it can run (device kinds, minimum CUDA compute
-capability, dtypes, determinism); its primitives live in ``fastclip/ops/<op>_<backend>.py``, each a
-``torch.library`` custom op with a fake kernel, with exactly these signatures:
+``BACKENDS`` is the table: each backend is a small object that declares what it can run (device kinds,
+minimum CUDA compute capability, dtypes, determinism) and names its op modules by import in its
+loader (``_torch_ops``, ``_triton_ops``, ``_cuda_ops``): ``backend.op("clip_loss")`` is
+``fastclip/ops/clip_loss_<backend>.py``. What those primitives take and return, ``grad_scale``
+included, is written once in ``fastclip/ops/__init__.py``.
 
-    clip_loss_fwd(image, text, scale, bias, with_expectations: bool, deterministic: bool)
-        -> (row_lse (b,), col_lse (n,), row_expect (b,) or (0,), col_expect (n,) or (0,))
-    clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
-                  positive_offset: int, deterministic: bool)
-        -> (grad_image (b, D), grad_text (n, D), grad_scale ())
-    siglip_loss_fwd(image, text, scale, bias, positive_offset: int, deterministic: bool) -> loss_sum ()
-    siglip_loss_bwd(image, text, scale, bias, positive_offset: int, grad_coef, deterministic: bool)
-        -> (grad_image (b, D), grad_text (n, D), grad_bias ())
-
-image (b, D) rows against text (n, D) columns; scale, bias, grad_coef 0-dim; the positives are the
-pairs j = i + positive_offset (the distributed layer passes rank * b); outputs in the accumulation
-dtype. clip_loss_bwd's G = R + C, R_ij = row_coef_i (P_ij - [pos]), C_ij = col_coef_j (Q_ij - [pos])
-(P, Q: exp(S - row_lse), exp(S - col_lse)); grad_image = scale G @ text, grad_text = scale G.T @ image,
-and grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale, this block's share of d/d scale: over
-any split of the whole S into blocks (the exchanges' row and column blocks) the shares add up to
-sum_ij G_ij x_ij (x = image @ text.T), because every row of R and column of C of the whole sums to 0.
-That form keeps the digits the fp32 log-sum-exps' rounding would cost sum G x (see kernels/clip_loss.py);
-torch and triton return it. The cuda backend returns the block's sum_ij G_ij x_ij itself, which is also
-a share (it adds up to the same total) but keeps fewer digits near zero loss (README, CUDA backend).
-``deterministic=True`` asks for bitwise-repeatable results; with False a backend may take a
-faster path whose last bits vary from run to run (triton: the locked column merge of its forward).
-A backend declares ``deterministic=True`` when it can honour deterministic=True. (The exact math is
-in fastclip/ops/clip_loss_torch.py and siglip_loss_torch.py, the reference backend; the autograd
-Functions that call them are in fastclip/ops/clip_loss.py and siglip_loss.py.)
 ``backend="auto"`` walks ``AUTO_PRIORITY`` and takes the first backend with no reason against it; a
 backend asked for by name that cannot run raises one ``ValueError`` listing every reason and its fix.
-Nothing here touches the GPU at import time.
+Nothing here touches the GPU at import time, and an op module is imported on first use (the triton
+one needs triton, the cuda one loads nothing until called).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
-import os
-import sys
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable
 
 import torch
 
+from fastclip.devices import FLOAT_DTYPES, KERNEL_DTYPES, device_capability, dtype_name, triton_interpret_mode
+
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
-OP_NAMES = ("clip_loss", "siglip_loss")  # each backend has fastclip/ops/<op>_<backend>.py
 
 
 @dataclass(frozen=True)
@@ -66,6 +45,7 @@ class LossBackend:
     deterministic: bool = True
     description: str = ""
     extra_checks: tuple = field(default=())  # callables (LossInputs) -> list[str]
+    load_ops: Callable[[], dict[str, ModuleType]] | None = field(default=None, compare=False)
 
     def not_supported_reasons(self, inputs: LossInputs) -> list[str]:
         reasons: list[str] = []
@@ -74,8 +54,8 @@ class LossBackend:
         if inputs.device.type not in self.device_types:
             reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got {inputs.device.type}")
         if inputs.dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            reasons.append(f"supports dtypes {names}, got {str(inputs.dtype).replace('torch.', '')}")
+            names = ", ".join(dtype_name(d) for d in self.dtypes)
+            reasons.append(f"supports dtypes {names}, got {dtype_name(inputs.dtype)}")
         if inputs.deterministic and not self.deterministic:
             reasons.append("is not deterministic: pass deterministic=False or use backend='torch'")
         if inputs.device.type == "cuda" and (self.min_compute_capability or self.max_compute_capability):
@@ -88,33 +68,40 @@ class LossBackend:
                                "(a faster backend fits this GPU)")
         return reasons
 
-    def op(self, op_name: str):
-        """The module ``fastclip.ops.<op_name>_<backend>`` (imported on first use) with ``<op_name>_fwd/_bwd``.
+    def op(self, op_name: str) -> ModuleType:
+        """The op module of this backend (``clip_loss`` or ``siglip_loss``): ``<op_name>_fwd`` / ``_bwd``.
 
-        An already imported module comes from ``sys.modules`` so torch.compile can trace the lookup;
-        select_backend imports every op module of the backend it picks, outside the graph.
+        Loaded once through ``load_ops``; select_backend loads the modules of the backend it picks,
+        outside any torch.compile graph, so a compiled graph only reads ``_LOADED_OPS``.
         """
-        name = f"fastclip.ops.{op_name}_{self.name}"
-        return sys.modules.get(name) or importlib.import_module(name)
+        modules = _LOADED_OPS.get(self.name)
+        if modules is None:
+            modules = _LOADED_OPS[self.name] = self.load_ops()
+        return modules[op_name]
 
     def import_ops(self) -> None:
-        for op_name in OP_NAMES:
-            self.op(op_name)
+        self.op("clip_loss")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    properties = torch.cuda.get_device_properties(index)
-    return properties.major, properties.minor
+_LOADED_OPS: dict[str, dict[str, ModuleType]] = {}
 
 
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) compute capability of a CUDA device, read once per device and cached."""
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+def _torch_ops() -> dict[str, ModuleType]:
+    from fastclip.ops import clip_loss_torch, siglip_loss_torch
+
+    return {"clip_loss": clip_loss_torch, "siglip_loss": siglip_loss_torch}
 
 
-def triton_interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _triton_ops() -> dict[str, ModuleType]:
+    from fastclip.ops import clip_loss_triton, siglip_loss_triton  # imports triton and fastclip.kernels
+
+    return {"clip_loss": clip_loss_triton, "siglip_loss": siglip_loss_triton}
+
+
+def _cuda_ops() -> dict[str, ModuleType]:
+    from fastclip.ops import clip_loss_cuda, siglip_loss_cuda  # fastclip._C loads on the first call
+
+    return {"clip_loss": clip_loss_cuda, "siglip_loss": siglip_loss_cuda}
 
 
 @torch.compiler.assume_constant_result
@@ -164,20 +151,18 @@ def _cuda_extension_checks(inputs: LossInputs) -> list[str]:
 BACKENDS: dict[str, LossBackend] = {
     "cuda": LossBackend(
         name="cuda", device_types=("cuda",),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        min_compute_capability=(7, 0), deterministic=True,
+        dtypes=KERNEL_DTYPES, min_compute_capability=(7, 0), deterministic=True,
         description="CUDA C++ kernels for sm70+ (auto picks them on V100/T4, triton first on sm80+)",
-        extra_checks=(_cuda_extension_checks,)),
+        extra_checks=(_cuda_extension_checks,), load_ops=_cuda_ops),
     "triton": LossBackend(
         name="triton", device_types=("cuda", "cpu"),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        min_compute_capability=(8, 0), deterministic=True,
+        dtypes=KERNEL_DTYPES, min_compute_capability=(8, 0), deterministic=True,
         description="fused Triton kernels for sm80+ (CPU under TRITON_INTERPRET=1)",
-        extra_checks=(_triton_checks,)),
+        extra_checks=(_triton_checks,), load_ops=_triton_ops),
     "torch": LossBackend(
         name="torch", device_types=("cpu", "cuda", "mps", "xpu", "meta"),
-        dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), deterministic=True,
-        description="portable chunked PyTorch (the reference backend)"),
+        dtypes=FLOAT_DTYPES, deterministic=True,
+        description="portable chunked PyTorch (the reference backend)", load_ops=_torch_ops),
 }
 
 # triton needs sm80, so auto takes cuda on sm70-sm7x and triton on sm80+; cuda by name runs on any sm70+.
@@ -196,7 +181,7 @@ def select_backend(name: str, inputs: LossInputs) -> LossBackend:
 @torch.compiler.assume_constant_result
 def _selected_name(name: str, device: torch.device, dtype: torch.dtype, deterministic: bool) -> str:
     chosen = _select_name(name, LossInputs(device, dtype, deterministic))
-    BACKENDS[chosen].import_ops()  # so that a compiled graph finds them in sys.modules
+    BACKENDS[chosen].import_ops()  # so that a compiled graph finds them in _LOADED_OPS
     return chosen
 
 

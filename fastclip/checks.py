@@ -6,7 +6,7 @@ import os
 
 import torch
 
-FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from fastclip.devices import FLOAT_DTYPES, KERNEL_DTYPES
 
 
 def _is_compiling() -> bool:
@@ -24,7 +24,7 @@ def check_features(image_features, text_features) -> None:
         if value.dim() != 2:
             raise ValueError(f"{name} must be 2-D (B, D), got shape {tuple(value.shape)}: "
                              "flatten extra dimensions, e.g. features.reshape(-1, features.shape[-1])")
-        if value.dtype not in FEATURE_DTYPES:
+        if value.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {value.dtype}: pass float32, float16 or bfloat16 features "
                             "(e.g. features.float())")
         if value.shape[0] == 0 or value.shape[1] == 0:
@@ -105,6 +105,22 @@ def guard_scalars(scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return scale * torch.where(valid, 1.0, float("nan")).to(scale.dtype)  # a product: d/d scale is NaN too
 
 
-def check_reduction(reduction: str, allowed) -> None:
-    if reduction not in allowed:
-        raise ValueError(f"reduction={reduction!r} is not supported: choose one of {', '.join(allowed)}")
+def check_kernel_inputs(backend: str, devices: tuple[str, ...], image: torch.Tensor, text: torch.Tensor,
+                        *others: torch.Tensor) -> None:
+    """A fused backend's own checks on its primitives' tensors (the loss API checks more, earlier).
+
+    image (b, D) and text (n, D) of one KERNEL_DTYPES dtype, b, n, D >= 1; every tensor on image's
+    device, whose kind is one of ``devices``.
+    """
+    if image.dtype not in KERNEL_DTYPES or text.dtype != image.dtype:
+        raise TypeError(f"the {backend} backend takes float32/float16/bfloat16 features of one dtype, got "
+                        f"{image.dtype} and {text.dtype}: cast them, or use backend='torch'")
+    if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1] or image.shape[1] == 0:
+        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must be (b, D) and (n, D), D >= 1")
+    if image.shape[0] == 0 or text.shape[0] == 0:
+        raise ValueError(f"the {backend} backend needs at least one image row and one text row")
+    kinds = "/".join(kind.upper() for kind in devices)
+    for tensor in (image, text, *others):
+        if tensor.device.type not in devices or tensor.device != image.device:
+            raise ValueError(f"the {backend} backend runs on one {kinds} device; got tensors on {image.device} and "
+                             f"{tensor.device}: move them to the same device")

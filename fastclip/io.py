@@ -10,6 +10,8 @@ Both write into a hidden temporary beside the target (``.<name>.<random>``, same
 what they wrote, rename it into place (atomic on POSIX) and fsync the parent folder, so a crash at
 any moment leaves either the old target or the new one, never a mix. On an exception the temporary
 is removed and the target is untouched. ``remove_stale_temporaries`` clears what a SIGKILL left.
+The target gets the permissions a plain ``open()`` / ``mkdir()`` would give it under the user's umask
+(mkstemp / mkdtemp make their temporaries private, 0600 / 0700, which the rename would otherwise keep).
 """
 from __future__ import annotations
 
@@ -48,6 +50,18 @@ def fsync_dir(path: PathLike) -> None:
         os.close(descriptor)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux /proc), else the usual 022."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
@@ -69,6 +83,7 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -107,6 +122,7 @@ def atomic_dir(final: PathLike, *, replace: bool = False) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name)))
     try:
+        os.chmod(staging, 0o777 & ~_umask())
         yield staging
         _fsync_tree(staging)
         if final.exists():

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (MERGE_BLOCK, TileConfig, _block_range, _locked_column_merge, _logits_tile,  # noqa: F401
-                     _lse_merge_kernel, _similarity_tile, with_default_first)
+                     _lse_merge_kernel, _shifted_state, _similarity_tile, with_default_first)
 
 # Tile configurations; block_d counts 16-bit elements (fp32 uses half: same bytes). A 128 x 128 S
 # tile holds the fp32 accumulator in 64 registers per thread at 8 warps. Forward lists use BLOCK_D = 32
@@ -53,8 +53,8 @@ BWD_TILE_CONFIGS = {
 # than it saves in L2 bytes; only a resident row block (modelled, not implemented) would go lower.
 CLIP_FWD_CONFIGS = with_default_first(FWD_TILE_CONFIGS, {"sm90": TileConfig(64, 128, 64, 4, 4),
                                                "sm80": TileConfig(64, 128, 32, 4, 4)})
-# With expectations the x tile stays live beside the logits: 128-wide tiles spill on sm80, so the
-# 64 x 64 tile (216 registers sm80, 168 sm90, no spill) leads that list.
+# With expectations the shifted logits of both directions stay live beside the logits: the 64 x 64
+# tile (200 registers sm80, 188 sm90, no spill) leads that list.
 CLIP_FWD_EXPECTATION_CONFIGS = with_default_first(CLIP_FWD_CONFIGS, {"sm90": TileConfig(64, 64, 64, 4, 3),
                                                            "sm80": TileConfig(64, 64, 64, 4, 3)})
 CLIP_BWD_CONFIGS = with_default_first(BWD_TILE_CONFIGS, {"sm90": TileConfig(64, 64, 64, 4, 3),
@@ -78,8 +78,12 @@ def _clip_loss_fwd_kernel(
 
     Math (S = scale * x + bias, x = I_i . T_j):
       rows:    online over the program's column tiles, m_i = max_j S_ij, l_i = sum_j exp(S_ij - m_i),
-               w_i = sum_j exp(S_ij - m_i) x_ij (only with HAS_EXPECTATIONS);
-      columns: per tile, c_j = max_i S_ij, s_j = sum_i exp(S_ij - c_j), v_j = sum_i exp(S_ij - c_j) x_ij.
+               w_i = sum_j exp(S_ij - m_i) (S_ij - m_i) (only with HAS_EXPECTATIONS);
+      columns: per tile, c_j = max_i S_ij, s_j = sum_i exp(S_ij - c_j),
+               v_j = sum_i exp(S_ij - c_j) (S_ij - c_j).
+    The weighted sums are in log form (shifted logits, not x): the merge finalises them to
+    E[log p] = w / l - log l, from which the local loss's d/d scale is (E[log p] + CE) / scale with
+    no |S|-sized cancellation (E[x] - x_ii would lose ~|x| eps per merge; issue 18).
     Natural units on purpose: S - max is formed before any base change, so the exponent's rounding
     is relative to the small difference, not to |S| ~ 30 (base-2 logits cost ~3x the LSE error).
     Tiling: grid (cdiv(n_rows, BLOCK_M), n_splits). Program (pid_m, pid_s) owns BLOCK_M rows and the
@@ -89,10 +93,11 @@ def _clip_loss_fwd_kernel(
     Saved: row partials at [pid_s, row] of (n_splits, n_rows) arrays, merged by _lse_merge_kernel.
     Columns, deterministic (LOCKED_COLUMNS=False): partials at [pid_m, col] of (cdiv(n_rows, BLOCK_M),
     n_cols) arrays, merged by _lse_merge_kernel in a fixed order (bitwise repeatable, a workspace of
-    row blocks x n_cols). LOCKED_COLUMNS=True: each tile's partial is merged at once into the final
-    (col_lse, col_expect) = (col_max_ptr, col_wsum_ptr) under one lock per column tile (col_lock_ptr),
-    with no workspace and no merge pass; programs walk their column tiles starting at pid_m, so those
-    working at the same time mostly hold different locks. Nothing B x B is written.
+    row blocks x n_cols). LOCKED_COLUMNS=True: each tile's partial is merged at once into a running
+    (max, sum, weighted sum) = (col_max_ptr, col_sum_ptr, col_wsum_ptr) of n_cols each, under one
+    lock per column tile (col_lock_ptr), with no workspace; one O(n_cols) finalise pass follows.
+    Programs walk their column tiles starting at pid_m, so those working at the same time mostly
+    hold different locks. Nothing B x B is written.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -121,21 +126,23 @@ def _clip_loss_fwd_kernel(
         # Rows: online softmax over this program's column tiles.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # padded rows stay at 0, not NaN
-        p = tl.exp(logits - safe_max[:, None])
-        rescale = tl.exp(row_max - safe_max)
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        if HAS_EXPECTATIONS:
-            row_wsum = row_wsum * rescale + tl.sum(p * x, axis=1)
+        row_shifted = logits - safe_max[:, None]
+        p = tl.exp(row_shifted)
+        row_sum, row_wsum = _shifted_state(row_max, row_sum, row_wsum, new_max, HAS_EXPECTATIONS)
+        row_sum += tl.sum(p, axis=1)
+        if HAS_EXPECTATIONS:  # p (S - m); a masked entry's -inf is floored so that p = 0 times it is 0
+            row_wsum += tl.sum(p * tl.maximum(row_shifted, -3.0e38), axis=1)
         row_max = new_max
 
         # Columns: this tile's partial, shifted by its own column max.
         tile_col_max = tl.max(logits, axis=0)
         safe_col_max = tl.where(tile_col_max == float("-inf"), 0.0, tile_col_max)
-        q = tl.exp(logits - safe_col_max[None, :])
+        col_shifted = logits - safe_col_max[None, :]
+        q = tl.exp(col_shifted)
         tile_col_sum = tl.sum(q, axis=0)
-        tile_col_wsum = tl.sum(q * x, axis=0) if HAS_EXPECTATIONS else tile_col_sum
+        tile_col_wsum = tl.sum(q * tl.maximum(col_shifted, -3.0e38), axis=0) if HAS_EXPECTATIONS else tile_col_sum
         if LOCKED_COLUMNS:
-            _locked_column_merge(col_lock_ptr + col_block, col_max_ptr, col_wsum_ptr, cols, col_valid,
+            _locked_column_merge(col_lock_ptr + col_block, col_max_ptr, col_sum_ptr, col_wsum_ptr, cols, col_valid,
                                  tile_col_max, tile_col_sum, tile_col_wsum, HAS_EXPECTATIONS)
         else:
             col_offsets = col_partial_base + cols

@@ -3,8 +3,9 @@
     _block_range          the indices of one block of rows or columns, and which are in range
     _similarity_tile      x = image[rows] @ text[cols].T for one (BLOCK_M, BLOCK_N) tile, looping over D
     _logits_tile          S = scale * x + bias for one tile, scale and bias read from their 0-dim tensors
-    _lse_merge_kernel     merges per-block (max, sum-exp[, weighted sum]) partials into log-sum-exp
-    _locked_column_merge  merges one tile's column softmax partial into running (lse, expectation) under a lock
+    _lse_merge_kernel     merges per-block (max, sum-exp[, weighted sum]) partials into log-sum-exp, E[log p]
+    merge_block           the merge kernel's block size for a length (fills the GPU)
+    _locked_column_merge  merges one tile's column softmax partial into a running (max, sum, weighted sum) under a lock
     _log1p                log(1 + u) accurate for tiny u (no libdevice, so it also runs in the interpreter)
     TileConfig            one launch configuration (block sizes, warps, pipeline stages)
 
@@ -78,27 +79,48 @@ def _similarity_tile(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
 
 
 @triton.jit
-def _locked_column_merge(lock_ptr, lse_ptr, expect_ptr, cols, col_valid, tile_max, tile_sum, tile_wsum,
-                         HAS_EXPECTATIONS: tl.constexpr):
-    """lse_j <- log(e^lse_j + e^tile_lse_j) and expect_j re-weighted by mass, under the tile's spin lock.
+def _shifted_state(m, l, w, new_max, HAS_EXPECTATIONS: tl.constexpr):
+    """A softmax state (m, l, w) re-expressed relative to new_max >= m: (l e^(m - M), w') with M the
+    finite shift. w is in log form, w = sum exp(S - m) (S - m), so w' = (w + l (m - M)) e^(m - M):
+    every term of the sum keeps its sign (S <= M), nothing cancels. An empty state (m = -inf,
+    l = w = 0) stays empty instead of becoming 0 * inf."""
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    factor = tl.exp(m - safe_max)
+    shifted_l = l * factor
+    shifted_w = w
+    if HAS_EXPECTATIONS:
+        gap = tl.where(m == float("-inf"), 0.0, m - safe_max)
+        shifted_w = (w + l * gap) * factor
+    return shifted_l, shifted_w
 
-    Math: tile_lse = tile_max + log(tile_sum); merged = max + log(e^(lse - max) + e^(tile_lse - max));
-    expect = expect e^(lse - merged) + (tile_wsum / tile_sum) e^(tile_lse - merged). One lock per
+
+@triton.jit
+def _locked_column_merge(lock_ptr, max_ptr, sum_ptr, wsum_ptr, cols, col_valid, tile_max, tile_sum, tile_wsum,
+                         HAS_EXPECTATIONS: tl.constexpr):
+    """Running column state (m, l, w) <- merged with this tile's partial, under the tile's spin lock.
+
+    Math: the deterministic merge's, one part at a time: M = max(m, tile_max), l = l e^(m - M) +
+    tile_sum e^(tile_max - M), w likewise in log form (_shifted_state). No log or division under the
+    lock: the state stays (max, sum, weighted sum) and one O(n) pass (_lse_merge_kernel with no
+    parts, FINALIZE) writes lse = M + log l and E[log Q] = w / l - log l once, as the deterministic
+    path does, so the two are equally accurate whatever the number of row blocks. One lock per
     column tile (CCE merges its LSE the same way): the merge order is the order in which programs
     arrive, so the result is not bitwise repeatable; deterministic=True writes per-block partials instead.
     """
-    tile_sum = tl.where(col_valid, tile_sum, 1.0)
-    tile_lse = tl.where(col_valid, tile_max + tl.log(tile_sum), 0.0)
     while tl.atomic_cas(lock_ptr, 0, 1) == 1:
         pass
-    old_lse = tl.load(lse_ptr + cols, mask=col_valid, other=0.0)
-    top = tl.maximum(old_lse, tile_lse)  # old_lse starts at -inf; tile_lse is finite
-    merged = top + tl.log(tl.exp(old_lse - top) + tl.exp(tile_lse - top))
+    old_max = tl.load(max_ptr + cols, mask=col_valid, other=float("-inf"))  # starts at -inf
+    old_sum = tl.load(sum_ptr + cols, mask=col_valid, other=0.0)
+    old_wsum = old_sum
     if HAS_EXPECTATIONS:
-        old_expect = tl.load(expect_ptr + cols, mask=col_valid, other=0.0)
-        expect = old_expect * tl.exp(old_lse - merged) + (tile_wsum / tile_sum) * tl.exp(tile_lse - merged)
-        tl.store(expect_ptr + cols, expect, mask=col_valid)
-    tl.store(lse_ptr + cols, merged, mask=col_valid)
+        old_wsum = tl.load(wsum_ptr + cols, mask=col_valid, other=0.0)
+    new_max = tl.maximum(old_max, tile_max)
+    old_sum, old_wsum = _shifted_state(old_max, old_sum, old_wsum, new_max, HAS_EXPECTATIONS)
+    tile_sum, tile_wsum = _shifted_state(tile_max, tile_sum, tile_wsum, new_max, HAS_EXPECTATIONS)
+    tl.store(max_ptr + cols, new_max, mask=col_valid)
+    tl.store(sum_ptr + cols, old_sum + tile_sum, mask=col_valid)
+    if HAS_EXPECTATIONS:
+        tl.store(wsum_ptr + cols, old_wsum + tile_wsum, mask=col_valid)
     tl.debug_barrier()  # every thread's stores are issued before the lock is released
     tl.atomic_xchg(lock_ptr, 0)
 
@@ -123,8 +145,20 @@ def _log1p(u):
     return tl.where(rounded == 0.0, u, tl.log(w) * (u / tl.where(rounded == 0.0, 1.0, rounded)))
 
 
-# Merge kernel block: a 1-D pass over O(B) statistics; 1024 lanes keep it bandwidth-bound and short.
+# Merge kernel blocks: a 1-D pass over O(B) statistics, one element per thread (4 warps at 128).
+# The launcher takes the largest block that still gives every SM a few programs (merge_block), so
+# B = 65536 runs 512 programs of 128 lanes rather than 64 of 1024, each looping over every part.
 MERGE_BLOCK = 1024
+MIN_MERGE_BLOCK = 128
+
+
+def merge_block(length: int, target_programs: int) -> int:
+    """The merge kernel's BLOCK: a power of two in [MIN_MERGE_BLOCK, MERGE_BLOCK] giving about
+    target_programs programs over ``length`` indices (fewer only when length is small)."""
+    block = MERGE_BLOCK
+    while block > MIN_MERGE_BLOCK and -(-length // block) < target_programs:
+        block //= 2
+    return block
 
 
 @triton.jit(do_not_specialize=["n_parts", "length", "stride_part"])
@@ -134,11 +168,16 @@ def _lse_merge_kernel(part_max_ptr, part_sum_ptr, part_wsum_ptr, n_parts, length
                       BLOCK: tl.constexpr):
     """Merge n_parts partial softmax statistics per index, in a fixed order (bitwise repeatable).
 
-    Math: part k holds (m_k, l_k = sum exp(S - m_k), w_k = sum exp(S - m_k) x). The merge is
-    m = max_k m_k, l = sum_k l_k exp(m_k - m), w likewise. Tiling: one program per BLOCK indices, a
-    sequential loop over the parts (stride_part apart). With HAS_RUNNING the running state
-    (run_max/run_sum/run_wsum) is merged first; FINALIZE writes lse = m + log l and, with
-    HAS_EXPECTATIONS, expect = w / l, else the merged state goes back to the running arrays.
+    Math: part k holds (m_k, l_k = sum exp(S - m_k), w_k = sum exp(S - m_k) (S - m_k)), the
+    weighted sum in log form (shifted logits, so it is small where the softmax is peaked and no
+    |S|-sized terms cancel). The merge is m = max_k m_k, l = sum_k l_k exp(m_k - m),
+    w = sum_k (w_k + l_k (m_k - m)) exp(m_k - m) (_shifted_state). Tiling: one program per BLOCK
+    indices, a sequential loop over the parts (stride_part apart). With HAS_RUNNING the running
+    state (run_max/run_sum/run_wsum) is merged first (n_parts = 0 only finalises it: the locked
+    column path). FINALIZE writes lse = m + log l and, with HAS_EXPECTATIONS, the expected log
+    probability E[log p] = w / l - log l (minus the entropy); else the merged state goes back to the
+    running arrays. The division is the approximate one (div.full, 2 ulp), which keeps the IEEE
+    division's called slow path out of the kernel (the offline sm80/sm90 compiles: no stack, no spill).
     """
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offsets < length
@@ -154,20 +193,22 @@ def _lse_merge_kernel(part_max_ptr, part_sum_ptr, part_wsum_ptr, n_parts, length
         part = k * stride_part + offsets  # the launcher keeps workspaces under 2**31 elements
         part_max = tl.load(part_max_ptr + part, mask=valid, other=float("-inf"))
         part_sum = tl.load(part_sum_ptr + part, mask=valid, other=0.0)
-        new_max = tl.maximum(m, part_max)
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        old_factor = tl.exp(m - safe_max)
-        part_factor = tl.exp(part_max - safe_max)
-        l = l * old_factor + part_sum * part_factor
+        part_wsum = part_sum
         if HAS_EXPECTATIONS:
             part_wsum = tl.load(part_wsum_ptr + part, mask=valid, other=0.0)
-            w = w * old_factor + part_wsum * part_factor
+        new_max = tl.maximum(m, part_max)
+        l, w = _shifted_state(m, l, w, new_max, HAS_EXPECTATIONS)
+        part_sum, part_wsum = _shifted_state(part_max, part_sum, part_wsum, new_max, HAS_EXPECTATIONS)
+        l += part_sum
+        if HAS_EXPECTATIONS:
+            w += part_wsum
         m = new_max
     if FINALIZE:
-        l = tl.where(valid, l, 1.0)  # padded lanes: no log(0)
-        tl.store(lse_ptr + offsets, m + tl.log(l), mask=valid)
+        l = tl.where(l > 0.0, l, 1.0)  # padded lanes and empty indices: no log(0)
+        log_l = tl.log(l)
+        tl.store(lse_ptr + offsets, m + log_l, mask=valid)
         if HAS_EXPECTATIONS:
-            tl.store(expect_ptr + offsets, w / l, mask=valid)
+            tl.store(expect_ptr + offsets, tl.fdiv(w, l, ieee_rounding=False) - log_l, mask=valid)
     else:
         tl.store(run_max_ptr + offsets, m, mask=valid)
         tl.store(run_sum_ptr + offsets, l, mask=valid)

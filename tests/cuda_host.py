@@ -210,12 +210,17 @@ def clip_truth(image, text, scale, bias, row_coef, col_coef, positive_offset, gr
     row_softmax, col_softmax = (logits - row_lse[:, None]).exp(), (logits - col_lse).exp()
     positive = positives(*logits.shape, positive_offset, compute, logits.device)
     row_coef, col_coef = row_coef.to(logits.device, compute), col_coef.to(logits.device, compute)
-    grad = row_coef[:, None] * (row_softmax - positive) + col_coef * (col_softmax - positive)
+    row_part = row_coef[:, None] * (row_softmax - positive)
+    col_part = col_coef * (col_softmax - positive)
+    # the block's share of d scale (fastclip/backends.py): sum G x only when rows and columns are whole
+    grad_scale = (row_part * (logits - row_lse[:, None]) + col_part * (logits - col_lse)).sum() / float(scale)
+    grad = row_part + col_part
     if grad_dtype is not None:
         grad = grad.to(grad_dtype).to(compute)
-    return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * x).sum(1),
-            "col_expect": (col_softmax * x).sum(0), "grad_image": float(scale) * grad @ text,
-            "grad_text": float(scale) * grad.T @ image, "grad_scale": (grad * x).sum()}
+    # the expected log-probabilities E[log P] (minus the entropies), as the forward returns them
+    return {"row_lse": row_lse, "col_lse": col_lse, "row_expect": (row_softmax * (logits - row_lse[:, None])).sum(1),
+            "col_expect": (col_softmax * (logits - col_lse)).sum(0), "grad_image": float(scale) * grad @ text,
+            "grad_text": float(scale) * grad.T @ image, "grad_scale": grad_scale}
 
 
 def siglip_truth(image, text, scale, bias, positive_offset, grad_coef, grad_dtype=None) -> dict:

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,10 @@ def _git_status() -> str:
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_output_folder_flags(name, tmp_path):
-    common = _load("_common")
+    common = _load("_results")
     parser = _load(name).build_parser()
     default = common.output_dir(parser.parse_args([]))
-    assert default == common.SCRATCH_DIR and REPO not in default.resolve().parents
+    assert default == common.scratch_dir() and REPO not in default.resolve().parents
     assert common.output_dir(parser.parse_args(["--update-results"])) == BENCHMARKS / "results"
     assert common.output_dir(parser.parse_args(["--out-dir", str(tmp_path)])) == tmp_path
     with pytest.raises(SystemExit) as error:  # argparse: the two flags exclude each other
@@ -59,7 +60,7 @@ def test_quick_benchmark_leaves_the_checkout_clean(tmp_path):
         timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert _git_status() == before, "the benchmark changed the checkout"
-    scratch = tmp_path / "fastclip-benchmarks"
+    (scratch,) = tmp_path.glob("fastclip-benchmarks-*")  # the run's own folder under the temp dir
     rows = json.loads((scratch / "bench_siglip_loss.json").read_text())
     assert (scratch / "bench_siglip_loss.csv").is_file()
     assert {row["implementation"]: row["status"] for row in rows} == {"fastclip": "ok", "open_clip": "ok"}
@@ -68,3 +69,26 @@ def test_quick_benchmark_leaves_the_checkout_clean(tmp_path):
     fastclip_row = next(row for row in rows if row["implementation"] == "fastclip")
     assert fastclip_row["time_vs_open_clip"] > 0 and fastclip_row["extra_peak_mb"] >= 0
     assert {"date", "torch", "cpu"} <= set(fastclip_row)
+
+
+def test_each_run_gets_its_own_scratch_folder_with_normal_permissions(tmp_path):
+    """Two runs never share a scratch folder, and what they write is readable as any user file is
+    (umask 022 here: 0644 files, 0755 folders), not the 0600 of a private temporary."""
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}
+    script = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); import _results; "
+              "parser = argparse.ArgumentParser(); _results.add_output_arguments(parser); "
+              "out = _results.output_dir(parser.parse_args([])); "
+              "print(_results.append_results('probe', [{'value': 1}], out))")
+    folders = []
+    for _ in range(2):
+        completed = subprocess.run([sys.executable, "-c", f"import os; os.umask(0o022); {script}", str(BENCHMARKS)],
+                                   env=environment, capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        csv_path = Path(completed.stdout.strip().splitlines()[-1])
+        folders.append(csv_path.parent)
+        assert csv_path.parent.parent == tmp_path and csv_path.parent.name.startswith("fastclip-benchmarks-")
+        for written in (csv_path, csv_path.with_suffix(".json")):
+            assert stat.S_IMODE(written.stat().st_mode) == 0o644, f"{written.name}: {oct(written.stat().st_mode)}"
+        assert stat.S_IMODE(csv_path.parent.stat().st_mode) == 0o755
+        assert len(json.loads(csv_path.with_suffix(".json").read_text())) == 1, "a run sees only its own rows"
+    assert folders[0] != folders[1], "two runs wrote into one scratch folder"

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from fastclip.backends import BACKENDS, LossInputs, select_backend
 from fastclip.loss import ClipLoss
-from fastclip.ops import clip_loss_torch, cuda_common
+from fastclip.ops import clip_loss_torch, cuda_common, workspace
 from fastclip.ops.clip_loss import ClipLossFunction
+from fastclip.ops.options import ClipOptions
 from tests import cuda_host
 from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
 from tests.loss_utils import clip_like_features, grads_against_open_clip, loss_and_grads
@@ -136,6 +137,25 @@ def test_host_build_logit_scale_gradient_is_within_twice_open_clips_fp32_error(h
     assert ours <= 2 * open_clip, f"RMS error {ours:.3e} vs open_clip's fp32 {open_clip:.3e}"
 
 
+@pytest.mark.parametrize("correlated", [0.5, 1 / 1.2])
+def test_host_build_logit_scale_gradient_at_scale_100_and_near_a_zero_loss(host, correlated):
+    """Scale 100, softmaxes on their positives (correlated 0.5: loss ~0.5; 1/1.2: loss ~1e-5, where
+    open_clip's own fp32 error is ~2%): within 2x open_clip's RMS error over 6 draws. The tile sums
+    R log P + C log Q (log-softmax form); summing G x instead was 7x (loss ~0.5) and ~60x (near zero)
+    open_clip's error here, the fp32 lse's ~|S| eps rounding times |S|."""
+    ours_errors, open_clip_errors = [], []
+    for draw in range(6):
+        image, text = clip_like_features(64, 64, seed=2000 + draw, correlated=correlated)
+        truth = float(loss_and_grads(open_clip_loss(), image.double(), text.double(), 100.0)["logit_scale"])
+        ours = float(loss_and_grads(primitive_clip_loss(host), image, text, 100.0)["logit_scale"])
+        reference = float(loss_and_grads(open_clip_loss(), image, text, 100.0)["logit_scale"])
+        ours_errors.append((ours - truth) / truth)
+        open_clip_errors.append((reference - truth) / truth)
+    rms = lambda errors: (sum(e * e for e in errors) / len(errors)) ** 0.5  # noqa: E731
+    assert rms(ours_errors) <= 2 * rms(open_clip_errors), (
+        f"relative errors {ours_errors} vs open_clip's {open_clip_errors} (draw seeds 2000-2005)")
+
+
 @pytest.mark.parametrize("n_rows,n_cols,dim,offset", [(70, 300, 257, 140), (300, 37, 64, -5), (37, 100, 64, 1000),
                                                      (129, 65, 33, 64)])
 def test_host_build_rectangular_blocks_and_positive_offsets(host, n_rows, n_cols, dim, offset):
@@ -224,7 +244,7 @@ def test_fake_kernels_on_fake_cuda_tensors():
         image = torch.empty(37, 200, device="cuda", dtype=torch.bfloat16)
         text = torch.empty(37, 200, device="cuda", dtype=torch.bfloat16)
         scale, bias = torch.empty((), device="cuda"), torch.zeros((), device="cuda")
-        loss = ClipLossFunction.apply(image, text, scale, bias, BACKENDS["cuda"], True, "mean")
+        loss = ClipLossFunction.apply(image, text, scale, bias, BACKENDS["cuda"], ClipOptions(normalize=True))
         assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
         row_lse, col_lse, row_expect, col_expect = clip_loss_cuda.clip_loss_fwd(image, text[:20], scale, bias, True,
                                                                                 False)
@@ -372,7 +392,7 @@ def test_gpu_deterministic_mode_is_bitwise_repeatable_at_scale(gpu_kernels, monk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_every_element_is_written_with_chunked_workspaces(gpu_kernels, monkeypatch, dtype):
     """Outputs and workspaces start as NaN; one row block per chunk forward and backward."""
-    monkeypatch.setattr(cuda_common, "POISON_BUFFERS", True)
+    monkeypatch.setattr(workspace, "POISON_BUFFERS", True)
     monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "0.001")
     gpu_case(gpu_kernels, dtype, 300, 200, 200, 30, seed=41)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from fastclip.backends import triton_interpret_mode
+from fastclip.devices import triton_interpret_mode
 from fastclip.loss import ClipLoss
 
 BATCH, DIM = 512, 64

@@ -6,7 +6,8 @@ import warnings
 import torch
 
 from fastclip.distributed import count_communication
-from fastclip.loss import CLIP_DIST_IMPLS, SIGLIP_DIST_IMPLS, ClipLoss, SigLipLoss
+from fastclip.loss import ClipLoss, SigLipLoss
+from fastclip.ops.options import CLIP_DIST_IMPLS, SIGLIP_DIST_IMPLS
 from tests.distributed_utils import global_batch, local_rows, run_in_world
 
 

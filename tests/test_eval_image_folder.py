@@ -112,3 +112,39 @@ def test_folder_errors_exit_2(setup, capsys, tmp_path):
         assert message in capsys.readouterr().err
     assert eval_main(["--task", "retrieval", "--checkpoint", str(weights), "--data", str(root)]) == 2
     assert "serves --task zeroshot" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("capability, expected", [(None, "fp32"), ((7, 5), "amp"), ((8, 0), "amp_bf16")])
+def test_without_precision_eval_takes_the_trainers_default_for_the_device(setup, capsys, monkeypatch, capability,
+                                                                          expected):
+    """The GPU's capability is mocked; the evaluation itself runs on CPU in the mode that GPU would get."""
+    import fastclip.eval.features as features
+    import fastclip.eval.main as eval_module
+    from fastclip.precision import autocast, default_precision
+
+    tmp, _, weights, root = setup
+    if capability is not None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(eval_module, "default_precision", lambda device: default_precision(torch.device("cuda")))
+    used = set()
+    monkeypatch.setattr(features, "autocast", lambda precision, device: used.add(precision) or autocast(precision,
+                                                                                                         device))
+    code = eval_main(["--task", "zeroshot", "--checkpoint", str(weights), "--data", str(root), "--classnames",
+                      str(tmp / "names.txt"), "--workers", "0"])
+    assert code == 0 and used == {expected}
+    said = f"precision {expected} (the default on this sm" in capsys.readouterr().err
+    assert said == (capability is not None)  # the CPU's fp32 goes without saying
+
+
+def test_eval_loads_bf16_as_open_clip_does(setup):
+    """--precision bf16 in eval: open_clip's mixed weights (matmul weights bf16, the rest fp32)."""
+    open_clip = pytest.importorskip("open_clip")
+    from fastclip.eval.main import load_model_for_eval
+
+    _, model, weights, _ = setup
+    loaded = load_model_for_eval(str(weights), None, torch.device("cpu"), "bf16")
+    theirs = open_clip.model.CLIP(**model.config.to_open_clip(), cast_dtype=torch.bfloat16)
+    open_clip.model.convert_weights_to_lp(theirs, torch.bfloat16)
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in theirs.state_dict().items()}
+    assert not loaded.training

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastclip import backends
+from fastclip import backends, devices
 from fastclip.backends import LossInputs, select_backend
 from fastclip.loss import ClipLoss, SigLipLoss
-from fastclip.ops import triton_common
+from fastclip.ops import gemm
 from fastclip.ops.workspace import workspace_bytes
 
 CUDA0 = torch.device("cuda", 0)
@@ -30,10 +30,10 @@ def mocked_gpu(monkeypatch):
         gpu.calls += 1
         return gpu
 
-    backends._cuda_capability.cache_clear()
+    devices._cuda_capability.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     yield gpu
-    backends._cuda_capability.cache_clear()
+    devices._cuda_capability.cache_clear()
 
 
 def _triton_installed() -> bool:
@@ -101,10 +101,10 @@ def test_compiled_clip_loss_on_fake_cuda_tensors_traces_the_triton_ops(mocked_gp
 def test_cublas_fallback_keys_tell_plain_and_transposed_products_apart():
     grad_logits, text = torch.zeros(6, 10), torch.zeros(10, 4)
     image_rows = torch.zeros(6, 4)
-    plain = triton_common.gemm_kind(grad_logits, text)  # G @ T
-    transposed = triton_common.gemm_kind(grad_logits.t(), image_rows)  # G.T @ I
+    plain = gemm.gemm_kind(grad_logits, text)  # G @ T
+    transposed = gemm.gemm_kind(grad_logits.t(), image_rows)  # G.T @ I
     assert plain != transposed
-    assert triton_common.gemm_kind(grad_logits.t().contiguous(), image_rows) == plain
+    assert gemm.gemm_kind(grad_logits.t().contiguous(), image_rows) == plain
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "lots"])

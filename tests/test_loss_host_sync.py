@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastclip.backends import triton_interpret_mode
+from fastclip.devices import triton_interpret_mode
 from fastclip import checks
 from fastclip.checks import HOST_CHECK_ENV
 from fastclip.loss import ClipLoss, SigLipLoss

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import fastclip
 from fastclip.model import CONFIGS, create_model, infer_config, model_from_state_dict, save_model
+from tests.model_utils import perturb
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -24,22 +25,8 @@ def _open_clip_model(name, seed=0):
         model = open_clip.create_model(name, pretrained=None)
     else:
         model = open_clip.model.CLIP(**CONFIGS[name].to_open_clip())
-    _perturb(model, seed)
+    perturb(model, seed)
     return model.eval()
-
-
-def _perturb(model, seed):
-    """Make every 1-D parameter and BatchNorm statistic non-trivial (open_clip inits many to 0 or 1)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim == 1:
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
 
 
 def _inputs(name, batch=2):
@@ -101,7 +88,7 @@ def test_openai_format_parity_with_inferred_config(reference):
 def test_reverse_direction_loads_strictly_into_open_clip(reference):
     name, model, (images, text), _ = reference
     ours = model_from_state_dict(model.state_dict(), name=name).eval()
-    _perturb(ours, seed=123)  # weights open_clip's model does not have yet
+    perturb(ours, seed=123)  # weights open_clip's model does not have yet
     theirs = copy.deepcopy(model)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     _assert_parity(ours, _encode(theirs, images, text), images, text, f"{name} (fastclip -> open_clip)")
@@ -172,6 +159,46 @@ def test_save_model_round_trip(tmp_path, tiny_reference):
     _assert_parity(loaded, _encode(theirs, images, text), images, text, "open_clip reads save_model")
     with pytest.raises(ValueError, match="safetensors"):
         save_model(ours, tmp_path / "model.pt")
+
+
+def _sized_open_clip_model(name, image_size, seed=11):
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**CONFIGS[name].replace(image_size=image_size).to_open_clip())
+    perturb(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("source", ["trainer checkpoint", "OpenAI", "open_clip"])
+def test_create_model_without_a_name_reads_the_architecture_and_image_size(tmp_path, source):
+    """Each at an image size its config name does not have: the one the weights were trained at comes back."""
+    if source == "trainer checkpoint":  # the folder's weights record the whole config (the manifest: the name)
+        from fastclip.train.checkpoint import save_checkpoint
+
+        reference = create_model("fastclip-tiny", image_size=32).eval()
+        perturb(reference, seed=4)
+        path = save_checkpoint(tmp_path, 7, reference, {}, model_name="fastclip-tiny")
+        expected_config, options = reference.config, {}
+    elif source == "OpenAI":  # QuickGELU, an int input_resolution entry, the image size in the position embedding
+        reference = _sized_open_clip_model("RN-Tiny-quickgelu", 96)
+        path = tmp_path / "openai.pt"
+        torch.save(_to_openai_format(reference.state_dict(), "RN-Tiny-quickgelu"), path)
+        expected_config, options = CONFIGS["RN-Tiny-quickgelu"].replace(image_size=96), {}
+    else:  # an open_clip training checkpoint of a GELU ViT: the activation is not in the weights, so it is named
+        reference = _sized_open_clip_model("fastclip-tiny", 48)
+        path = tmp_path / "epoch_3.pt"
+        torch.save(_training_checkpoint(reference.state_dict()), path)
+        expected_config, options = CONFIGS["fastclip-tiny"].replace(image_size=48), {"quick_gelu": False}
+    size = expected_config.vision.image_size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    text = fastclip.tokenize(CAPTIONS)
+    expected = _encode(reference, images, text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = fastclip.create_model(pretrained=path, **options)
+    guessed = [str(warning.message) for warning in caught if "assuming QuickGELU" in str(warning.message)]
+    assert len(guessed) == (source == "OpenAI")  # OpenAI's build_model's guess, said; nothing guessed otherwise
+    assert loaded.config == expected_config
+    _assert_parity(loaded, expected, images, text, f"create_model(pretrained=<{source}>)")
 
 
 def test_sizes_resized_on_load(tiny_reference):

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -99,6 +100,21 @@ def test_the_tags_activation_wins_over_the_names(caches, monkeypatch):
     with pytest.warns(UserWarning, match="trained with QuickGELU"):
         model = create_model(TINY, pretrained="quick")
     assert model.config.quick_gelu
+
+
+def test_without_a_name_the_hub_repos_open_clip_config_gives_the_activation(caches):
+    """open_clip's Hub repositories hold open_clip_config.json beside the weights; GELU models omit quick_gelu."""
+    theirs = _open_clip_tiny()
+    path = _put_in_hub_cache("fake-org/gelu", "open_clip_model.safetensors",
+                             lambda target: save_file(theirs.state_dict(), str(target)))
+    model_cfg = {key: value for key, value in CONFIGS[TINY].to_open_clip().items() if key != "quick_gelu"}
+    (path.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing guessed: the activation is read, not assumed
+        for pretrained in ("hf-hub:fake-org/gelu", path):
+            model = create_model(pretrained=pretrained)
+            assert model.config == CONFIGS[TINY]
+            _assert_same_features(model, theirs, CONFIGS[TINY].vision.image_size)
 
 
 def test_real_registry_entries_point_into_the_caches(caches):

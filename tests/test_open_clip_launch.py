@@ -125,7 +125,7 @@ def test_open_clip_aliases_and_implied_settings():
     config = parse_args(["--precision", "amp_bfloat16", "--delete-previous-checkpoint", "--force-quick-gelu",
                          "--force-image-size", "32", "32", "--dataset-type", "synthetic"])
     assert (config.precision, config.keep_last, config.model, config.force_image_size) == \
-        ("amp_bf16", 1, "fastclip-tiny-quickgelu", 32)
+        ("amp_bfloat16", 1, "fastclip-tiny-quickgelu", 32)
 
 
 def _open_clip_schedule(kind, optimizer, base_lr, warmup, total, cooldown):

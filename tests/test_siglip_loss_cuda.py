@@ -10,7 +10,7 @@ import torch
 
 from fastclip.backends import BACKENDS
 from fastclip.loss import SigLipLoss
-from fastclip.ops import cuda_common, siglip_loss_torch
+from fastclip.ops import cuda_common, siglip_loss_torch, workspace
 from fastclip.ops.siglip_loss import SigLipLossFunction
 from tests import cuda_host
 from tests.cuda_host import host, host_library  # noqa: F401 (fixtures)
@@ -184,7 +184,7 @@ def test_gpu_deterministic_primitives_are_bitwise_repeatable(gpu_kernels, monkey
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_every_element_is_written_with_chunked_workspaces(gpu_kernels, monkeypatch, dtype):
-    monkeypatch.setattr(cuda_common, "POISON_BUFFERS", True)
+    monkeypatch.setattr(workspace, "POISON_BUFFERS", True)
     monkeypatch.setenv("FASTCLIP_WORKSPACE_MB", "0.001")
     gpu_case(gpu_kernels, dtype, 300, 200, 200, 30, seed=43)
 

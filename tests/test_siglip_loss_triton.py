@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from fastclip.backends import triton_interpret_mode  # noqa: E402
+from fastclip.devices import triton_interpret_mode  # noqa: E402
 from fastclip.loss import SigLipLoss  # noqa: E402
 from fastclip.ops import siglip_loss_torch, siglip_loss_triton, triton_common  # noqa: E402
 from tests.loss_utils import clip_like_features, loss_and_grads, siglip_grads_against_open_clip  # noqa: E402

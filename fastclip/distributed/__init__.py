@@ -45,8 +45,9 @@ import torch
 from fastclip.distributed.clip import DistributedClip
 from fastclip.distributed.comm import World, check_consistent, count_communication
 from fastclip.distributed.exchange import EXCHANGES
-from fastclip.distributed.siglip import SIGLIP_EXCHANGE_OF, DistributedSigLip
-from fastclip.ops.clip_loss import REDUCTIONS, ClipLossFunction
+from fastclip.distributed.siglip import SIGLIP_EXCHANGE_OF
+from fastclip.ops.clip_loss import ClipLossFunction
+from fastclip.ops.options import REDUCTIONS, ClipOptions, SigLipOptions
 from fastclip.ops.siglip_loss import SigLipLossFunction
 
 __all__ = ["distributed_clip_loss", "distributed_siglip_loss", "count_communication"]
@@ -63,31 +64,33 @@ def _grad_flags(image_features, text_features, scale) -> dict[str, int]:
             "logit_scale.requires_grad": int(enabled and scale.requires_grad)}
 
 
-def distributed_clip_loss(image_features, text_features, scale, bias, backend, *, normalize, reduction, rank,
-                          world_size, group, dist_impl, local_loss, gather_with_grad, deterministic=False):
-    """open_clip's ``ClipLoss(local_loss, gather_with_grad, rank, world_size)`` on rank ``rank`` of ``group``.
+def distributed_clip_loss(image_features, text_features, scale, bias, backend, options: ClipOptions, rank: int,
+                          world_size: int):
+    """open_clip's ``ClipLoss(local_loss, gather_with_grad, rank, world_size)`` on rank ``rank`` of the group.
 
-    image_features, text_features: (b, D), this rank's pairs; scale / bias: one-element tensors.
+    image_features, text_features: (b, D), this rank's pairs; scale / bias: one-element tensors;
+    backend: the ``LossBackend`` picked for this call; options: its ``ClipOptions`` (validated).
     Returns L (local_loss=False) or L_r (local_loss=True); reduction="none" gives this rank's (b,)
     per-pair losses with global statistics, "sum" the global (or local) sum.
     """
-    world = World(group, rank, world_size)
+    world = World(options.process_group, rank, world_size)
     check_consistent(world, image_features, {
-        "loss": _LOSS_CODES["clip"], "dist_impl": _EXCHANGE_CODES[dist_impl], "local_loss": int(local_loss),
-        "gather_with_grad": int(gather_with_grad), "normalize": int(normalize),
-        "reduction": REDUCTIONS.index(reduction), **_grad_flags(image_features, text_features, scale)})
-    plan = DistributedClip(world, EXCHANGES[dist_impl](world), local_loss, gather_with_grad)
-    return ClipLossFunction.apply(image_features, text_features, scale, bias, backend, normalize, reduction,
-                                  deterministic, plan)
-
-
-def distributed_siglip_loss(image_features, text_features, scale, bias, backend, *, rank, world_size, group,
-                            dist_impl, deterministic=False):
-    """open_clip's ``SigLipLoss(rank, world_size, dist_impl)``: this rank's images against all texts, / b."""
-    world = World(group, rank, world_size)
-    exchange = SIGLIP_EXCHANGE_OF[dist_impl]
-    check_consistent(world, image_features, {
-        "loss": _LOSS_CODES["siglip"], "dist_impl": _EXCHANGE_CODES[exchange],
+        "loss": _LOSS_CODES["clip"], "dist_impl": _EXCHANGE_CODES[options.dist_impl],
+        "local_loss": int(options.local_loss), "gather_with_grad": int(options.gather_with_grad),
+        "normalize": int(options.normalize), "reduction": REDUCTIONS.index(options.reduction),
         **_grad_flags(image_features, text_features, scale)})
-    plan = DistributedSigLip(world, EXCHANGES[exchange](world))
-    return SigLipLossFunction.apply(image_features, text_features, scale, bias, backend, deterministic, plan)
+    exchange = EXCHANGES[options.dist_impl](world, backend, options.deterministic)
+    plan = DistributedClip(world, exchange, options)
+    return ClipLossFunction.apply(image_features, text_features, scale, bias, backend, options, plan)
+
+
+def distributed_siglip_loss(image_features, text_features, scale, bias, backend, options: SigLipOptions, rank: int,
+                            world_size: int):
+    """open_clip's ``SigLipLoss(rank, world_size, dist_impl)``: this rank's images against all texts, / b."""
+    world = World(options.process_group, rank, world_size)
+    exchange_name = SIGLIP_EXCHANGE_OF[options.dist_impl]
+    check_consistent(world, image_features, {
+        "loss": _LOSS_CODES["siglip"], "dist_impl": _EXCHANGE_CODES[exchange_name],
+        "normalize": int(options.normalize), **_grad_flags(image_features, text_features, scale)})
+    exchange = EXCHANGES[exchange_name](world, backend, options.deterministic)
+    return SigLipLossFunction.apply(image_features, text_features, scale, bias, backend, options, exchange)

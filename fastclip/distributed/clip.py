@@ -26,8 +26,10 @@ sum_ij G0_ij x_ij (each rank's rows contribute the backward primitive's grad_sca
 add up to it over all ranks and blocks); gradients are scaled after.
 The local objective weights pair i by c_i = g / b (or g_i for "none"): row_coef = c_i / 2 on the
 local rows and col_coef_j = c_j / 2 on column j, delivered from its owner by the exchange; its scale
-gradient needs the expectations E^row_i = sum_j P_ij x_ij and E^col_j = sum_i Q_ij x_ij, which the
-forward computes with the statistics (d loss_i / ds = 1/2 [(E^row_i - x_ii) + (E^col_i - x_ii)]).
+gradient needs d loss_i / ds = 1/2 [(E_P[x]_i - x_ii) + (E_Q[x]_i - x_ii)], computed as
+1/2 [(E_P[log P]_i + CE^row_i) + (E_Q[log Q]_i + CE^col_i)] / s from the expected log-probabilities
+the forward returns with the statistics (x = (S - lse + log P) / s along a row; no |S|-sized
+cancellation, so within 2x open_clip's fp32 error: docs/numerics.md).
 CLIP's gradient w.r.t. a shared bias is exactly 0 (softmax is shift invariant).
 """
 from __future__ import annotations
@@ -36,27 +38,50 @@ import torch
 
 from fastclip.distributed.comm import World, all_reduce_
 from fastclip.distributed.exchange import GradientPass
-from fastclip.ops.chunking import accumulate_dtype
+from fastclip.devices import accumulate_dtype
+from fastclip.ops.chunking import row_dots
 from fastclip.ops.clip_loss import pair_logits, pair_losses, pair_weights, reduce_pairs
+from fastclip.ops.options import ClipOptions
+
+
+def _pair_scale_grads(image, text, scale, stats) -> torch.Tensor:
+    """d loss_i / d scale = 1/2 [(E_P[x]_i - x_ii) + (E_Q[x]_i - x_ii)] for the (b,) local pairs.
+
+    E_P[x] - x_ii = (E_P[log P] - log P_ii) / scale with log P_ii = S_ii - row_lse_i. Where the
+    softmax sits on its positive this is a small difference of the tiles' S_ii and the diagonal's:
+    the two must agree to better than ~|S| eps, and a diagonal from another summation order than
+    the backend's tile GEMM misses by that much (~5x open_clip's error). So S_ii is taken exact, in
+    fp64 from the (rounded) features, an O(b D) dot: the error left is the tiles' own, as in open_clip.
+    """
+    wide = torch.float64
+    diagonal = row_dots(image.to(wide), text.to(wide)) * scale.to(wide)
+    row_part = stats.row_expect.to(wide) + (stats.row_lse.to(wide) - diagonal)
+    col_part = stats.col_expect.to(wide) + (stats.col_lse.to(wide) - diagonal)
+    return (0.5 * (row_part + col_part) / scale.to(wide)).to(stats.row_lse.dtype)
 
 
 class DistributedClip:
-    """Forward and backward of ``ClipLossFunction`` across ranks (see the module docstring)."""
+    """Forward and backward of ``ClipLossFunction`` across ranks (see the module docstring).
 
-    def __init__(self, world: World, exchange, local_loss: bool, gather_with_grad: bool):
-        self.world, self.exchange = world, exchange
-        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+    options: the call's ``ClipOptions`` (local_loss, gather_with_grad and reduction are read here);
+    exchange: a ``fastclip.distributed.exchange`` exchange built with the call's backend.
+    """
 
-    def global_objective(self, reduction: str) -> bool:
-        return not self.local_loss and reduction != "none"
+    def __init__(self, world: World, exchange, options: ClipOptions):
+        self.world, self.exchange, self.options = world, exchange, options
+        self.local_loss, self.gather_with_grad = options.local_loss, options.gather_with_grad
 
-    def forward(self, op, image, text, scale, bias, reduction, want_scale_grad, deterministic):
+    def global_objective(self) -> bool:
+        return not self.local_loss and self.options.reduction != "none"
+
+    def forward(self, image, text, scale, bias, want_scale_grad):
         """(value, tensors to save): the loss on this rank and what backward needs (O(b) vectors + exchange's)."""
-        global_objective = self.global_objective(reduction)
+        reduction = self.options.reduction
+        global_objective = self.global_objective()
         with_expectations = want_scale_grad and not global_objective
         diagonal = pair_logits(image, text, scale)
-        stats = self.exchange.clip_columns(op, image, text, scale, bias, diagonal if global_objective else None,
-                                           with_expectations, deterministic)
+        stats = self.exchange.clip_columns(image, text, scale, bias, diagonal if global_objective else None,
+                                           with_expectations)
         if global_objective:
             total = stats.pair_loss_total
             value = total / (image.shape[0] * self.world.size) if reduction == "mean" else total
@@ -64,18 +89,17 @@ class DistributedClip:
             value = reduce_pairs(pair_losses(stats.row_lse, stats.col_lse, diagonal), reduction)
         pair_scale_grad = None
         if with_expectations:
-            products = diagonal / scale  # x_ii = I_i . T_i
-            pair_scale_grad = 0.5 * ((stats.row_expect - products) + (stats.col_expect - products))
+            pair_scale_grad = _pair_scale_grads(image, text, scale, stats)
         return value, (stats.row_lse, pair_scale_grad, *stats.saved)
 
-    def backward(self, op, image, text, scale, bias, saved, grad_output, reduction, want_scale, want_text,
-                 deterministic):
+    def backward(self, image, text, scale, bias, saved, grad_output, want_scale, want_text):
         """(grad_image, grad_text or None, grad_scale or None), fp32, for this rank's features."""
+        reduction = self.options.reduction
         row_lse, pair_scale_grad, *exchange_saved = saved
         b, accumulate = image.shape[0], accumulate_dtype(image)
         run = lambda passes: self.exchange.clip_gradients(  # noqa: E731
-            op, image, text, scale, bias, row_lse, exchange_saved, passes, want_text, deterministic)
-        if self.global_objective(reduction):
+            image, text, scale, bias, row_lse, exchange_saved, passes, want_text)
+        if self.global_objective():
             kappa = 1.0 / (b * self.world.size) if reduction == "mean" else 1.0
             half = torch.full((), 0.5 * kappa, dtype=accumulate, device=image.device)
             grad_image, grad_text, partial_scale = run([GradientPass(half.expand(b).contiguous(), half, image=True,

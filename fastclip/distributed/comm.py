@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+from fastclip.devices import FLOAT_DTYPES, dtype_name
+
+DTYPE_CODES = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES, start=1)}
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class World:
 
 def _describe(code: int, name: str) -> str:
     if name == "dtype":
-        return next((str(d).replace("torch.", "") for d, c in DTYPE_CODES.items() if c == code), str(code))
+        return next((dtype_name(d) for d, c in DTYPE_CODES.items() if c == code), str(code))
     return str(code)
 
 

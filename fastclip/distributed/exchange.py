@@ -2,8 +2,9 @@
 
 Rank r holds b pairs (image rows I_r, text columns T_r); the global batch is B = W * b. Each rank
 computes only its rows of S = scale * I @ T_all.T (b x B), so every similarity entry is computed
-once across ranks. Both exchanges call the backend primitives (``backend.op(...)``) and nothing
-else, so every backend (torch, triton, cuda) shares them.
+once across ranks. Both exchanges call the primitives of the backend they were built with
+(``backend.op(...)``, with the call's ``deterministic``) and nothing else, so every backend (torch,
+triton, cuda) shares them.
 
 GatherExchange: all-gather T (b x D -> B x D, in its dtype) forward and keep it for backward; one
 primitive call over the b x B block; column log-sum-exps merged by two O(B)-float all-reduces
@@ -32,7 +33,7 @@ class ColumnStats:
     """CLIP forward statistics on rank r, each over the *global* batch.
 
     row_lse, row_expect: (b,) for the local rows; col_lse, col_expect: (b,) for the local columns
-    (expectations of x = I.T under the row / column softmax, only when asked); pair_loss_total:
+    (expected log-probabilities E[log P] under the row / column softmax, only when asked); pair_loss_total:
     sum of every rank's per-pair losses (only when ``diagonal`` was given); saved: exchange state
     for backward.
     """
@@ -71,25 +72,32 @@ def _accumulate(total, part):
     return part if total is None else total + part
 
 
-class GatherExchange:
-    name = "gather"
+class _Exchange:
+    """What both exchanges hold: the ranks, and the backend whose primitives run each block."""
 
-    def __init__(self, world: World):
-        self.world = world
+    def __init__(self, world: World, backend, deterministic: bool = False):
+        self.world, self.backend, self.deterministic = world, backend, deterministic
+
+    def op(self, op_name: str):
+        return self.backend.op(op_name)
+
+
+class GatherExchange(_Exchange):
+    name = "gather"
 
     def _own(self, b: int) -> slice:
         return slice(self.world.rank * b, (self.world.rank + 1) * b)
 
-    def clip_columns(self, op, image, text, scale, bias, diagonal, with_expectations, deterministic) -> ColumnStats:
+    def clip_columns(self, image, text, scale, bias, diagonal, with_expectations) -> ColumnStats:
         world, b = self.world, image.shape[0]
         texts = all_gather_rows(world, text)
-        row_lse, col_partial, row_expect, col_expect_partial = op.clip_loss_fwd(
-            image, texts, scale, bias, with_expectations, deterministic)
+        row_lse, col_partial, row_expect, col_expect_partial = self.op("clip_loss").clip_loss_fwd(
+            image, texts, scale, bias, with_expectations, self.deterministic)
         col_max = all_reduce_(world, col_partial.clone(), dist.ReduceOp.MAX)
         weight = (col_partial - col_max).exp()
         pieces = [weight]
-        if with_expectations:
-            pieces.append(weight * col_expect_partial)
+        if with_expectations:  # E[log q] merged as in fastclip.ops.chunking.merge_lse: terms <= 0
+            pieces.append(torch.where(weight > 0, weight * (col_expect_partial + (col_partial - col_max)), 0.0))
         if diagonal is not None:
             # sum_all loss_i = 1/2 [sum_i (row_lse_i - 2 S_ii) + sum_j col_lse_j]: the row part rides along
             pieces.append((row_lse - 2.0 * diagonal).sum().reshape(1))
@@ -98,12 +106,12 @@ class GatherExchange:
         col_sum = packed[:n]
         col_lse = col_max + col_sum.log()
         own = self._own(b)
-        col_expect = packed[n:2 * n][own] / col_sum[own] if with_expectations else None
-        total = 0.5 * (packed[-1] + col_lse.sum()) if diagonal is not None else None
+        col_expect = packed[n:2 * n][own] / col_sum[own] - col_sum[own].log() if with_expectations else None
+        total = (0.5 * (packed[-1] + col_lse.sum())).clamp_min(0.0) if diagonal is not None else None  # a CE >= 0
         return ColumnStats(row_lse, col_lse[own], row_expect if with_expectations else None, col_expect, total,
                            (texts, col_lse))
 
-    def clip_gradients(self, op, image, text, scale, bias, row_lse, saved, passes, want_text, deterministic):
+    def clip_gradients(self, image, text, scale, bias, row_lse, saved, passes, want_text):
         """(grad_image (b, D) fp32, grad_text (b, D) fp32 summed over every rank's rows or None, and
         sum_ij G_ij x_ij over this rank's rows, summed over the passes)."""
         texts, col_lse = saved
@@ -114,9 +122,9 @@ class GatherExchange:
                 col_coef = sweep.col_coef.expand(texts.shape[0]).contiguous()
             else:
                 col_coef = all_gather_rows(self.world, sweep.col_coef)
-            part_image, part_texts, part_scale = op.clip_loss_bwd(
+            part_image, part_texts, part_scale = self.op("clip_loss").clip_loss_bwd(
                 image, texts, scale, bias, row_lse, col_lse, sweep.row_coef, col_coef, self.world.rank * b,
-                deterministic)
+                self.deterministic)
             grad_scale = _accumulate(grad_scale, part_scale)
             if sweep.image:
                 grad_image = _accumulate(grad_image, part_image)
@@ -127,40 +135,41 @@ class GatherExchange:
             grad_text = reduce_scatter_rows(self.world, grad_texts.to(text.dtype)).to(grad_texts.dtype)
         return grad_image, grad_text, grad_scale
 
-    def siglip_sum(self, op, image, text, scale, bias, deterministic):
+    def siglip_sum(self, image, text, scale, bias):
         texts = all_gather_rows(self.world, text)
         offset = self.world.rank * image.shape[0]  # positives: the rank's own block of columns
-        return op.siglip_loss_fwd(image, texts, scale, bias, offset, deterministic), (texts,)
+        loss_sum = self.op("siglip_loss").siglip_loss_fwd(image, texts, scale, bias, offset, self.deterministic)
+        return loss_sum, (texts,)
 
-    def siglip_gradients(self, op, image, text, scale, bias, saved, grad_coef, want_text, deterministic):
+    def siglip_gradients(self, image, text, scale, bias, saved, grad_coef, want_text):
         (texts,) = saved
         offset = self.world.rank * image.shape[0]
-        grad_image, grad_texts, grad_bias = op.siglip_loss_bwd(image, texts, scale, bias, offset, grad_coef,
-                                                               deterministic)
+        grad_image, grad_texts, grad_bias = self.op("siglip_loss").siglip_loss_bwd(
+            image, texts, scale, bias, offset, grad_coef, self.deterministic)
         grad_text = None
         if want_text:
             grad_text = reduce_scatter_rows(self.world, grad_texts.to(text.dtype)).to(grad_texts.dtype)
         return grad_image, grad_text, grad_bias
 
 
-class RingExchange:
+class RingExchange(_Exchange):
     name = "ring"
 
-    def __init__(self, world: World):
-        self.world = world
+    def __init__(self, world: World, backend, deterministic: bool = False):
+        super().__init__(world, backend, deterministic)
         self.ring = Ring(world)
 
     def _offset(self, owner: int, b: int) -> int:
         """Positives only in the rank's own block; b is past the last column of any other block."""
         return 0 if owner == self.world.rank else b
 
-    def clip_columns(self, op, image, text, scale, bias, diagonal, with_expectations, deterministic) -> ColumnStats:
+    def clip_columns(self, image, text, scale, bias, diagonal, with_expectations) -> ColumnStats:
         row_stats = None
 
         def visit(owner, block):
             nonlocal row_stats
-            row_lse, col_lse, row_expect, col_expect = op.clip_loss_fwd(image, block[0], scale, bias,
-                                                                         with_expectations, deterministic)
+            row_lse, col_lse, row_expect, col_expect = self.op("clip_loss").clip_loss_fwd(
+                image, block[0], scale, bias, with_expectations, self.deterministic)
             rows = torch.stack([row_lse, row_expect]) if with_expectations else row_lse[None]
             row_stats = rows if row_stats is None else merge_packed_lse(row_stats, rows)
             return [torch.stack([col_lse, col_expect]) if with_expectations else col_lse[None]]
@@ -174,7 +183,7 @@ class RingExchange:
         return ColumnStats(row_lse, col_lse, row_stats[1] if with_expectations else None,
                            col_stats[1] if with_expectations else None, total, (col_lse,))
 
-    def clip_gradients(self, op, image, text, scale, bias, row_lse, saved, passes, want_text, deterministic):
+    def clip_gradients(self, image, text, scale, bias, row_lse, saved, passes, want_text):
         (col_lse,) = saved
         b = image.shape[0]
         # What travels with each text block: its columns' global lse and the owner's column coefficients.
@@ -190,9 +199,9 @@ class RingExchange:
                     col_coef = sweep.col_coef.expand(b).contiguous()
                 else:
                     col_coef, slot = block_info[slot], slot + 1
-                part_image, part_text, part_scale = op.clip_loss_bwd(
+                part_image, part_text, part_scale = self.op("clip_loss").clip_loss_bwd(
                     image, block_text, scale, bias, row_lse, block_info[0], sweep.row_coef, col_coef,
-                    self._offset(owner, b), deterministic)
+                    self._offset(owner, b), self.deterministic)
                 grad_scale.add_(part_scale)
                 if sweep.image:
                     grad_image.add_(part_image)
@@ -203,25 +212,26 @@ class RingExchange:
         routed = self.ring.run([text, column_info], visit, _add_received, wire_dtypes=[text.dtype])
         return grad_image, routed[0] if want_text else None, grad_scale
 
-    def siglip_sum(self, op, image, text, scale, bias, deterministic):
+    def siglip_sum(self, image, text, scale, bias):
         b = image.shape[0]
         total = torch.zeros((), dtype=scale.dtype, device=image.device)
 
         def visit(owner, block):
-            total.add_(op.siglip_loss_fwd(image, block[0], scale, bias, self._offset(owner, b), deterministic))
+            total.add_(self.op("siglip_loss").siglip_loss_fwd(image, block[0], scale, bias, self._offset(owner, b),
+                                                              self.deterministic))
             return None
 
         self.ring.run([text], visit)
         return total, ()
 
-    def siglip_gradients(self, op, image, text, scale, bias, saved, grad_coef, want_text, deterministic):
+    def siglip_gradients(self, image, text, scale, bias, saved, grad_coef, want_text):
         b = image.shape[0]
         grad_image = torch.zeros(image.shape, dtype=scale.dtype, device=image.device)
         grad_bias = torch.zeros((), dtype=scale.dtype, device=image.device)
 
         def visit(owner, block):
-            part_image, part_text, part_bias = op.siglip_loss_bwd(image, block[0], scale, bias,
-                                                                  self._offset(owner, b), grad_coef, deterministic)
+            part_image, part_text, part_bias = self.op("siglip_loss").siglip_loss_bwd(
+                image, block[0], scale, bias, self._offset(owner, b), grad_coef, self.deterministic)
             grad_image.add_(part_image)
             grad_bias.add_(part_bias)
             return [part_text] if want_text else None

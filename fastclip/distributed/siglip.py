@@ -11,25 +11,11 @@ images, ``logit_scale`` and ``logit_bias`` get g_r d loss_r only (they are never
 exchange name it accepts ("bidir", "shift", "reduce", "gather") gives those same values and
 gradients; fastclip runs "gather" and "reduce" as the gather exchange and "bidir", "shift" and
 "ring" as the overlapped ring, whose per-rank memory does not grow with the world size.
+
+``SigLipLossFunction`` calls the exchange itself (``siglip_sum`` forward, ``siglip_gradients``
+backward): the SigLIP loss needs no more than the exchange gives, while CLIP's four conventions need
+``DistributedClip`` (fastclip/distributed/clip.py) on top of it.
 """
 from __future__ import annotations
 
-from fastclip.distributed.comm import World
-
 SIGLIP_EXCHANGE_OF = {"gather": "gather", "reduce": "gather", "bidir": "ring", "shift": "ring", "ring": "ring"}
-
-
-class DistributedSigLip:
-    """Forward and backward of ``SigLipLossFunction`` across ranks (see the module docstring)."""
-
-    def __init__(self, world: World, exchange):
-        self.world, self.exchange = world, exchange
-
-    def forward(self, op, image, text, scale, bias, deterministic):
-        """(sum over this rank's rows of the per-entry losses against every text, tensors to save)."""
-        return self.exchange.siglip_sum(op, image, text, scale, bias, deterministic)
-
-    def backward(self, op, image, text, scale, bias, saved, grad_coef, want_text, deterministic):
-        """(grad_image, grad_text or None, grad_bias), fp32; grad_coef = g_r / b."""
-        return self.exchange.siglip_gradients(op, image, text, scale, bias, saved, grad_coef, want_text,
-                                              deterministic)

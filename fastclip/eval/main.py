@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fastclip.data.loader import default_workers
-from fastclip.precision import PRECISIONS
+from fastclip.precision import PRECISIONS, check_precision_supported, default_precision
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
 
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: min(2, the CPUs this process may use))")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast / parameter precision")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="autocast / weight precision, open_clip's names (fastclip.precision; default: "
+                             "amp_bf16 on a GPU with bf16, amp on sm7x, fp32 on CPU, as fastclip train)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--cache-dir", default=None, help="where the embedded set is cached (as for train)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
@@ -94,7 +96,6 @@ def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.d
     """The model of a run folder (its newest checkpoint), a trainer checkpoint folder or a weights file, in eval mode."""
     import fastclip
     from fastclip.checkpoint_format import MODEL_FILE, read_weights, verify_checkpoint
-    from fastclip.precision import parameter_dtype
 
     path = resolve_checkpoint(checkpoint)
     if path.is_dir():
@@ -103,8 +104,9 @@ def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.d
     if not path.is_file():
         raise ValueError(f"--checkpoint {checkpoint!r} is neither a run folder, a checkpoint folder nor a weights "
                          "file")
-    model = read_weights(path, lambda weights: fastclip.model_from_state_dict(str(weights), name=model_name))
-    return model.to(device=device, dtype=parameter_dtype(precision)).eval()
+    model = read_weights(path, lambda weights: fastclip.model_from_state_dict(str(weights), name=model_name,
+                                                                              device=device, precision=precision))
+    return model.eval()
 
 
 def _csv_features(model, csv_path, args, transform, tokenizer, device):
@@ -146,6 +148,11 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.workers is None:
         args.workers = default_workers(2)
+    if args.precision is None:
+        args.precision, why = default_precision(device)
+        if args.precision != "fp32":
+            print(f"fastclip eval: precision {args.precision} ({why})", file=sys.stderr)
+    check_precision_supported(args.precision, device)
     model = load_model_for_eval(args.checkpoint, args.model, device, args.precision)
     transform = fastclip.image_transform(model.config.vision.image_size, train=False)
     tokenizer = functools.partial(fastclip.tokenize, context_length=model.context_length, truncate=True)

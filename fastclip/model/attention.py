@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastclip.devices import FLOAT_DTYPES, KERNEL_DTYPES
+
 __all__ = ["ATTN_IMPLS", "AttentionBackend", "BACKENDS", "AUTO_PRIORITY", "attention", "resolve_backend",
            "check_attn_impl", "describe_backends", "attention_report", "Attention"]
 
 ATTN_IMPLS = ("auto", "sdpa", "xformers", "math")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,11 @@ def _xformers_availability() -> list:
 
 
 BACKENDS = {
-    "sdpa": AttentionBackend("sdpa", ("cpu", "cuda", "mps", "xpu"), _FLOAT_DTYPES, True, "O(L)", _run_sdpa,
+    "sdpa": AttentionBackend("sdpa", ("cpu", "cuda", "mps", "xpu"), FLOAT_DTYPES, True, "O(L)", _run_sdpa,
                              _always_available),
-    "xformers": AttentionBackend("xformers", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), False,
+    "xformers": AttentionBackend("xformers", ("cuda",), KERNEL_DTYPES, False,
                                  "O(L)", _run_xformers, _xformers_availability),
-    "math": AttentionBackend("math", ("cpu", "cuda", "mps", "xpu"), _FLOAT_DTYPES, True, "O(L^2)", _run_math,
+    "math": AttentionBackend("math", ("cpu", "cuda", "mps", "xpu"), FLOAT_DTYPES, True, "O(L^2)", _run_math,
                              _always_available),
 }
 AUTO_PRIORITY = ("sdpa", "xformers", "math")

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import check_attn_impl
+from .attention import Attention, check_attn_impl
 from .config import CLIPConfig
 from .lock import lock_image_tower, lock_text_tower
 from .resnet import ModifiedResNet
 from .text import TEXT_TOWER_KEYS, TextTransformer, encode_text_tokens
 from .vision import VisionTransformer
 
-__all__ = ["CLIP"]
+__all__ = ["CLIP", "convert_weights_to_lp"]
 
 
 class CLIP(nn.Module):
@@ -143,3 +143,27 @@ class CLIP(nn.Module):
         if self.logit_bias is not None:
             output["logit_bias"] = self.logit_bias
         return output
+
+
+def convert_weights_to_lp(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the matmul weights of ``model`` to ``dtype`` in place (open_clip's function of this name, which
+    its ``precision="bf16"/"fp16"`` applies): the weight and bias of every Linear and Conv layer, the fused
+    attention projection (``in_proj_weight``, ``in_proj_bias``), ``text_projection`` and the ViT's ``proj``.
+    LayerNorm, BatchNorm, the embeddings, ``logit_scale`` and ``logit_bias`` keep their dtype. Returns ``model``.
+    """
+    def cast(parameter: Optional[nn.Parameter]) -> None:
+        if parameter is not None:
+            parameter.data = parameter.data.to(dtype)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            cast(module.weight)
+            cast(module.bias)
+        elif isinstance(module, Attention):
+            cast(module.in_proj_weight)
+            cast(module.in_proj_bias)
+        elif isinstance(module, VisionTransformer):
+            cast(module.proj)
+        if isinstance(module, (CLIP, TextTransformer)):
+            cast(module.text_projection)
+    return model

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from fastclip.io import atomic_write
+from fastclip.precision import casts_every_tensor, check_precision, low_precision_dtype
 
 from .attention import check_attn_impl
-from .clip import CLIP
+from .clip import CLIP, convert_weights_to_lp
 from .config import CONFIGS, CLIPConfig, TextConfig, VisionConfig, get_config
 from .pretrained import resolve_pretrained, weights_file
 
@@ -282,10 +283,11 @@ def _resize_grid(position_embedding: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patches], dim=0)
 
 
-def _build(config: CLIPConfig, *, attn_impl, grad_checkpointing, patch_dropout, device, dtype,
+def _build(config: CLIPConfig, *, attn_impl, grad_checkpointing, patch_dropout, device, dtype, precision,
            state_dict: Optional[Mapping] = None, owned: bool = False) -> CLIP:
     """The model of ``config``: random, or with ``state_dict`` loaded (taken over without a copy when
-    ``owned``, i.e. freshly read from a file). Floating tensors end as ``dtype`` (default float32)."""
+    ``owned``, i.e. freshly read from a file). Floating tensors end as ``dtype`` (default float32), then
+    ``precision`` casts the matmul weights (bf16/fp16) or everything (pure_*), as open_clip's does."""
     check_attn_impl(attn_impl)
     if state_dict is None:  # random init, directly on the target device
         with torch.device(device if device is not None else "cpu"):
@@ -302,44 +304,73 @@ def _build(config: CLIPConfig, *, attn_impl, grad_checkpointing, patch_dropout, 
         model.set_grad_checkpointing(True)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
+    weights_dtype = low_precision_dtype(precision)
+    if weights_dtype is not None and casts_every_tensor(precision):
+        model = model.to(weights_dtype)
+    elif weights_dtype is not None:
+        convert_weights_to_lp(model, weights_dtype)
     return model
 
 
-def create_model(name: Optional[str], *, pretrained: Optional[PathLike] = None, attn_impl: str = "auto",
+def _check_precision_and_dtype(precision: str, dtype) -> None:
+    check_precision(precision)
+    if dtype is not None and low_precision_dtype(precision) is not None:
+        raise ValueError(f"dtype={dtype} casts every tensor and precision={precision!r} sets the weights' dtypes: "
+                         "give one of them (precision='pure_bf16' / 'pure_fp16' is dtype=torch.bfloat16 / float16)")
+
+
+def create_model(name: Optional[str] = None, *, pretrained: Optional[PathLike] = None, attn_impl: str = "auto",
                  grad_checkpointing: bool = False, patch_dropout: float = 0.0, device=None, dtype=None,
-                 image_size: Optional[int] = None, context_length: Optional[int] = None) -> CLIP:
+                 precision: str = "fp32", quick_gelu: Optional[bool] = None, image_size: Optional[int] = None,
+                 context_length: Optional[int] = None) -> CLIP:
     """Build the registered config ``name`` (see ``fastclip.model.config``), random or from weights.
 
+    name: a registered config name; optional with ``pretrained=`` a file or folder, whose architecture
+        is then read from it: a trainer checkpoint or ``save_model`` file records its whole config
+        (image size and context length included); an OpenAI or open_clip state dict is inferred from
+        its keys and shapes (``model_from_state_dict``), its image size from the position embedding.
     pretrained: a local ``.safetensors``/``.pt``/``.pth``/``.bin`` file in OpenAI, open_clip or
         fastclip format, a trainer checkpoint folder, or an open_clip pretrained tag of ``name``
         (``"openai"``, ``"laion2b_s34b_b79k"``, ...) already in the local open_clip / Hugging Face
-        cache (``fastclip.model.pretrained``; nothing is downloaded). With ``name=None`` the config
-        is read from the file (``model_from_state_dict``).
+        cache (``fastclip.model.pretrained``; nothing is downloaded).
         What the weights record wins over the name's defaults: the image size and context length
         stored by ``save_model`` (a model trained at 32 px reloads at 32 px), and the activation an
         open_clip tag was trained with (QuickGELU for ``"openai"``).
     attn_impl: "auto" | "sdpa" | "xformers" | "math", one attention op for both towers.
     grad_checkpointing: recompute every block in backward (non-reentrant), both towers.
     patch_dropout: FLIP patch dropout in training (ViT towers), e.g. 0.5.
+    dtype: cast every floating tensor to this dtype (None: float32 for loaded weights).
+    precision: open_clip's ``create_model(precision=)``: "fp32" and the "amp*" modes keep fp32 weights;
+        "bf16"/"fp16" cast the matmul weights only (LayerNorm, embeddings, logit_scale stay fp32);
+        "pure_bf16"/"pure_fp16" cast everything (``fastclip.precision``). Not together with ``dtype``.
+    quick_gelu: the activation of weights that do not record it (an OpenAI or open_clip state dict
+        read without a name); None: what the weights, the open_clip tag or the name say, else QuickGELU
+        with a warning (``model_from_state_dict``).
     image_size / context_length: override the input sizes (embeddings are resized on load).
     The model is returned in train mode, like ``nn.Module``s are.
     """
+    _check_precision_and_dtype(precision, dtype)
     options = dict(attn_impl=attn_impl, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout,
-                   device=device, dtype=dtype, image_size=image_size, context_length=context_length)
+                   device=device, dtype=dtype, precision=precision, image_size=image_size,
+                   context_length=context_length)
     if pretrained is None:
         if name is None:
             raise ValueError("give a model name, or pretrained=path to read the config from the weights")
         config = get_config(name).replace(image_size=image_size, context_length=context_length)
+        if quick_gelu is not None:
+            config = config.replace(quick_gelu=quick_gelu)
         return _build(config, attn_impl=attn_impl, grad_checkpointing=grad_checkpointing,
-                      patch_dropout=patch_dropout, device=device, dtype=dtype)
+                      patch_dropout=patch_dropout, device=device, dtype=dtype, precision=precision)
     weights = resolve_pretrained(pretrained, name)
-    return model_from_state_dict(weights.path, name, quick_gelu=weights.quick_gelu, **options)
+    quick_gelu = weights.quick_gelu if quick_gelu is None else quick_gelu
+    return model_from_state_dict(weights.path, name, quick_gelu=quick_gelu, **options)
 
 
 def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[str] = None, *,
                           quick_gelu: Optional[bool] = None, attn_impl: str = "auto",
                           grad_checkpointing: bool = False, patch_dropout: float = 0.0, device=None, dtype=None,
-                          image_size: Optional[int] = None, context_length: Optional[int] = None) -> CLIP:
+                          precision: str = "fp32", image_size: Optional[int] = None,
+                          context_length: Optional[int] = None) -> CLIP:
     """A model for these weights, with the config inferred from the keys (OpenAI's ``build_model``).
 
     state_dict: a mapping (any accepted format), a weights file or a trainer checkpoint folder.
@@ -349,8 +380,10 @@ def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[s
     quick_gelu: the activation, which plain weights do not record. Default: the config stored by
         ``save_model`` or given by ``name``; otherwise QuickGELU, as OpenAI's ``build_model`` does
         (with a warning: open_clip's LAION models use GELU, pass ``quick_gelu=False`` for them).
+    dtype / precision: as in ``create_model``.
     image_size / context_length: override every other source of the input sizes.
     """
+    _check_precision_and_dtype(precision, dtype)
     stored_config, owned = None, isinstance(state_dict, (str, os.PathLike))
     if owned:
         state_dict, stored_config = load_checkpoint(state_dict)
@@ -382,7 +415,7 @@ def model_from_state_dict(state_dict: Union[Mapping, PathLike], name: Optional[s
         config = config.replace(quick_gelu=quick_gelu)
     config = config.replace(image_size=image_size, context_length=context_length)
     return _build(config, attn_impl=attn_impl, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout,
-                  device=device, dtype=dtype, state_dict=state_dict, owned=owned)
+                  device=device, dtype=dtype, precision=precision, state_dict=state_dict, owned=owned)
 
 
 # ------------------------------------------------------------------------------------------ saving

@@ -17,6 +17,9 @@
     TorchScript archives, which fastclip refuses to unpickle: the error says how to convert one);
 - ``"hf-hub:<org>/<repo>"`` (or ``"hf-hub:<org>/<repo>/<file>"``): that repository in the Hub cache.
 
+The activation, which plain state dicts do not record, comes from open_clip's registry for a tag, else
+from an ``open_clip_config.json`` beside the weights file (what open_clip's Hub repositories hold).
+
 A tag that is not cached raises ``WeightsNotFoundError`` (a ``ValueError`` and ``FileNotFoundError``:
 the CLI exits with status 2) naming every place it looked and the command that fetches the file.
 """
@@ -24,9 +27,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -41,6 +45,7 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HF_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_HF_FILE = "open_clip_pytorch_model.bin"  # open_clip's default file in a Hub repository
 OPEN_CLIP_HF_SAFE_FILE = "open_clip_model.safetensors"  # ... and its safetensors copy, preferred
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # beside them: {"model_cfg": {..., "quick_gelu": ...}, ...}
 
 
 class WeightsNotFoundError(FileNotFoundError, ValueError):
@@ -126,10 +131,24 @@ def resolve_pretrained(pretrained: PathLike, model_name: Optional[str] = None) -
     """The local file for ``pretrained`` (see the module docstring); never touches the network."""
     text = str(pretrained)
     if not isinstance(pretrained, os.PathLike) and text.startswith(HF_HUB_PREFIX):
-        return _resolve_hub_id(text[len(HF_HUB_PREFIX):])
+        return _with_open_clip_config_activation(_resolve_hub_id(text[len(HF_HUB_PREFIX):]))
     if isinstance(pretrained, os.PathLike) or _looks_like_a_path(text) or os.path.exists(text):
-        return Weights(weights_file(pretrained), "checkpoint folder" if Path(text).expanduser().is_dir() else "file")
+        found = Weights(weights_file(pretrained), "checkpoint folder" if Path(text).expanduser().is_dir() else "file")
+        return _with_open_clip_config_activation(found)
     return _resolve_open_clip_tag(text, model_name)
+
+
+def _with_open_clip_config_activation(weights: Weights) -> Weights:
+    """``weights`` with the activation that an ``open_clip_config.json`` beside the file records (open_clip's
+    ``model_cfg.quick_gelu``, default False), when there is one that can be read."""
+    sidecar = weights.path.parent / OPEN_CLIP_CONFIG_FILE
+    if weights.quick_gelu is not None or not sidecar.is_file():
+        return weights
+    try:
+        model_config = json.loads(sidecar.read_text(encoding="utf-8"))["model_cfg"]
+        return replace(weights, quick_gelu=bool(model_config.get("quick_gelu", False)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return weights  # not open_clip's file: the weights alone decide, as without it
 
 
 def _resolve_hub_id(hub_id: str) -> Weights:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from fastclip.devices import accumulate_dtype
+from fastclip.ops.gemm import batched_row_dots_fp32
 from fastclip.ops.workspace import rows_per_chunk, workspace_bytes
-
-
-def accumulate_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """Softmax / sigmoid statistics are always accumulated in fp32 (fp64 for fp64 inputs, for gradcheck)."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 ROW_DOT_ELEMENTS = 2**22  # CPU row_dots works on at most this many elements at a time (16 MiB fp32)
@@ -31,11 +28,9 @@ def row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if left.device.type == "cuda" and left.shape[0]:
         if left.dtype == accumulate:
             return torch.bmm(left[:, None, :], right[:, :, None]).reshape(-1)
-        if hasattr(torch.ops.aten.bmm, "dtype") and left.dtype not in _BMM_OUT_DTYPE_FAILED:
-            try:
-                return torch.bmm(left[:, None, :], right[:, :, None], out_dtype=accumulate).reshape(-1)
-            except (RuntimeError, TypeError):  # the probe: remembered, tried once per dtype
-                _BMM_OUT_DTYPE_FAILED.add(left.dtype)
+        dots = batched_row_dots_fp32(left, right)  # None where torch cannot (remembered per dtype)
+        if dots is not None:
+            return dots
     slice_elements = min(ROW_DOT_ELEMENTS, workspace_bytes() // (3 * torch.finfo(accumulate).bits // 8))
     rows = max(1, slice_elements // max(1, left.shape[1]))
     if left.shape[0] <= rows:
@@ -44,22 +39,12 @@ def row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
                       for start in range(0, left.shape[0], rows)])
 
 
-_BMM_OUT_DTYPE_FAILED: set = set()  # dtypes for which torch.bmm(out_dtype=float32) raised once
-
-
-def gemm_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """GEMMs run in the input dtype on accelerators (tensor cores) and in fp32 on CPU (fast and exact)."""
-    if tensor.device.type == "cpu":
-        return accumulate_dtype(tensor)
-    return tensor.dtype
-
-
 class ChunkBuffers:
     """``count`` reusable (chunk x n_cols) buffers of the accumulation dtype, and the chunk ranges."""
 
     def __init__(self, n_rows: int, n_cols: int, count: int, dtype: torch.dtype, device):
         self.n_rows = n_rows
-        self.chunk = rows_per_chunk(n_rows, n_cols, buffers=count, bytes_per_element=torch.finfo(dtype).bits // 8)
+        self.chunk = rows_per_chunk(n_rows, bytes_per_block=count * n_cols * (torch.finfo(dtype).bits // 8))
         self.buffers = [torch.empty(self.chunk, n_cols, dtype=dtype, device=device) for _ in range(count)]
 
     def ranges(self):
@@ -106,15 +91,24 @@ def feature_grads_of_chunk(grad_logits: torch.Tensor, image_chunk: torch.Tensor,
 
 
 def merge_lse(lse_a: torch.Tensor, expect_a, lse_b: torch.Tensor, expect_b):
-    """Merge softmax statistics of two disjoint parts: (log-sum-exp, expectation under that softmax or None).
+    """Merge softmax statistics of two disjoint parts: (log-sum-exp, E[log softmax] or None).
 
-    lse = log(e^lse_a + e^lse_b); expect = expect_a w_a + expect_b w_b with w = e^(lse_part - lse),
-    the parts' shares of the merged mass. The torch side of kernels/common.py's merge kernel.
+    With M = max(lse_a, lse_b) and l_k = e^(lse_k - M): lse = M + log l, l = l_a + l_b, and the
+    expected log-probability, expect = sum_k l_k (expect_k + lse_k - M) / l - log l. The weights are
+    normalised by the division (their rounding cancels) and each term is <= 0 (nothing cancels):
+    kernels/common.py's merge kernel does the same on (max, sum, weighted sum).
     """
-    merged = torch.logaddexp(lse_a, lse_b)
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # two empty parts stay empty
+    weight_a, weight_b = (lse_a - top).exp(), (lse_b - top).exp()
+    total = weight_a + weight_b
+    log_total = total.log()
+    merged = top + log_total
     if expect_a is None:
         return merged, None
-    return merged, expect_a * (lse_a - merged).exp() + expect_b * (lse_b - merged).exp()
+    gap_a = torch.where(weight_a > 0, expect_a + (lse_a - top), torch.zeros_like(top))
+    gap_b = torch.where(weight_b > 0, expect_b + (lse_b - top), torch.zeros_like(top))
+    return merged, (weight_a * gap_a + weight_b * gap_b) / total - log_total
 
 
 def uniform_value(row_coef: torch.Tensor, col_coef: torch.Tensor):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.ops import cuda_common as common
-from fastclip.ops.workspace import workspace_bytes
+from fastclip.ops import workspace
 from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 
@@ -44,8 +44,8 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     """image: (b, D), text: (n, D) fp32/fp16/bf16 on one GPU; scale, bias: 0-dim -> four fp32 vectors."""
     common.check_inputs(image, text, scale, bias)
     return tuple(common.extension().clip_loss_fwd(image, text, scale, bias, with_expectations,
-                                                  common.allow_tf32(image.dtype), workspace_bytes(),
-                                                  common.POISON_BUFFERS))
+                                                  common.allow_tf32(image.dtype), workspace.workspace_bytes(),
+                                                  workspace.POISON_BUFFERS))
 
 
 @clip_loss_fwd.register_fake
@@ -60,8 +60,8 @@ def clip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     """(grad_image (b, D), grad_text (n, D), grad_scale ()) in fp32; row_*: (b,), col_*: (n,) fp32."""
     common.check_inputs(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef)
     return tuple(common.extension().clip_loss_bwd(image, text, scale, bias, row_lse, col_lse, row_coef, col_coef,
-                                                  positive_offset, common.allow_tf32(image.dtype), workspace_bytes(),
-                                                  common.POISON_BUFFERS))
+                                                  positive_offset, common.allow_tf32(image.dtype),
+                                                  workspace.workspace_bytes(), workspace.POISON_BUFFERS))
 
 
 @clip_loss_bwd.register_fake

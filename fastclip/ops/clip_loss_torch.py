@@ -4,13 +4,13 @@ With S = scale * image @ text.T + bias over a block of rows (image, b x D) and c
 
     clip_loss_fwd -> row_lse[i]  = log sum_j exp(S_ij)            (b,)
                      col_lse[j]  = log sum_i exp(S_ij)            (n,)  partial over these rows
-                     row_expect[i] = sum_j softmax_j(S)_ij x_ij     (b,)  only if with_expectations
-                     col_expect[j] = sum_i softmax_i(S)_ij x_ij     (n,)  likewise; x = image @ text.T
+                     row_expect[i] = sum_j P_ij log P_ij  (b,)  only if with_expectations (P the row
+                     col_expect[j] = sum_i Q_ij log Q_ij  (n,)  softmax, Q the column one; minus the entropy)
     clip_loss_bwd -> with P = exp(S - row_lse), Q = exp(S - col_lse), positives j = i + positive_offset,
                      G_ij = row_coef_i (P_ij - [pos]) + col_coef_j (Q_ij - [pos])
                      grad_image = scale * G @ text,  grad_text = scale * G.T @ image   (fp32)
                      grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale   (G = R + C, the two
-                     terms above; the block's share of d/d scale, see fastclip/backends.py)
+                     terms above; the block's share of d/d scale, see fastclip/ops/__init__.py)
 
 Equivalent plain PyTorch (materialises S, which this file never does)::
 
@@ -25,31 +25,60 @@ minus the saved log-sum-exps), with torch's cascade sum. Where a softmax sits al
 positive, d/d scale is a small difference; sum G x would multiply the lse's fp32 rounding (which
 leaves sum_j P_ij off 1 by ~|S| eps) by |S|, this form by the entropy: open_clip's precision or better.
 
+The expectations are of log-probabilities, not of x: a local loss's d loss_i / d scale is
+E_P[x] - x_ii = (E_P[log P] - log P_ii) / scale = (row_expect_i + CE_i) / scale, and E_P[log P] is
+small where the softmax is peaked, so neither its sums nor its merges cancel |S|-sized terms
+(E_P[x] ~ |x| would lose ~|x| eps at each, ~5x open_clip's error through a ring; issue 18).
+
 Forward column statistics reuse the row pass: with P'_ij = exp(S_ij - m_i) (m_i the row max) and
 M the chunk max, sum_i exp(S_ij - M) = sum_i exp(m_i - M) P'_ij is one GEMV. Where that sum falls
 below 1e-30 (a column far below the chunk max, where fp32 would lose digits) the column is redone
-exactly with its own max. ``deterministic`` is part of every backend's signature; this backend is
+exactly with its own max. With expectations every column is shifted by its own max instead (two
+more passes over the chunk, on the local-loss path only). ``deterministic`` is part of every backend's signature; this backend is
 always bitwise repeatable.
 """
 from __future__ import annotations
 
 import torch
 
-from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype, merge_lse,
-                                   positive_entries, scaled_logits_into, uniform_value)
+from fastclip.devices import accumulate_dtype, gemm_dtype
+from fastclip.ops.chunking import (ChunkBuffers, feature_grads_of_chunk, merge_lse, positive_entries,
+                                   scaled_logits_into, uniform_value)
 from fastclip.ops.output_shapes import clip_stats_like, gradients_like
 
 TINY_COLUMN_SUM = 1e-30  # below this the one-GEMV column sum is recomputed exactly
 
 
-def _exact_column_stats(logits: torch.Tensor, columns: torch.Tensor, with_expectations: bool):
-    """(lse, weighted sum of logits / sum) of the given columns, each shifted by its own max."""
-    block = logits[:, columns]
-    block_max = block.amax(dim=0)
-    weights = (block - block_max).exp_()
-    total = weights.sum(dim=0)
-    weighted = (weights * block).sum(dim=0) / total if with_expectations else None
-    return block_max + total.log(), weighted
+def _expected_log(weights: torch.Tensor, total: torch.Tensor, log_total: torch.Tensor, dim: int) -> torch.Tensor:
+    """E[log p] = sum w log w / l - log l from w = exp(S - max) (overwritten), l = sum w, along ``dim``.
+
+    log w is taken back from w by xlogy (w = 0 gives 0, never 0 * -inf); its error is ~eps absolute.
+    """
+    return torch.xlogy(weights, weights, out=weights).sum(dim=dim) / total - log_total
+
+
+def _column_stats_with_expectations(logits: torch.Tensor, scratch: torch.Tensor):
+    """(lse, E[log q]) of every column of the chunk, each shifted by its own max (exact, no GEMV:
+    the local loss's d scale needs E[log q] to ~eps |S|, which the shared-max GEMV misses)."""
+    col_max = logits.amax(dim=0)
+    torch.sub(logits, col_max, out=scratch).exp_()
+    total = scratch.sum(dim=0)
+    log_total = total.log()
+    return col_max + log_total, _expected_log(scratch, total, log_total, dim=0)
+
+
+def _column_lse(logits: torch.Tensor, row_weights: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """Column log-sum-exps of the chunk from the row pass's P' = exp(S - m_i): one GEMV, with the
+    columns whose sum falls below TINY_COLUMN_SUM redone with their own max."""
+    chunk_max = row_max.max()
+    chunk_sum = torch.mv(row_weights.t(), (row_max - chunk_max).exp())  # sum_i exp(S_ij - M)
+    chunk_lse = chunk_max + chunk_sum.log()
+    lost = (chunk_sum < TINY_COLUMN_SUM).nonzero().squeeze(1)
+    if lost.numel():
+        block = logits[:, lost]
+        block_max = block.amax(dim=0)
+        chunk_lse[lost] = block_max + (block - block_max).exp_().sum(dim=0).log()
+    return chunk_lse
 
 
 @torch.library.custom_op("fastclip::clip_loss_fwd_torch", mutates_args=())
@@ -71,26 +100,15 @@ def clip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
         row_max = logits.amax(dim=1)
         torch.sub(logits, row_max[:, None], out=weights).exp_()  # P' = exp(S - m_i)
         row_sum = weights.sum(dim=1)
-        row_lse[start:stop] = row_max + row_sum.log()
-        chunk_max = row_max.max()
-        row_factor = (row_max - chunk_max).exp()
-        chunk_sum = torch.mv(weights.t(), row_factor)  # sum_i exp(S_ij - M), one GEMV
-        chunk_lse = chunk_max + chunk_sum.log()
-        chunk_weighted = None
+        row_log_sum = row_sum.log()
+        row_lse[start:stop] = row_max + row_log_sum
         if with_expectations:
-            weights.mul_(logits)  # P' * S
-            row_expect[start:stop] = weights.sum(dim=1) / row_sum
-            chunk_weighted = torch.mv(weights.t(), row_factor) / chunk_sum
-        lost = (chunk_sum < TINY_COLUMN_SUM).nonzero().squeeze(1)
-        if lost.numel():
-            exact_lse, exact_weighted = _exact_column_stats(logits, lost, with_expectations)
-            chunk_lse[lost] = exact_lse
-            if with_expectations:
-                chunk_weighted[lost] = exact_weighted
-        col_lse, col_expect = merge_lse(col_lse, col_expect if with_expectations else None, chunk_lse, chunk_weighted)
-    if with_expectations:  # expectations of scale * x -> of x
-        row_expect, col_expect = row_expect / scale, col_expect / scale
-    else:
+            row_expect[start:stop] = _expected_log(weights, row_sum, row_log_sum, dim=1)
+            chunk_lse, chunk_expect = _column_stats_with_expectations(logits, weights)
+        else:
+            chunk_lse, chunk_expect = _column_lse(logits, weights, row_max), None
+        col_lse, col_expect = merge_lse(col_lse, col_expect if with_expectations else None, chunk_lse, chunk_expect)
+    if not with_expectations:
         col_expect = torch.zeros(0, **options)
     return row_lse + bias, col_lse + bias, row_expect, col_expect
 

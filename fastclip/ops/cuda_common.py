@@ -6,10 +6,10 @@
     arch_reasons(capability)    why the built kernels cannot run on a GPU of that compute capability
     build_summary()             the archs, CUDA and torch the extension was built for
     allow_tf32(dtype)           FASTCLIP_FP32_PRECISION, read as the Triton backend reads it
-    check_inputs(...)           dtype / shape / device errors that name the fix
+    check_inputs(...)           dtype / shape / device errors that name the fix (fastclip.checks)
 
-Nothing is loaded or queried at import. ``POISON_BUFFERS`` (tests only) makes the launchers fill every
-output and workspace with NaN first, so an element no kernel writes shows up.
+Nothing is loaded or queried at import. The launchers hand the extension
+``fastclip.ops.workspace.POISON_BUFFERS`` (tests only: NaN-filled outputs and workspaces).
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ import importlib.util
 
 import torch
 
-from fastclip.ops import triton_common
+from fastclip.checks import check_kernel_inputs
+from fastclip.cuda_toolkit import BUILD_COMMAND
+from fastclip.devices import dot_precision
 
-BUILD_COMMAND = "FASTCLIP_BUILD_CUDA=1 pip install --no-build-isolation -e ."
-POISON_BUFFERS = False
+DEVICES = ("cuda",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,19 +91,9 @@ def arch_reasons(capability: tuple[int, int]) -> tuple:
 
 
 def allow_tf32(dtype: torch.dtype) -> bool:
-    """fp32 inputs use TF32 tensor cores on sm80+ unless FASTCLIP_FP32_PRECISION=ieee (triton_common reads it)."""
-    return dtype == torch.float32 and triton_common.dot_precision(dtype) == "tf32"
+    """fp32 inputs use TF32 tensor cores on sm80+ unless FASTCLIP_FP32_PRECISION=ieee (fastclip.devices)."""
+    return dtype == torch.float32 and dot_precision(dtype) == "tf32"
 
 
 def check_inputs(image: torch.Tensor, text: torch.Tensor, *others: torch.Tensor) -> None:
-    if image.dtype not in (torch.float32, torch.float16, torch.bfloat16) or text.dtype != image.dtype:
-        raise TypeError(f"the cuda backend takes float32/float16/bfloat16 features of one dtype, got {image.dtype} "
-                        f"and {text.dtype}: cast them, or use backend='torch'")
-    if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1] or image.shape[1] == 0:
-        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must be (b, D) and (n, D), D >= 1")
-    if image.shape[0] == 0 or text.shape[0] == 0:
-        raise ValueError("the cuda backend needs at least one image row and one text row")
-    for tensor in (image, text, *others):
-        if tensor.device.type != "cuda" or tensor.device != image.device:
-            raise ValueError(f"the cuda backend runs on one CUDA device; got tensors on {image.device} and "
-                             f"{tensor.device}: move them to the same GPU")
+    check_kernel_inputs("cuda", DEVICES, image, text, *others)

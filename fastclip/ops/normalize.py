@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from fastclip.devices import accumulate_dtype
+
 EPS = 1e-12
 
 
 def normalize_rows(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(features / max(|features|, eps) in the input dtype, the fp32 norms clamped at eps)."""
-    accumulate = torch.float64 if features.dtype == torch.float64 else torch.float32
+    accumulate = accumulate_dtype(features)
     norms = torch.linalg.vector_norm(features.to(accumulate), dim=-1).clamp_min(EPS)
     return (features.to(accumulate) / norms[:, None]).to(features.dtype), norms
 

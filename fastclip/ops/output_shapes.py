@@ -1,6 +1,6 @@
 """What every backend's primitives return, as empty tensors: the one place their fake kernels share.
 
-The shapes follow the primitive contract in fastclip/backends.py; ``dtype`` is the backend's output
+The shapes follow the primitive contract in fastclip/ops/__init__.py; ``dtype`` is the backend's output
 dtype (fp32 for triton and cuda, the accumulation dtype for torch).
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.ops import cuda_common as common
-from fastclip.ops.workspace import workspace_bytes
+from fastclip.ops import workspace
 from fastclip.ops.output_shapes import gradients_like
 
 
@@ -33,7 +33,7 @@ def siglip_loss_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     """image: (b, D), text: (n, D) fp32/fp16/bf16 on one GPU; scale, bias: 0-dim -> 0-dim fp32 loss sum."""
     common.check_inputs(image, text, scale, bias)
     return common.extension().siglip_loss_fwd(image, text, scale, bias, positive_offset,
-                                              common.allow_tf32(image.dtype), common.POISON_BUFFERS)
+                                              common.allow_tf32(image.dtype), workspace.POISON_BUFFERS)
 
 
 @siglip_loss_fwd.register_fake
@@ -48,8 +48,8 @@ def siglip_loss_bwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     """(grad_image (b, D), grad_text (n, D), grad_bias ()) in fp32; grad_coef: 0-dim (d loss / d loss_sum)."""
     common.check_inputs(image, text, scale, bias, grad_coef)
     return tuple(common.extension().siglip_loss_bwd(image, text, scale, bias, positive_offset, grad_coef,
-                                                    common.allow_tf32(image.dtype), workspace_bytes(),
-                                                    common.POISON_BUFFERS))
+                                                    common.allow_tf32(image.dtype), workspace.workspace_bytes(),
+                                                    workspace.POISON_BUFFERS))
 
 
 @siglip_loss_bwd.register_fake

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops.chunking import (ChunkBuffers, accumulate_dtype, feature_grads_of_chunk, gemm_dtype,
-                                   positive_entries, scaled_logits_into)
+from fastclip.devices import accumulate_dtype, gemm_dtype
+from fastclip.ops.chunking import ChunkBuffers, feature_grads_of_chunk, positive_entries, scaled_logits_into
 from fastclip.ops.output_shapes import gradients_like
 
 

@@ -21,35 +21,20 @@ import os
 
 import torch
 
-from fastclip.backends import device_capability, triton_interpret_mode
-from fastclip.ops.workspace import workspace_bytes
+from fastclip.checks import check_kernel_inputs
+from fastclip.devices import FP32_PRECISION_ENV, device_capability, dot_precision, gemm_dtype, triton_interpret_mode
+from fastclip.ops.gemm import addmm_fp32_, mm_fp32_into
+from fastclip.ops.workspace import allocate, rows_per_chunk
 
 FP16_HEADROOM = 256.0  # G is stored times 2^8 in fp16 so softmax / sigmoid values ~1/B stay out of subnormals
-FP32_PRECISION_ENV = "FASTCLIP_FP32_PRECISION"
 AUTOTUNE_ENV = "FASTCLIP_AUTOTUNE"
+DEVICES = ("cuda", "cpu")  # CPU tensors only under TRITON_INTERPRET=1 (fastclip.backends checks that)
 TF32_LSE_BOUND_PER_SCALE = 2.0**-9  # |LSE error| / logit_scale with truncated TF32 operands, unit-norm features
-MAX_WORKSPACE_ELEMENTS = 2**31 - 1  # kernels index one workspace with 32-bit offsets
 _TUNED_CONFIGS: dict = {}
 
 
-def allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised buffer for a kernel to fill (every output and workspace goes through here).
-
-    Tests replace this function with a NaN-filled allocator to prove every element is written.
-    """
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def check_inputs(image: torch.Tensor, text: torch.Tensor, *scalars: torch.Tensor) -> None:
-    """The launchers' own checks (the loss API checks more, earlier): dtypes, shapes, one device."""
-    if image.dtype not in (torch.float32, torch.float16, torch.bfloat16) or text.dtype != image.dtype:
-        raise TypeError(f"the triton backend takes float32/float16/bfloat16 features of one dtype, got "
-                        f"{image.dtype} and {text.dtype}: cast them, or use backend='torch'")
-    if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1]:
-        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must be (b, D) and (n, D)")
-    for tensor in (text, *scalars):
-        if tensor.device != image.device:
-            raise ValueError(f"all inputs must be on {image.device}, one is on {tensor.device}: move it there")
+def check_inputs(image: torch.Tensor, text: torch.Tensor, *others: torch.Tensor) -> None:
+    check_kernel_inputs("triton", DEVICES, image, text, *others)
 
 
 def shape_key(image: torch.Tensor, text: torch.Tensor) -> tuple:
@@ -94,17 +79,6 @@ def _interpreter_index_fix() -> None:
 
     patch_lang_tensor.squeezes_index = True
     interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """The kernels' ``input_precision`` for tl.dot: FASTCLIP_FP32_PRECISION for fp32, else the default."""
-    if dtype != torch.float32:
-        return "tf32"  # only fp32 operands are affected; 16-bit dots are always exact products
-    raw = os.environ.get(FP32_PRECISION_ENV, "tf32").strip().lower() or "tf32"
-    if raw not in ("tf32", "ieee"):
-        raise ValueError(f"{FP32_PRECISION_ENV}={raw!r} is not a choice: set it to 'tf32' (fast, default) "
-                         "or 'ieee' (exact fp32 products)")
-    return raw
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -153,13 +127,6 @@ def column_splits(n_row_blocks: int, n_cols: int, block_n: int, device: torch.de
     return cdiv(col_tiles, tiles_per_split), tiles_per_split
 
 
-def row_chunk(n_rows: int, block_m: int, bytes_per_block: int, elements_per_block: int) -> int:
-    """Rows per chunk: the most whole row blocks whose workspace (``bytes_per_block`` and
-    ``elements_per_block`` per block of block_m rows) fits workspace_bytes(); at least one block."""
-    blocks = min(workspace_bytes() // max(1, bytes_per_block), MAX_WORKSPACE_ELEMENTS // max(1, elements_per_block))
-    return min(n_rows, max(1, blocks) * block_m)
-
-
 def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "0").strip() not in ("", "0")
 
@@ -185,62 +152,6 @@ def choose_config(name: str, configs_by_arch: dict, device: torch.device, shape_
     return _TUNED_CONFIGS[key]
 
 
-def gemm_operand(tensor: torch.Tensor) -> torch.Tensor:
-    """Backward GEMM operand: the input dtype on GPUs (tensor cores), fp32 on CPU (exact and fast)."""
-    return tensor.float() if tensor.device.type == "cpu" else tensor
-
-
-_OUT_DTYPE_FAILED: set = set()  # (op, gemm_kind()) where a torch GEMM with out_dtype=float32 raised once
-
-
-def gemm_kind(left: torch.Tensor, right: torch.Tensor) -> tuple:
-    """(device index, dtype, layout of each operand): cuBLAS picks a different kernel for a transposed
-    operand (G.T @ I) than for a plain one (G @ T), so one failing must not switch off the other."""
-    def layout(tensor):
-        return "T" if tensor.stride(0) == 1 and tensor.stride(1) != 1 else "N"
-    return left.device.index, left.dtype, layout(left), layout(right)
-
-
-def _with_fp32_out(op: str, left: torch.Tensor, right: torch.Tensor, fast, fallback):
-    """fast() (a torch GEMM with out_dtype=float32: 16-bit operands, fp32 products summed and written
-    in fp32 by cuBLAS, torch >= 2.8) unless this (op, kind) raised before; else fallback(). The first
-    call of each kind is the probe: a failure is remembered, so it is tried once per process."""
-    key = (op, gemm_kind(left, right))
-    if left.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and key not in _OUT_DTYPE_FAILED:
-        try:
-            return fast()
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
-            _OUT_DTYPE_FAILED.add(key)
-    return fallback()
-
-
-def matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right as fp32, accumulated in fp32 (older torch: a 16-bit product, upcast)."""
-    if left.dtype == torch.float32:
-        return torch.mm(left, right)
-    return _with_fp32_out("mm", left, right, lambda: torch.mm(left, right, out_dtype=torch.float32),
-                          lambda: torch.mm(left, right).float())
-
-
-def mm_fp32_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """out (fp32) = left @ right, written by the GEMM itself where torch allows (no transient)."""
-    if left.dtype == out.dtype:
-        return torch.mm(left, right, out=out)
-    return _with_fp32_out("mm_out", left, right,
-                          lambda: torch.mm(left, right, out_dtype=out.dtype, out=out),
-                          lambda: out.copy_(matmul_fp32(left, right)))
-
-
-def addmm_fp32_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """out (fp32) += left @ right inside the GEMM (cuBLAS beta = 1 on the fp32 out, out_dtype for 16-bit
-    operands where torch allows): no (rows, D) fp32 transient. Otherwise one fp32 product is added."""
-    if left.dtype == out.dtype:
-        return out.addmm_(left, right)
-    return _with_fp32_out("addmm", left, right,
-                          lambda: torch.addmm(out, left, right, out_dtype=out.dtype, out=out),
-                          lambda: out.add_(matmul_fp32(left, right)))
-
-
 def chunked_backward(image: torch.Tensor, text: torch.Tensor, config, write_chunk):
     """The semi-fused backward's row-chunk loop, shared by both losses.
 
@@ -256,21 +167,21 @@ def chunked_backward(image: torch.Tensor, text: torch.Tensor, config, write_chun
     n_rows, n_cols = image.shape[0], text.shape[0]
     block_m = config.block_m
     col_tiles = cdiv(n_cols, config.block_n)
-    chunk = row_chunk(n_rows, block_m, bytes_per_block=block_m * n_cols * image.element_size() + 4 * col_tiles,
-                      elements_per_block=block_m * n_cols)
+    chunk = rows_per_chunk(n_rows, bytes_per_block=block_m * n_cols * image.element_size() + 4 * col_tiles,
+                           block_rows=block_m, elements_per_block=block_m * n_cols)
     grad_logits = allocate((chunk, n_cols), image.dtype, image.device)
     tile_sums = allocate((cdiv(chunk, block_m) * col_tiles,), torch.float32, image.device)
     grad_image = allocate(tuple(image.shape), torch.float32, image.device)
     grad_text = allocate(tuple(text.shape), torch.float32, image.device)
     total = torch.zeros((), dtype=torch.float32, device=image.device)
-    image_gemm, text_gemm = gemm_operand(image), gemm_operand(text)
+    image_gemm, text_gemm = image.to(gemm_dtype(image)), text.to(gemm_dtype(text))
     for start in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - start)
         grad_rows, chunk_sums = grad_logits[:rows], tile_sums[:cdiv(rows, block_m) * col_tiles]
         write_chunk(start, rows, image[start:start + rows], grad_rows, chunk_sums)
         total += chunk_sums.sum()
         if grad_rows.dtype != text_gemm.dtype:
-            grad_rows = grad_rows.to(text_gemm.dtype)  # CPU: the fp32 GEMM operands of gemm_operand
+            grad_rows = grad_rows.to(text_gemm.dtype)  # CPU: the fp32 GEMM operands of gemm_dtype
         mm_fp32_into(grad_image[start:start + rows], grad_rows, text_gemm)
         # grad_text is read and written once per chunk (8 bytes per element of (n, D)): the price of
         # the bounded G workspace; a larger FASTCLIP_WORKSPACE_MB means fewer chunks.

@@ -5,9 +5,18 @@ A primitive that walks the B_rows x B_cols similarity matrix in row chunks keeps
 backend: fp32 buffers). Their total is capped by ``workspace_bytes()``: DEFAULT_WORKSPACE_MB by
 default, changed with the environment variable ``FASTCLIP_WORKSPACE_MB`` (MiB, read at call time,
 so a script can set it before the first loss call). The GPU benchmark reads the same value.
+
+Every output and workspace of the fused launchers comes from ``allocate`` (Triton) or from the CUDA
+extension, which is handed ``POISON_BUFFERS``: a test sets that flag to make both fill their buffers
+with NaN (integers with -1) first, so an element no kernel writes shows up.
 """
 import math
 import os
+
+import torch
+
+POISON_BUFFERS = False  # tests only: see the module docstring
+MAX_WORKSPACE_ELEMENTS = 2**31 - 1  # the kernels index one workspace with 32-bit offsets
 
 # 256 MiB, the design's cap for the default. Why the cap and not less: the semi-fused backward
 # re-reads and re-writes grad_text (n x D fp32, 8 bytes per element) once per row chunk, and a chunk
@@ -31,7 +40,18 @@ def workspace_bytes() -> int:
     return int(megabytes * 2**20)
 
 
-def rows_per_chunk(n_rows: int, n_cols: int, buffers: int, bytes_per_element: int = 4) -> int:
-    """Largest row chunk whose ``buffers`` (chunk x n_cols) buffers fit the workspace (at least 1 row)."""
-    per_row = max(1, buffers * n_cols * bytes_per_element)
-    return max(1, min(n_rows, workspace_bytes() // per_row))
+def rows_per_chunk(n_rows: int, bytes_per_block: int, block_rows: int = 1, elements_per_block: int = 0) -> int:
+    """Rows per chunk of a row-chunked primitive: the most whole blocks of ``block_rows`` rows whose
+    workspace (``bytes_per_block`` bytes, ``elements_per_block`` elements of one buffer, per block)
+    fits workspace_bytes() and 32-bit indexing; at least one block, at most n_rows (and at least 1)."""
+    blocks = workspace_bytes() // max(1, bytes_per_block)
+    if elements_per_block:
+        blocks = min(blocks, MAX_WORKSPACE_ELEMENTS // elements_per_block)
+    return max(1, min(n_rows, max(1, blocks) * block_rows))
+
+
+def allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer for a kernel to fill; NaN (or -1) under POISON_BUFFERS."""
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

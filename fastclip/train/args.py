@@ -15,7 +15,7 @@ from fastclip.model.config import list_models
 from fastclip.precision import PRECISIONS
 from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, AUGMENTATION_KEYS, DATASET_TYPES, EMBEDDED_PRESET,
                                    GENERIC_DEFAULTS, IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES, LR_SCHEDULERS,
-                                   PRECISION_ALIASES, TrainConfig, config_defaults)
+                                   TrainConfig, config_defaults)
 from fastclip.train.metrics import PLAIN_PROGRESS_LINES
 from fastclip.train.open_clip_flags import add_refused_flags
 
@@ -158,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no schedule at all: --lr from the first step (no warm-up, no decay), as open_clip")
     optim.add_argument("--opt", help="optimiser: adamw (open_clip's timm/<name> optimisers are not run)")
     optim.add_argument("--grad-clip-norm", type=float, default=None, help="clip the total gradient norm to this")
-    optim.add_argument("--precision", choices=PRECISIONS + tuple(PRECISION_ALIASES),
-                       help="amp: autocast fp16 with a GradScaler; amp_bf16 (alias amp_bfloat16): "
-                       "autocast bf16; bf16/fp16: parameters in that dtype; pure_bf16/pure_fp16: every parameter, "
-                       "buffer and input in that dtype, no autocast (open_clip's)")
+    optim.add_argument("--precision", choices=PRECISIONS, help="amp: autocast fp16 with a GradScaler; amp_bf16: "
+                       "autocast bf16; bf16/fp16: the matmul weights in that dtype, LayerNorm and embeddings fp32; "
+                       "pure_bf16/pure_fp16: every parameter, buffer and input in that dtype; no autocast for these "
+                       "four (open_clip's meanings; default: amp_bf16 on a GPU with bf16, amp on sm7x, fp32 on CPU)")
     optim.add_argument("--accum-freq", type=int,
                        help="micro-batches per step, with feature caching (GradCache)")
     optim.add_argument("--max-nonfinite-steps", type=int,

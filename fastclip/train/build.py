@@ -14,7 +14,7 @@ import torch
 from fastclip.checkpoint_format import read_weights
 from fastclip.data.loader import TrainBatches
 from fastclip.distributed.comm import World
-from fastclip.precision import make_grad_scaler, parameter_dtype
+from fastclip.precision import make_grad_scaler
 from fastclip.train.config import TrainConfig
 from fastclip.train.lit import apply_locks
 from fastclip.train.loop import TrainParts
@@ -38,7 +38,7 @@ def build_model(config: TrainConfig, ctx: World) -> torch.nn.Module:
         return fastclip.create_model(config.model, pretrained=pretrained, attn_impl=config.attn_impl,
                                      grad_checkpointing=config.grad_checkpointing,
                                      patch_dropout=config.patch_dropout, device=ctx.device,
-                                     dtype=parameter_dtype(config.precision), image_size=config.force_image_size,
+                                     precision=config.precision, image_size=config.force_image_size,
                                      context_length=config.force_context_length)
 
     if not config.pretrained:

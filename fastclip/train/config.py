@@ -20,7 +20,6 @@ from fastclip.precision import PRECISIONS
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "math")
 LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
-PRECISION_ALIASES = {"amp_bfloat16": "amp_bf16"}  # open_clip's other name
 IMAGE_INTERPOLATIONS = ("bicubic", "bilinear", "random")
 IMAGE_RESIZE_MODES = ("shortest", "longest", "squash")
 #: --aug-cfg keys fastclip applies (open_clip's non-timm augmentation); the timm ones are refused
@@ -118,7 +117,7 @@ class TrainConfig:
     skip_scheduler: bool = False             # --lr at every step, no warm-up (open_clip's)
     opt: str = "adamw"
     grad_clip_norm: float | None = None
-    precision: str = "fp32"
+    precision: str | None = None             # None: fastclip.precision.default_precision(device), chosen in run()
     accum_freq: int = 1
     max_nonfinite_steps: int = 20
     # distributed
@@ -163,8 +162,6 @@ class TrainConfig:
         filled = {}
         if self.dataset_type in (None, "auto"):
             filled["dataset_type"] = auto_dataset_type(self.train_data)
-        if self.precision in PRECISION_ALIASES:
-            filled["precision"] = PRECISION_ALIASES[self.precision]
         if self.delete_previous_checkpoint:
             if self.keep_last not in (None, 1):
                 raise ValueError(f"--delete-previous-checkpoint keeps one checkpoint, --keep-last {self.keep_last} "
@@ -232,7 +229,7 @@ _CHOICES = {"--precision": ("precision", PRECISIONS), "--dataset-type": ("datase
 
 def _validate(config: TrainConfig) -> None:
     for flag, (name, choices) in _CHOICES.items():
-        if getattr(config, name) not in choices:
+        if getattr(config, name) not in choices and not (name == "precision" and config.precision is None):
             raise ValueError(f"{flag} {getattr(config, name)!r} is not one of {', '.join(choices)}")
     positive = {"--batch-size": config.batch_size, "--accum-freq": config.accum_freq, "--epochs": config.epochs,
                 "--max-nonfinite-steps": config.max_nonfinite_steps}

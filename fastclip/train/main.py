@@ -27,7 +27,7 @@ import torch
 from fastclip.distributed.comm import World
 from fastclip.io import atomic_write_json
 from fastclip.model.config import get_config
-from fastclip.precision import check_precision_supported
+from fastclip.precision import check_precision_supported, default_precision
 from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
@@ -74,6 +74,10 @@ def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
          cleanup: contextlib.ExitStack) -> dict:
     wall_start = time.perf_counter()
     log = cleanup.enter_context(console_log(ctx.is_main or (config.log_local and ctx.local_rank == 0)))
+    precision_note = ""
+    if config.precision is None:  # no --precision: what suits the device, said in the header
+        precision, why = default_precision(ctx.device)
+        config, precision_note = config.replace(precision=precision), f" ({why})"
     check_precision_supported(config.precision, ctx.device)
     get_config(config.model)  # an unknown --model: the list of names, before anything is written
     plan, loaded = _prepare_output(config, ctx)  # before anything slow: a refused folder costs nothing
@@ -89,10 +93,10 @@ def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
     total_steps = planned_total_steps(config, batches, state)
     parts.schedule = _schedule(config, batches.num_batches, total_steps)
     del loaded  # rank 0's copy of the optimiser state
-    say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, precision {config.precision}, "
-             f"{ctx.size} process(es) on {ctx.device}, {_schedule_summary(config, batches, state, total_steps)}, "
-             f"global batch {config.batch_size * ctx.size} ({config.batch_size} per process), "
-             f"output {config.output_dir}")
+    say(ctx, f"model {config.model} ({_parameter_summary(model)}), {optimizer_name}, "
+             f"precision {config.precision}{precision_note}, {ctx.size} process(es) on {ctx.device}, "
+             f"{_schedule_summary(config, batches, state, total_steps)}, global batch {config.batch_size * ctx.size} "
+             f"({config.batch_size} per process), output {config.output_dir}")
     for warning in _schedule_warnings(config, total_steps):
         say(ctx, warning)
     plain_every = (plain_progress_interval(total_steps) if config.progress_every_n_steps is None
