@@ -108,8 +108,8 @@ def test_force_context_length_and_quick_gelu_reach_the_model():
     from fastclip.train.build import build_model
     from fastclip.distributed.comm import World
 
-    config = parse_args(["--dataset-type", "synthetic", "--force-context-length", "16", "--force-quick-gelu",
-                         "--force-image-size", "32"])
+    config = parse_args(["--dataset-type", "synthetic", "--precision", "fp32", "--force-context-length", "16",
+                         "--force-quick-gelu", "--force-image-size", "32"])
     model = build_model(config, World())
     assert model.context_length == 16 and model.config.quick_gelu
 
