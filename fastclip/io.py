@@ -27,8 +27,8 @@ from typing import IO, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "fsync_dir", "remove_stale_temporaries",
-           "temporary_prefix"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_dir", "staging_dir", "publish_dir", "fsync_dir",
+           "remove_stale_temporaries", "temporary_prefix"]
 
 
 def temporary_prefix(name: str) -> str:
@@ -118,25 +118,37 @@ def atomic_dir(final: PathLike, *, replace: bool = False) -> Iterator[Path]:
     unless ``replace=True``, in which case the old folder is swapped out only after the new one is
     complete (it is moved aside, the new one renamed in, then the old one deleted).
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name)))
+    staging = staging_dir(final)
     try:
         os.chmod(staging, 0o777 & ~_umask())
         yield staging
-        _fsync_tree(staging)
-        if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} already exists")
-            retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name) + "old."))
-            os.replace(final, retired / final.name)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        publish_dir(staging, final, replace=replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def staging_dir(final: PathLike) -> Path:
+    """A new empty hidden folder beside ``final`` to fill and then :func:`publish_dir` (``atomic_dir``'s
+    first half, for writers that are several processes: one creates it, all write, one publishes)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name)))
+
+
+def publish_dir(staging: PathLike, final: PathLike, *, replace: bool = False) -> None:
+    """fsync everything in ``staging`` and rename it to ``final`` (``atomic_dir``'s second half)."""
+    staging, final = Path(staging), Path(final)
+    _fsync_tree(staging)
+    if final.exists():
+        if not replace:
+            raise FileExistsError(f"{final} already exists")
+        retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name) + "old."))
+        os.replace(final, retired / final.name)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
     fsync_dir(final.parent)
 
 

@@ -46,10 +46,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, kwargs: dict) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, kwargs: dict,
+           collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=collective_timeout_s))
     try:
         result = fn(rank, world_size, **kwargs)
     except BaseException:  # report it to the parent, which names the rank
@@ -65,12 +66,13 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, kwargs: dict
     os.replace(tmp, path)
 
 
-def run_in_world(fn, world_size: int, *, timeout_s: float = 240, **kwargs) -> list:
+def run_in_world(fn, world_size: int, *, timeout_s: float = 240, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+                 **kwargs) -> list:
     """fn(rank, world_size, **kwargs) on each of ``world_size`` spawned gloo ranks -> [result of rank r]."""
     if START_METHOD == "forkserver":
         mp.set_forkserver_preload(SERVER_PRELOAD)  # read when the server starts (first world only)
     with tempfile.TemporaryDirectory(prefix="fastclip-dist-") as out_dir:
-        context = mp.start_processes(_entry, args=(fn, world_size, free_port(), out_dir, kwargs),
+        context = mp.start_processes(_entry, args=(fn, world_size, free_port(), out_dir, kwargs, collective_timeout_s),
                                      nprocs=world_size, join=False, start_method=START_METHOD)
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):

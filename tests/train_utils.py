@@ -51,3 +51,19 @@ def tiny_clip() -> torch.nn.Module:
 def tiny_state(step: int) -> dict:
     """The smallest training state ``load_training_checkpoint`` accepts."""
     return {"train": {"step": step}, "optimizer": {}, "rng": [], "world_size": 1, "batch_size": 8}
+
+
+def train_runs_in_world(rank, world_size, root, runs, steps=4):
+    """On each rank of a spawned world (``distributed_utils.run_in_world``): the trainer's ``run`` once per
+    ``(name, TrainConfig fields)`` of ``runs``, into ``root/name``: fastclip-tiny at 32 px, fp32, ``steps`` steps
+    of 4 samples per rank, the distributed loss with --local-loss --gather-with-grad, a checkpoint at the end."""
+    from fastclip.distributed.comm import World
+    from fastclip.train.config import TrainConfig
+    from fastclip.train.main import run
+
+    for name, extra in runs:
+        fields = {"model": "fastclip-tiny", "local_loss": True, "gather_with_grad": True, **extra}
+        config = TrainConfig(dataset_type="synthetic", train_num_samples=4 * world_size * steps, batch_size=4,
+                             epochs=1, force_image_size=32, workers=0, lr=1e-3, warmup=2, seed=5, no_progress=True,
+                             output_dir=f"{root}/{name}", **fields)
+        run(config, World(rank=rank, size=world_size))

@@ -95,13 +95,13 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.device, precision: str):
     """The model of a run folder (its newest checkpoint), a trainer checkpoint folder or a weights file, in eval mode."""
     import fastclip
-    from fastclip.checkpoint_format import MODEL_FILE, read_weights, verify_checkpoint
+    from fastclip.checkpoint_format import MODEL_FILE, is_sharded_checkpoint, read_weights, verify_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     if path.is_dir():
         verify_checkpoint(path)  # the manifest and checksums; raises CorruptCheckpointError (a ValueError)
-        path = path / MODEL_FILE
-    if not path.is_file():
+        path = path if is_sharded_checkpoint(path) else path / MODEL_FILE
+    if not path.exists():
         raise ValueError(f"--checkpoint {checkpoint!r} is neither a run folder, a checkpoint folder nor a weights "
                          "file")
     model = read_weights(path, lambda weights: fastclip.model_from_state_dict(str(weights), name=model_name,

@@ -59,6 +59,11 @@ def load_checkpoint(path: PathLike) -> tuple:
     """
     path = weights_file(path)
     config = None
+    if path.is_dir():  # a sharded (DCP) trainer checkpoint
+        from fastclip.checkpoint_format import read_sharded_weights
+
+        raw, stored = read_sharded_weights(path)
+        return normalize_state_dict(raw), CLIPConfig.from_dict(stored) if stored else None
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file

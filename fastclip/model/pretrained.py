@@ -3,7 +3,8 @@
 ``pretrained`` (in ``create_model`` and ``fastclip train --pretrained``) may be:
 
 - a weights file: ``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt`` (formats: ``loading``);
-- a trainer checkpoint folder, ``<output-dir>/checkpoints/step_NNNNNNNN/`` (its ``model.safetensors``);
+- a trainer checkpoint folder, ``<output-dir>/checkpoints/step_NNNNNNNN/`` (its ``model.safetensors``, or
+  the model part of its shards when ``--fsdp-checkpoint sharded`` wrote it);
 - an open_clip pretrained tag with a model name, e.g. ``create_model("ViT-B-32",
   pretrained="laion2b_s34b_b79k")`` or ``"openai"``. open_clip's registry (``open_clip.pretrained``,
   needed for tags) maps (name, tag) to a Hugging Face Hub repository and file, or a URL; the file is
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
-from fastclip.checkpoint_format import MODEL_FILE
+from fastclip.checkpoint_format import MODEL_FILE, is_sharded_checkpoint
 
 __all__ = ["Weights", "WeightsNotFoundError", "resolve_pretrained", "weights_file", "hub_cache_dir",
            "clip_url_cache_dir", "CHECKPOINT_WEIGHTS_FILE"]
@@ -106,13 +107,16 @@ def _safetensors_first(filename: str) -> list[str]:
 
 
 def weights_file(path: PathLike) -> Path:
-    """A weights file, or the ``model.safetensors`` of a trainer checkpoint folder (WeightsNotFoundError if none)."""
+    """A weights file, the ``model.safetensors`` of a trainer checkpoint folder, or a sharded checkpoint folder
+    itself (``fastclip.checkpoint_format``; WeightsNotFoundError if none)."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
         if (path / CHECKPOINT_WEIGHTS_FILE).is_file():
             return path / CHECKPOINT_WEIGHTS_FILE
+        if is_sharded_checkpoint(path):
+            return path
         steps = sorted(path.glob(f"checkpoints/step_*/{CHECKPOINT_WEIGHTS_FILE}"))
         if steps:
             raise WeightsNotFoundError(f"{path} is a training run's output folder; give one of its checkpoint "

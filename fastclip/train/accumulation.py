@@ -10,7 +10,7 @@ With ``accum_freq = k`` the batch (B) is split into k micro-batches of b = B/k a
 3. each micro-batch runs forward again **with grad**, from its recorded RNG state, so dropout and
    patch-dropout masks are the ones of step 1, and back-propagates its slice of dL/d(features). The
    temperature (and bias) gradient is fed once, with the last micro-batch, which is also the only one
-   whose backward DDP synchronises.
+   whose backward synchronises gradients (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``).
 
 The parameter gradient equals the one of the full-batch loss with the same masks, while peak
 activation memory is that of one micro-batch (plus the (B, E) feature cache). Plain PyTorch equivalent::
@@ -54,8 +54,12 @@ def _loss_inputs(output: dict) -> dict:
 
 
 def _no_sync(model: torch.nn.Module, skip_sync: bool):
-    if skip_sync and hasattr(model, "no_sync"):
+    if skip_sync and hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
+    if skip_sync and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        from fastclip.train.fsdp import gradient_sync
+
+        return gradient_sync(model, enabled=False)
     return contextlib.nullcontext()
 
 
@@ -65,7 +69,8 @@ def forward_backward(model: torch.nn.Module, loss_fn, images: torch.Tensor, toke
     """Run forward and backward of one batch; gradients are left in ``.grad``. Returns the detached loss.
 
     images: (B, 3, H, W); tokens: (B, L) int64; B divisible by ``accum_freq``. ``model`` may be wrapped in
-    DistributedDataParallel. ``scaler``: a GradScaler (``amp``) that scales the loss before backward.
+    DistributedDataParallel or sharded with FSDP2. ``scaler``: a GradScaler (``amp``) that scales the loss before
+    backward.
     ``ranges``: a :class:`~fastclip.train.profiling.NvtxRanges` (or None).
     """
     ranges = ranges or (lambda name: contextlib.nullcontext())

@@ -14,8 +14,8 @@ from fastclip.data.loader import DEFAULT_WORKERS_CAP
 from fastclip.model.config import list_models
 from fastclip.precision import PRECISIONS
 from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, AUGMENTATION_KEYS, DATASET_TYPES, EMBEDDED_PRESET,
-                                   GENERIC_DEFAULTS, IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES, LR_SCHEDULERS,
-                                   TrainConfig, config_defaults)
+                                   FSDP_CHECKPOINT_LAYOUTS, GENERIC_DEFAULTS, IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES,
+                                   LR_SCHEDULERS, TrainConfig, config_defaults)
 from fastclip.train.metrics import PLAIN_PROGRESS_LINES
 from fastclip.train.open_clip_flags import add_refused_flags
 
@@ -189,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "error (the process group timeout, as NCCL's), so a stalled or dead rank cannot hang "
                            "the others forever")
     dist.add_argument("--seed", type=int, help="seed of weights, data order and augmentations")
+    shard = parser.add_argument_group("sharding (FSDP2; docs/scale_out.md)")
+    shard.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                       "processes (FSDP2 fully_shard per residual block, then the root) instead of DDP; on one "
+                       "process there is nothing to shard: it trains unsharded, with a note")
+    shard.add_argument("--fsdp-no-reshard-after-forward", action="store_true",
+                       help="keep each block's gathered parameters from forward to backward (faster, more memory)")
+    shard.add_argument("--fsdp-offload-cpu", action="store_true",
+                       help="keep the parameter, gradient and optimizer shards in CPU memory (the step runs on CPU)")
+    shard.add_argument("--fsdp-checkpoint", choices=FSDP_CHECKPOINT_LAYOUTS, default=None,
+                       help="full: weights and optimizer gathered to rank 0, in the format of DDP runs (default); "
+                            "sharded: torch.distributed.checkpoint shards written by every rank, loadable on "
+                            "another process count and in one process")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default=None, help="default ./runs/<timestamp>; with --resume latest, the "

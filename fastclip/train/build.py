@@ -148,14 +148,22 @@ def prepare_embedded_set(config: TrainConfig, ctx: World, image_size: int) -> Pa
 
 def build_parts(config: TrainConfig, ctx: World, model: torch.nn.Module,
                 lineage: dict[str, object]) -> tuple[TrainParts, str]:
-    """Wrap ``model`` (DDP when distributed), build loss, optimiser and scaler. Returns (parts, optimiser name).
+    """Wrap ``model`` (DDP when distributed, sharded in place with ``--fsdp``), build loss, optimiser and scaler.
+    Returns (parts, optimiser name).
 
     ``parts.schedule`` stays None until the total step count is known (after a resume).
     """
+    from fastclip.train.fsdp import checkpoint_layout, shard_model
+
     ddp_model = model
     if config.use_bn_sync and ctx.device.type == "cpu":
         raise ValueError("--use-bn-sync: SyncBatchNorm runs on GPUs only; drop it for a CPU run")
-    if ctx.distributed:
+    if config.fsdp and ctx.distributed:
+        ddp_model = model = shard_model(model, config)  # before the optimiser: it holds the sharded parameters
+    elif config.fsdp:
+        say(ctx, "--fsdp on one process: there is nothing to shard, so this run trains unsharded (the "
+                 f"--fsdp-checkpoint {checkpoint_layout(config)} layout is still written)")
+    elif ctx.distributed:
         if config.use_bn_sync:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -173,5 +181,6 @@ def build_parts(config: TrainConfig, ctx: World, model: torch.nn.Module,
                        logit_scale=find_parameter(model, "logit_scale"), ctx=ctx, precision=config.precision,
                        accum_freq=config.accum_freq, grad_clip_norm=config.grad_clip_norm,
                        max_nonfinite_steps=config.max_nonfinite_steps, ranges=NvtxRanges(enabled=True),
-                       trainable=[p for p in model.parameters() if p.requires_grad], lineage=lineage)
+                       trainable=[p for p in model.parameters() if p.requires_grad], lineage=lineage,
+                       checkpoint_layout=checkpoint_layout(config))
     return parts, optimizer_name

@@ -34,9 +34,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastclip.checkpoint_format import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, STATE_FILE, STEP_PATTERN,
-                                       CorruptCheckpointError, checkpoint_step, read_manifest, read_weights, sha256_of,
-                                       step_folder_name, verify_checkpoint)
+from fastclip.checkpoint_format import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, SHARDED_LAYOUT, STATE_FILE,
+                                       STEP_PATTERN, CorruptCheckpointError, checkpoint_step, read_manifest, read_weights,
+                                       sha256_of, step_folder_name, verify_checkpoint)
 from fastclip.io import atomic_dir, atomic_write_json, fsync_dir, remove_stale_temporaries, temporary_prefix
 
 logger = logging.getLogger("fastclip.train")
@@ -103,26 +103,38 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, s
     """
     from fastclip.model import save_model
 
-    final = checkpoint_dir(output_dir) / step_folder_name(step)
-    if final.exists():
-        raise CheckpointExistsError(
-            f"{final} already exists and fastclip never overwrites a checkpoint; move it away or train into "
-            "a new --output-dir")
+    final = new_checkpoint_path(output_dir, step)
     try:
         with atomic_dir(final) as staging:
             save_model(model, staging / MODEL_FILE)
-            with open(staging / STATE_FILE, "wb") as handle:
-                torch.save(state, handle)
-            manifest = {"format": MANIFEST_FORMAT, "step": step, "model": model_name, "run_id": run_id,
-                        "parent": parent, **(details or {}),
-                        "sha256": {name: sha256_of(staging / name) for name in (MODEL_FILE, STATE_FILE)}}
-            atomic_write_json(staging / MANIFEST_FILE, manifest)
+            write_state_and_manifest(staging, state, {"step": step, "model": model_name, "run_id": run_id,
+                                                      "parent": parent, **(details or {})})
     except FileExistsError as error:  # another writer got there between the check and the rename
         raise CheckpointExistsError(f"{final} appeared while it was being written: {error}") from error
     retire_most_recent_only(output_dir, run_id, keep=final)
     if keep_last > 0:
         prune_lineage(output_dir, run_id, keep_last, keep=final)
     return final
+
+
+def new_checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` goes; CheckpointExistsError if it is already there."""
+    final = checkpoint_dir(output_dir) / step_folder_name(step)
+    if final.exists():
+        raise CheckpointExistsError(
+            f"{final} already exists and fastclip never overwrites a checkpoint; move it away or train into "
+            "a new --output-dir")
+    return final
+
+
+def write_state_and_manifest(staging: Path, state: dict, fields: dict) -> None:
+    """``state.pt`` and then ``manifest.json`` into a staging folder: ``fields`` plus the SHA-256 of every file
+    there (the weights, or a sharded checkpoint's shards, are written before)."""
+    with open(staging / STATE_FILE, "wb") as handle:
+        torch.save(state, handle)
+    names = sorted(entry.name for entry in staging.iterdir() if entry.is_file() and entry.name != MANIFEST_FILE)
+    atomic_write_json(staging / MANIFEST_FILE, {"format": MANIFEST_FORMAT, **fields,
+                                                "sha256": {name: sha256_of(staging / name) for name in names}})
 
 
 def _retire(folder: Path) -> None:
@@ -209,6 +221,11 @@ class LoadedCheckpoint:
     @property
     def run_id(self) -> str | None:
         return self.manifest.get("run_id")
+
+    @property
+    def sharded(self) -> bool:
+        """Written with ``--fsdp-checkpoint sharded`` (DCP shards instead of model.safetensors)."""
+        return self.manifest.get("layout") == SHARDED_LAYOUT
 
 
 def load_training_checkpoint(path: str | Path) -> LoadedCheckpoint:

@@ -26,6 +26,7 @@ IMAGE_RESIZE_MODES = ("shortest", "longest", "squash")
 AUGMENTATION_KEYS = ("scale", "color_jitter", "color_jitter_prob", "gray_scale_prob")
 _TIMM_AUGMENTATION_KEYS = ("ratio", "re_prob", "re_count", "use_timm")
 REPORTERS = ("tensorboard", "wandb", "all", "none")
+FSDP_CHECKPOINT_LAYOUTS = ("full", "sharded")
 
 #: Settings of the no-argument run: RN-Tiny (a small ModifiedResNet; 12.4 M parameters, half of them
 #: the token embedding) at 32 px on CPU: 3 epochs of the 16,000 training images, about 3 minutes
@@ -132,6 +133,11 @@ class TrainConfig:
     ddp_static_graph: bool = False
     loss_dist_impl: str | None = None        # the loss's dist_impl (None: gather for CLIP, bidir for SigLIP)
     seed: int = 0
+    # sharding (FSDP2, fastclip.train.fsdp)
+    fsdp: bool = False
+    fsdp_no_reshard_after_forward: bool = False
+    fsdp_offload_cpu: bool = False
+    fsdp_checkpoint: str | None = None       # full | sharded (None: full); only with fsdp
     # output
     output_dir: str | None = None
     logs: str | None = None                  # open_clip's layout: the run folder is logs/name
@@ -277,10 +283,12 @@ def _validate(config: TrainConfig) -> None:
     if config.gather_with_grad and not config.local_loss and config.siglip:
         raise ValueError("--gather-with-grad applies to the CLIP loss; drop it with --siglip")
     from fastclip.train.folder_zeroshot import check_folder_options
+    from fastclip.train.fsdp import check_fsdp_options
     from fastclip.train.lit import check_lock_options
 
     check_lock_options(config)
     check_folder_options(config)
+    check_fsdp_options(config)
 
 
 def _validate_open_clip_options(config: TrainConfig) -> None:

@@ -63,6 +63,7 @@ class TrainParts:
     ranges: NvtxRanges | None = None
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     lineage: dict[str, object] = field(default_factory=dict)  # {"run_id", "parent"} in each checkpoint (run_dir.py)
+    checkpoint_layout: str = "full"  # "sharded" with --fsdp-checkpoint sharded (train/sharded_checkpoint.py)
 
 
 def _no_ranges(name: str):
@@ -73,8 +74,10 @@ def _gradient_norm(parameters: list, max_norm: float | None) -> torch.Tensor:
     """Total L2 norm of the gradients (clipping them to ``max_norm`` when given)."""
     grads = [p for p in parameters if p.grad is not None]
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False)
-    return torch.nn.utils.get_total_norm([p.grad for p in grads], error_if_nonfinite=False)
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads], error_if_nonfinite=False)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
 
 
 def optimizer_update(parts: TrainParts, loss: torch.Tensor) -> tuple[bool, float]:
@@ -145,20 +148,31 @@ def save(parts: TrainParts, state: TrainState, config: TrainConfig, *, most_rece
     """Save a checkpoint of the current step (rank 0 writes; all ranks take part, and all raise if it fails).
 
     ``most_recent_only``: written only for ``--save-most-recent``; the next checkpoint replaces it. Any
-    checkpoint written retires the earlier most-recent-only ones of this lineage.
+    checkpoint written retires the earlier most-recent-only ones of this lineage (full layout; a sharded
+    checkpoint is always kept).
     """
+    from fastclip.train.fsdp import is_sharded
+
+    if is_sharded(parts.unwrapped) or parts.checkpoint_layout == "sharded":
+        from fastclip.train.sharded_checkpoint import save_fsdp_checkpoint
+
+        return save_fsdp_checkpoint(parts, state, config)
     payload = checkpoint_state(parts, state, config.batch_size)
 
     def write() -> None:
         if parts.ctx.is_main:
-            details = {"batch_size": config.batch_size, "world_size": parts.ctx.size,
-                       "accum_freq": parts.accum_freq, "most_recent_only": most_recent_only,
-                       "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            details = {**checkpoint_details(parts, config), "most_recent_only": most_recent_only}
             save_checkpoint(config.output_dir, state.step, parts.unwrapped, payload, model_name=config.model,
                             run_id=parts.lineage.get("run_id"), parent=parts.lineage.get("parent"),
                             details=details, keep_last=config.keep_last)
 
     all_or_none(parts.ctx, write)
+
+
+def checkpoint_details(parts: TrainParts, config: TrainConfig) -> dict:
+    """The manifest fields that describe the run: batch and world size, accumulation, when."""
+    return {"batch_size": config.batch_size, "world_size": parts.ctx.size, "accum_freq": parts.accum_freq,
+            "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def run_epochs(parts: TrainParts, state: TrainState, data: TrainBatches, config: TrainConfig, *, total_steps: int,

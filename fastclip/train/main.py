@@ -17,7 +17,6 @@ import contextlib
 import errno
 import functools
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,15 +31,18 @@ from fastclip.train.args import parse_args
 from fastclip.train.build import TrainData, build_model, build_parts, build_train_data, seed_everything
 from fastclip.train.config import TrainConfig
 from fastclip.train.folder_zeroshot import evaluate_folder
+from fastclip.train.fsdp import evaluation_model
+from fastclip.train.launch_env import read_placement
 from fastclip.train.loop import NonFiniteAbort, TrainState, run_epochs
 from fastclip.train.metrics import MetricsLogger, plain_progress_interval
 from fastclip.train.optim import LearningRateSchedule
 from fastclip.train.preemption import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted, StopRequest, resume_command
-from fastclip.train.process_group import (barrier, decide_on_main, gather_objects, init_distributed, is_peer_failure,
-                                          say, shutdown_distributed)
+from fastclip.train.process_group import (RendezvousError, barrier, decide_on_main, gather_objects, init_distributed,
+                                          is_peer_failure, say, shutdown_distributed)
 from fastclip.train.profiling import StepProfiler
 from fastclip.train.resume import planned_total_steps, resume_if_asked
-from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output
+from fastclip.train.run_dir import RESULTS_FILE, RunPlan, prepare_output, remove_created_folders
+from fastclip.train.run_lock import release_run_folders
 from fastclip.train.run_log import console_log, write_params
 
 logger = logging.getLogger("fastclip.train")
@@ -73,6 +75,7 @@ def run(config: TrainConfig, ctx: World, where: dict | None = None) -> dict:
 def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
          cleanup: contextlib.ExitStack) -> dict:
     wall_start = time.perf_counter()
+    where.update(rank=ctx.rank, processes=ctx.size)
     log = cleanup.enter_context(console_log(ctx.is_main or (config.log_local and ctx.local_rank == 0)))
     precision_note = ""
     if config.precision is None:  # no --precision: what suits the device, said in the header
@@ -83,6 +86,9 @@ def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
     plan, loaded = _prepare_output(config, ctx)  # before anything slow: a refused folder costs nothing
     config = config.replace(output_dir=plan.output_dir, logs=None, name=None)
     where["output_dir"] = config.output_dir
+    writing = []  # set once every check has passed; before that a refusal removes the folders this run created
+    if ctx.is_main:
+        cleanup.callback(lambda: writing or remove_created_folders(plan.created))
     seed_everything(config.seed)  # identical initial weights on every rank
     model = build_model(config, ctx)
     data = build_train_data(config, ctx, model.config.vision.image_size, model.context_length)
@@ -103,6 +109,7 @@ def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
                    else config.progress_every_n_steps)
     bar = not config.no_progress and sys.stderr.isatty()
     # Every check passed: from here on the run folder is created and written.
+    writing.append(True)
     log.attach(Path(config.output_dir) / ("out.log" if ctx.is_main else f"out-{ctx.rank}.log"))
     if ctx.is_main:
         write_params(Path(config.output_dir), config, resumed_from=plan.resume_path)
@@ -112,10 +119,18 @@ def _run(config: TrainConfig, ctx: World, stop: StopRequest, where: dict,
                             total_steps=total_steps, initial_step=state.step, progress=bar,
                             plain_every=plain_every if not (bar and sys.stdout.isatty()) else 0,  # pipes, logs
                             say=lambda message: say(ctx, message), wandb=wandb)
-    evaluate = functools.partial(_evaluate_embedded, config, ctx, model, data)
-    evaluate_folder_now = functools.partial(evaluate_folder, config, ctx, model, data.eval_transform, data.tokenizer,
-                                            metrics.announce)
-    evaluate_val_now = functools.partial(_evaluate_val_data, config, ctx, model, data)
+    # the model itself; under --fsdp its weights gathered into a whole copy on rank 0 (collective)
+    model_for_eval = functools.partial(evaluation_model, parts, ctx, config)
+
+    def evaluate() -> dict:
+        return _evaluate_embedded(config, ctx, model_for_eval(), data)
+
+    def evaluate_folder_now() -> dict:
+        return evaluate_folder(config, ctx, model_for_eval(), data.eval_transform, data.tokenizer, metrics.announce)
+
+    def evaluate_val_now() -> dict:
+        return _evaluate_val_data(config, ctx, model_for_eval(), data)
+
     on_epoch_end = None
     periodic_val = bool(config.val_data and not config.embedded and config.val_frequency)
     if ((data.embedded_root is not None or config.imagenet_val) and config.zeroshot_frequency) or periodic_val:
@@ -291,7 +306,10 @@ def train(config: TrainConfig) -> dict:
 
 
 def _train(config: TrainConfig, where: dict) -> dict:
-    return run(config, init_distributed(_device(config), config.dist_backend, config.dist_timeout), where)
+    try:
+        return run(config, init_distributed(_device(config), config.dist_backend, config.dist_timeout), where)
+    finally:
+        release_run_folders()  # the lock on --output-dir (run_lock.py)
 
 
 def _device(config: TrainConfig) -> str | None:
@@ -312,7 +330,7 @@ def _interrupted_message(argv: list[str], where: dict) -> str:
     if not found:
         return f"fastclip train: interrupted (Ctrl-C); no checkpoint saved yet in {output_dir}"
     return (f"fastclip train: interrupted (Ctrl-C); newest checkpoint {found[-1]}; resume with: "
-            f"{resume_command(argv, output_dir)}")
+            f"{resume_command(argv, output_dir, where.get('processes', 1))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,18 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     where = {}
-    rank = int(os.environ.get("RANK", "0"))
     try:
         _train(config, where)
         return 0
     except Preempted as stopped:
-        if rank == 0:
+        if where.get("rank", 0) == 0:
+            command = resume_command(argv, stopped.output_dir, where.get("processes", 1))
             print(f"fastclip train: stopped by {stopped.signal_name} after step {stopped.step}; checkpoint "
-                  f"{stopped.checkpoint}; exit status {PREEMPTED_EXIT}. Resume with: "
-                  f"{resume_command(argv, stopped.output_dir)}", file=sys.stderr, flush=True)
+                  f"{stopped.checkpoint}; exit status {PREEMPTED_EXIT}. Resume with: {command}", file=sys.stderr,
+                  flush=True)
         return PREEMPTED_EXIT
     except KeyboardInterrupt:
-        if rank == 0:
+        if where.get("rank", 0) == 0:
             print(_interrupted_message(argv, where), file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT
     except NonFiniteAbort as error:
@@ -352,10 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError) as error:  # user-fixable: say what to change
         print(f"fastclip train: {_user_message(error)}", file=sys.stderr)
         return 2
+    except RendezvousError as error:
+        print(f"fastclip train: the processes did not meet: {error}", file=sys.stderr)
+        return 4
     except RuntimeError as error:
         if not is_peer_failure(error):
             raise
-        print(f"fastclip train: rank {os.environ.get('RANK', '0')}: a collective operation failed because another "
+        print(f"fastclip train: rank {read_placement().rank}: a collective operation failed because another "
               f"process stalled or died ({str(error).splitlines()[0]}). Collectives wait at most --dist-timeout "
               f"{config.dist_timeout:g} s; the other processes' logs say which one failed first. If a step, a "
               "checkpoint write or the evaluation on rank 0 legitimately takes longer, raise --dist-timeout.",

@@ -59,7 +59,7 @@ class StopRequest:
         self._previous.clear()
 
 
-def resume_command(argv: list[str], output_dir: str) -> str:
+def resume_command(argv: list[str], output_dir: str, processes: int = 1) -> str:
     """The command that continues this run: its flags with ``--resume latest`` (and ``--output-dir`` when the
     folder was picked for it), under the same launcher."""
     flags, skip = [], False
@@ -80,6 +80,7 @@ def resume_command(argv: list[str], output_dir: str) -> str:
         flags += ["--output-dir", output_dir]
     flags += ["--resume", "latest"]
     launcher = "fastclip train"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        launcher = "torchrun <the same torchrun flags> -m fastclip.train"
+    if processes > 1:
+        launcher = ("srun <the same srun flags> fastclip train" if "RANK" not in os.environ
+                    else "torchrun <the same torchrun flags> -m fastclip.train")
     return f"{launcher} {shlex.join(flags)}"

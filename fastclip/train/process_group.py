@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.distributed.comm import World
+from fastclip.train.launch_env import Placement, read_placement
 
 
 def say(world: World, message: str) -> None:
@@ -120,27 +121,54 @@ def _pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+class RendezvousError(RuntimeError):
+    """The processes of a run did not all meet within ``--dist-timeout`` (the message says who and where)."""
+
+
 def init_distributed(device: str | None = None, backend: str | None = None,
                      timeout_seconds: float = 1800.0) -> World:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group.
+    """Read the launcher's environment (torchrun, or SLURM's srun: ``launch_env``) and start the process group.
 
-    ``timeout_seconds`` bounds how long any collective waits for the other ranks (``--dist-timeout``):
-    gloo then raises on the waiting rank; NCCL's watchdog aborts the process. Without torchrun this
-    is one process and no group. SLURM launches go through torchrun (README).
+    ``timeout_seconds`` (``--dist-timeout``) bounds how long the processes wait to meet under srun
+    (:class:`RendezvousError`) and how long any collective waits for the other ranks: gloo then raises on the
+    waiting rank; NCCL's watchdog aborts the process. Under torchrun its agent has done the rendezvous
+    (its own ``--rdzv-conf join_timeout``). Without a launcher this is one process and no group.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch_device = _pick_device(device, local_rank)
+    placement = read_placement()
+    torch_device = _pick_device(device, placement.local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if world_size > 1 and not dist.is_initialized():
+    world = World(rank=placement.rank, size=placement.world_size, local_rank=placement.local_rank,
+                  device=torch_device)
+    if placement.world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
         kwargs = {"device_id": torch_device} if torch_device.type == "cuda" else {}
         timeout = datetime.timedelta(seconds=timeout_seconds)
-        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout), rank=rank,
-                                world_size=world_size, **kwargs)
-    return World(rank=rank, size=world_size, local_rank=local_rank, device=torch_device)
+        store = _attempt_store(timeout) if placement.launcher == "torchrun" else _srun_store(placement, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=placement.rank,
+                                world_size=placement.world_size, **kwargs)
+        if placement.notes:
+            say(world, f"{placement.world_size} SLURM tasks without torchrun: " + ", ".join(placement.notes))
+    return world
+
+
+def _srun_store(placement: Placement, timeout: datetime.timedelta):
+    """The key-value store the srun tasks meet at: rank 0 serves it at MASTER_ADDR:MASTER_PORT and waits up
+    to ``timeout`` for every task; the others connect to it (RendezvousError when that does not happen)."""
+    where = f"{placement.master_addr}:{placement.master_port}"
+    try:
+        return dist.TCPStore(placement.master_addr, placement.master_port, placement.world_size,
+                             is_master=placement.rank == 0, timeout=timeout, wait_for_workers=True)
+    except (RuntimeError, OSError) as error:
+        seconds = timeout.total_seconds()
+        if placement.rank == 0:
+            reason = (f"rank 0 served {where} but not all {placement.world_size} SLURM tasks joined within "
+                      f"--dist-timeout {seconds:g} s")
+        else:
+            reason = (f"rank {placement.rank} could not reach rank 0 at {where} within --dist-timeout {seconds:g} s")
+        raise RendezvousError(f"{reason} ({str(error).splitlines()[0]}). Check that srun started every task "
+                              "(SLURM_NTASKS), that MASTER_ADDR is reachable from every node and MASTER_PORT is free, "
+                              "or raise --dist-timeout") from None
 
 
 def _attempt_store(timeout: datetime.timedelta):

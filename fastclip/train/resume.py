@@ -7,9 +7,11 @@ from fastclip.train.build import seed_everything
 from fastclip.train.checkpoint import (MODEL_FILE, CorruptCheckpointError, LoadedCheckpoint, load_training_checkpoint,
                                        load_weights_into, restore_rng_state)
 from fastclip.train.config import TrainConfig
+from fastclip.train.fsdp import is_sharded
 from fastclip.train.loop import TrainParts, TrainState
 from fastclip.train.process_group import all_or_none, say
 from fastclip.train.run_dir import RunPlan
+from fastclip.train.sharded_checkpoint import restore_model_and_optimizer
 
 
 def planned_total_steps(config: TrainConfig, data: TrainBatches, state: TrainState) -> int:
@@ -64,14 +66,20 @@ def resume_if_asked(config: TrainConfig, ctx: World, parts: TrainParts, data: Tr
 def _restore(config: TrainConfig, parts: TrainParts, found: LoadedCheckpoint) -> LoadedCheckpoint:
     """Check that checkpoint ``found`` fits this run, then load its weights, optimiser and scaler."""
     if found.model_name and found.model_name != config.model:
+        weights = found.path if found.sharded else found.path / MODEL_FILE
         raise ValueError(f"{found.path} was trained with --model {found.model_name}, this run has --model "
                          f"{config.model}: resume with --model {found.model_name}, or start from its weights in a "
-                         f"new --output-dir with --pretrained {found.path / MODEL_FILE} (no --resume)")
+                         f"new --output-dir with --pretrained {weights} (no --resume)")
     if not isinstance(found.state["train"].get("step"), int):
         raise CorruptCheckpointError(f"{found.path}: its training state has no step")
-    load_weights_into(parts.unwrapped, found.path)
+    through_dcp = found.sharded or is_sharded(parts.unwrapped)
+    if through_dcp:  # shards in, or a sharded model: torch.distributed.checkpoint's state-dict API
+        restore_model_and_optimizer(parts, found)
+    else:
+        load_weights_into(parts.unwrapped, found.path)
     try:
-        parts.optimizer.load_state_dict(found.state["optimizer"])
+        if not through_dcp:
+            parts.optimizer.load_state_dict(found.state["optimizer"])
         if parts.scaler is not None and found.state.get("scaler"):
             parts.scaler.load_state_dict(found.state["scaler"])
     except (ValueError, KeyError, RuntimeError) as error:

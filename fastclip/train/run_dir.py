@@ -19,6 +19,7 @@ Each run gets a ``run_id``; checkpoints record it, and ``--keep-last`` prunes on
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
@@ -31,6 +32,7 @@ from fastclip.train.checkpoint import (CorruptCheckpointError, LoadedCheckpoint,
                                        set_aside_corrupt)
 from fastclip.train.config import TrainConfig
 from fastclip.train.metrics import METRICS_FILE
+from fastclip.train.run_lock import lock_run_folder
 
 RESULTS_FILE = "results.json"
 RUNS_ROOT = "runs"  # where runs without --output-dir go
@@ -45,6 +47,7 @@ class RunPlan:
     run_id: str
     resume_path: str | None = None            # the checkpoint folder to load, or None for a fresh start
     parent: dict | None = None                # {"run_id", "step", "path"} of the checkpoint resumed from
+    created: list[str] = field(default_factory=list)  # folders this run created for its output, deepest first
     notes: list[str] = field(default_factory=list)
 
 
@@ -150,6 +153,30 @@ def prepare_output(config: TrainConfig) -> tuple[RunPlan, LoadedCheckpoint | Non
         output_dir = Path(logs) / (config.name or open_clip_run_name(config, logs))
     else:
         output_dir = Path(config.output_dir if config.output_dir is not None else timestamped_output_dir())
+    created = [str(folder) for folder in (output_dir, *output_dir.parents) if not folder.exists()]  # deepest first
+    with contextlib.suppress(OSError):  # what is wrong with the folder, check_output_dir says
+        output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plan, loaded = _plan_in(output_dir, config, notes)
+    except BaseException:
+        remove_created_folders(created)  # a refused run leaves nothing behind
+        raise
+    plan.created = created
+    return plan, loaded
+
+
+def remove_created_folders(created: list[str]) -> None:
+    """Remove the folders a run created for its output (deepest first) while they are still empty."""
+    for folder in created:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def _plan_in(output_dir: Path, config: TrainConfig, notes: list[str]) -> tuple[RunPlan, LoadedCheckpoint | None]:
+    if output_dir.is_dir():
+        lock_run_folder(output_dir)  # before anything is read or changed there: a second run into it exits 2
     check_output_dir(output_dir, saves_checkpoints=bool(config.save_frequency or config.save_every_n_steps))
     corrupt = []
 
