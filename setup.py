@@ -112,6 +112,7 @@ setup(
             "psutil",
             "webdataset",
             "tensorboard",
+            "wandb",  # --report-to wandb, tested offline (WANDB_MODE=offline)
         ],
     },
     entry_points={"console_scripts": ["fastclip=fastclip.cli:main"]},

@@ -18,7 +18,9 @@ def _probe_devices() -> list[torch.device]:
 
 
 def _versions() -> list[str]:
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
+    from fastclip import __version__
+
+    lines = [f"fastclip {__version__}, python {platform.python_version()}, torch {torch.__version__}"]
     for module in ("triton", "open_clip", "xformers"):
         try:
             lines.append(f"{module} {importlib.import_module(module).__version__}")

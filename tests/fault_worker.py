@@ -7,6 +7,9 @@ kinds (``step`` is a training step; the fault hits only ``rank``, default 0):
 - ``kill-after-step``: SIGKILL right after training step ``step`` (before it is logged);
 - ``stall-before-step``: sleep for an hour before step ``step`` (its peers must time out, not hang);
 - ``kill-after-save``: SIGKILL right after checkpoint ``step`` is written and pruned;
+- ``signal-after-step``: signal number ``n`` to this process right after training step ``step``;
+  ``group-signal-after-step``: to its whole process group (DataLoader workers included), as a terminal's
+  Ctrl-C or a cluster's preemption does (start the worker in a session of its own);
 - SIGKILL during the write of checkpoint ``step``: ``kill-in-model`` (weights staged, nothing else),
   ``kill-in-state`` (half of state.pt written), ``kill-before-rename`` (staging complete, not yet
   renamed), ``kill-before-prune`` (renamed into place, older ones not yet pruned), ``kill-in-prune``
@@ -57,6 +60,19 @@ def install(kind: str, step: int, n: int) -> None:
 
     if kind == "kill-after-save":
         pass  # done by save() above
+    elif kind in ("signal-after-step", "group-signal-after-step"):
+        train_step = loop.train_step
+
+        def signalled_step(parts, state, *args, **kwargs):
+            values = train_step(parts, state, *args, **kwargs)
+            if state.step == step:
+                if kind == "signal-after-step":
+                    os.kill(os.getpid(), n)
+                else:
+                    os.killpg(os.getpgid(0), n)
+            return values
+
+        loop.train_step = signalled_step
     elif kind in ("kill-after-step", "stall-before-step"):
         train_step = loop.train_step
 

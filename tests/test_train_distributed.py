@@ -102,6 +102,26 @@ def test_a_worker_killed_at_step_3_is_restarted_by_torchrun_and_ends_like_the_un
     assert _same_weights(tmp_path, reference)
 
 
+def test_sigusr1_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint_and_resume_is_bitwise(torchrun_run,
+                                                                                                   tmp_path):
+    """SLURM's --signal=USR1@120 reaching rank 1 only, after step 3: rank 0 stops after the same step (the ranks
+    agree every step), checkpoint 3 is written, both exit 75; resuming under torchrun ends like the reference."""
+    reference, completed = torchrun_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    stopped = run_with_fault(f"signal-after-step:3:1:{int(signal.SIGUSR1)}", run_args(tmp_path, 8, *DDP_FLAGS),
+                             timeout=600, torchrun=list(TWO_PROCESSES))
+    assert "exitcode  : 75" in stopped.stderr, stopped.stderr[-3000:]  # torchrun itself exits 1
+    assert [path.name for path in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert max(logged_losses(tmp_path)) == 3
+    assert "after step 3" in stopped.stderr and "-m fastclip.train" in stopped.stderr
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *TWO_PROCESSES, "-m", "fastclip.train",
+                              *run_args(tmp_path, 8, *DDP_FLAGS)], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_losses(tmp_path) == logged_losses(reference)  # bitwise, steps 1-4
+    assert _same_weights(tmp_path, reference)
+
+
 def test_a_stalled_rank_makes_its_peer_exit_after_dist_timeout_with_the_reason(tmp_path):
     started = time.monotonic()
     stalled = run_with_fault("stall-before-step:2:1", run_args(tmp_path, 8, "--dist-timeout", "10"), timeout=300,

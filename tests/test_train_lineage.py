@@ -269,7 +269,7 @@ def test_resuming_with_another_batch_size_warns_that_it_is_not_step_exact(base_r
     parent = base_run / "checkpoints" / "step_00000004"  # 32 of the epoch's 48 samples consumed
     assert main([*synthetic_run_args(tmp_path, "--resume", str(parent)), "--batch-size", "16"]) == 0
     output = capsys.readouterr().out
-    assert "NOT STEP-EXACT" in output and "--batch-size 8" in output and "sample 32" in output
+    assert "NOT STEP-EXACT" in output and "--batch-size 8" in output and "from sample 32" in output
     assert sorted(logged_losses(tmp_path)) == [5]  # samples 32..47: one batch of 16 finishes the epoch
 
 

@@ -125,7 +125,7 @@ def test_force_patch_dropout_sets_the_models_patch_dropout(tmp_path):
     from fastclip.train.build import build_model
     from fastclip.train.process_group import init_distributed
 
-    config = parse_args(tiny_run(tmp_path / "run", "--force-patch-dropout", "0.5"))
+    config = parse_args(tiny_run(tmp_path / "run", "--force-patch-dropout", "0.5", "--precision", "fp32"))
     assert config.patch_dropout == 0.5
     model = build_model(config, init_distributed("cpu", None, 60.0))
     assert model.visual.patch_dropout.prob == 0.5

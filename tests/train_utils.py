@@ -30,14 +30,15 @@ def logged_losses(output_dir, name="metrics.jsonl"):
     return {record["step"]: record["loss"] for record in records if record["kind"] == "train"}
 
 
-def run_with_fault(fault: str, argv, timeout=300, torchrun=None):
-    """Run tests/fault_worker.py (under ``torchrun`` flags when given) with FASTCLIP_TEST_FAULT=fault."""
+def run_with_fault(fault: str, argv, timeout=300, torchrun=None, own_session=False):
+    """Run tests/fault_worker.py (under ``torchrun`` flags when given) with FASTCLIP_TEST_FAULT=fault;
+    ``own_session``: in a process group of its own (for faults that signal the whole group)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
     environment = {**os.environ, "FASTCLIP_TEST_FAULT": fault}  # the same thread count as this process: same sums
     if torchrun:
         environment["OMP_NUM_THREADS"] = "1"
     return subprocess.run([*launcher, FAULT_WORKER, *argv], capture_output=True, text=True, timeout=timeout,
-                          env=environment)
+                          env=environment, start_new_session=own_session)
 
 
 def tiny_clip() -> torch.nn.Module:

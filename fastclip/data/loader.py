@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from typing import Iterator
 
 import torch
@@ -29,6 +30,15 @@ DEFAULT_WORKERS_CAP = 4  # open_clip's --workers default, as an upper bound
 def default_workers(limit: int = DEFAULT_WORKERS_CAP) -> int:
     """DataLoader workers per process when the user gives none: ``min(limit, available_cpus())``."""
     return min(limit, available_cpus())
+
+
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores Ctrl-C, SIGTERM and SIGUSR1, which a terminal or a cluster
+    sends to every process of the job. The main process decides what to do (fastclip.train.preemption) and
+    shuts its workers down itself; without this a worker would die of SIGUSR1 or SIGTERM mid-batch and print
+    a traceback on Ctrl-C."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ShardedEpochSampler(Sampler[int]):
@@ -97,6 +107,7 @@ class TrainBatches:
         generator = torch.Generator().manual_seed(self.seed * 7_368_787 + epoch)
         common = dict(batch_size=self.batch_size, num_workers=self.workers, pin_memory=self.pin_memory,
                       collate_fn=collate_pairs, generator=generator, drop_last=True,
+                      worker_init_fn=leave_signals_to_the_main_process,
                       persistent_workers=False, prefetch_factor=4 if self.workers else None)
         if self.iterable:
             loader = DataLoader(self.dataset, **common)

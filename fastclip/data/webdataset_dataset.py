@@ -1,7 +1,9 @@
 """``--dataset-type webdataset``: tar shards of (image, caption) pairs, read with the webdataset package.
 
 Shards are shuffled per epoch with a (seed, epoch) generator, dealt to ranks and then to DataLoader
-workers; samples are shuffled in a buffer seeded the same way, so an epoch's order is reproducible and
+workers; or, with ``resampled=True`` (open_clip's ``--dataset-resampled``), each worker draws shards with
+replacement from all of them (weighted per ``::`` source by ``source_weights``, open_clip's
+``--train-data-upsampling-factors``) from a (seed, epoch, rank, worker) generator; samples are shuffled in a buffer seeded the same way, so an epoch's order is reproducible and
 a resumed run can replay it. Samples without an image or caption, and images that do not decode,
 are counted and skipped; a shard that cannot be read is logged and skipped; shards that yield no
 usable sample in a whole pass are an error (never an endless loop).
@@ -52,13 +54,21 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: str, transform: Callable, tokenizer: Callable, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
+                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
+                 source_weights: list[float] | None = None):
         try:
             import webdataset  # noqa: F401
         except ImportError as error:
             raise ImportError("--dataset-type webdataset needs the webdataset package: "
                               "pip install webdataset (or pip install 'fastclip[train]')") from error
-        self.shards = expand_urls(urls)
+        sources = [expand_urls(part) for part in urls.split("::")]
+        self.shards = [url for shards in sources for url in shards]
+        if source_weights is not None and len(source_weights) != len(sources):
+            raise ValueError(f"{len(source_weights)} upsampling factors for {len(sources)} '::' sources of --train-data")
+        # a shard's draw weight: its source's factor (each shard alike without factors), as open_clip's
+        self.shard_weights = [weight for weight, shards in zip(source_weights or [1.0] * len(sources), sources)
+                              for _ in shards]
+        self.resampled = resampled
         if not self.shards:
             raise ValueError(f"--train-data {urls!r} names no shards")
         missing = [url for url in self.shards if _is_local(url) and not os.path.isfile(url)]
@@ -76,6 +86,9 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
     def _my_shards(self, pass_index: int) -> list[str]:
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        if self.resampled:  # with replacement: as many draws as shards, from this worker's own generator
+            draw = random.Random(f"{self.seed}-{self.epoch}-{pass_index}-{self.rank}-{worker_id}")
+            return draw.choices(self.shards, weights=self.shard_weights, k=len(self.shards))
         consumers = self.world_size * num_workers
         if len(self.shards) < consumers:
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x "

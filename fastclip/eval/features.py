@@ -41,10 +41,15 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
 def encode_csv_images(model: torch.nn.Module, csv_path: str | Path, *, transform: Callable, tokenizer: Callable,
                       device: torch.device, precision: str = "fp32", img_key: str = "filepath",
                       caption_key: str = "title", separator: str = "\t", batch_size: int = 256,
-                      workers: int = 0) -> tuple[CsvDataset, torch.Tensor]:
-    """The image-caption pairs of a CSV (open_clip's columns) and their image features (N, E) -> (dataset, features)."""
+                      workers: int = 0, limit: int | None = None) -> tuple[CsvDataset, torch.Tensor]:
+    """The image-caption pairs of a CSV (open_clip's columns) and their image features (N, E) -> (dataset, features).
+
+    ``limit``: only the first ``limit`` pairs (``--val-num-samples``)."""
     dataset = CsvDataset(csv_path, transform, tokenizer, img_key=img_key, caption_key=caption_key,
                          separator=separator)
+    if limit is not None:
+        dataset.image_paths, dataset.captions, dataset.rows = (dataset.image_paths[:limit], dataset.captions[:limit],
+                                                                dataset.rows[:limit])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_pairs)
     return dataset, encode_images(model, loader, device, precision)

@@ -1,5 +1,6 @@
 """``fastclip eval --task zeroshot|retrieval|linear-probe``: evaluate a checkpoint.
 
+    fastclip eval --task zeroshot --checkpoint runs/x                 # a run folder: its newest checkpoint
     fastclip eval --task zeroshot --checkpoint runs/x/checkpoints/step_00000200          # embedded set
     fastclip eval --task zeroshot --checkpoint model.safetensors --data imagenet/val \\
         --classnames classnames.txt --templates imagenet                            # class-per-folder
@@ -33,13 +34,13 @@ TASKS = ("zeroshot", "retrieval", "linear-probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastclip.cli import HelpFormatter, plain_text
+    from fastclip.cli import FlagParser, HelpFormatter, plain_text
 
-    parser = argparse.ArgumentParser(prog="fastclip eval", description=plain_text(__doc__),
-                                     formatter_class=HelpFormatter)
+    parser = FlagParser(prog="fastclip eval", description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=TASKS, required=True, help="what to measure")
     parser.add_argument("--checkpoint", required=True,
-                        help="a trainer checkpoint folder, or a weights file (.safetensors/.pt/.bin)")
+                        help="a run folder (its newest checkpoint), a trainer checkpoint folder, or a weights file "
+                             "(.safetensors/.pt/.bin)")
     parser.add_argument("--model", default=None, help="config name (default: read from the checkpoint)")
     parser.add_argument("--data", default=None, help="evaluation CSV, or (zeroshot) a class-per-folder image directory "
                         "(default: the embedded set)")
@@ -70,17 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """``--checkpoint``'s path: a run folder becomes its newest checkpoint (said on stdout)."""
+    from fastclip.checkpoint_format import MANIFEST_FILE
+
+    path = Path(checkpoint)
+    if not path.exists():
+        hint = (" ('latest' is a --resume word of fastclip train; here give the run folder, e.g. runs/<time>, for its "
+                "newest checkpoint)" if checkpoint == "latest" else "")
+        raise ValueError(f"--checkpoint {checkpoint!r} does not exist{hint}; give a run folder, a checkpoint folder "
+                         "(<run>/checkpoints/step_NNNNNNNN) or a weights file")
+    if path.is_dir() and not (path / MANIFEST_FILE).exists() and (path / "checkpoints").is_dir():
+        from fastclip.train.checkpoint import list_checkpoints
+
+        found = list_checkpoints(path)
+        if not found:
+            raise ValueError(f"--checkpoint {checkpoint}: the run folder holds no checkpoint in {path / 'checkpoints'}")
+        print(f"--checkpoint {checkpoint} is a run folder: evaluating its newest checkpoint, {found[-1]}", flush=True)
+        return found[-1]
+    return path
+
+
 def load_model_for_eval(checkpoint: str, model_name: str | None, device: torch.device, precision: str):
-    """The model of a trainer checkpoint folder or a weights file, in eval mode."""
+    """The model of a run folder (its newest checkpoint), a trainer checkpoint folder or a weights file, in eval mode."""
     import fastclip
     from fastclip.checkpoint_format import MODEL_FILE, is_sharded_checkpoint, read_weights, verify_checkpoint
 
-    path = Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     if path.is_dir():
         verify_checkpoint(path)  # the manifest and checksums; raises CorruptCheckpointError (a ValueError)
         path = path if is_sharded_checkpoint(path) else path / MODEL_FILE
     if not path.exists():
-        raise ValueError(f"--checkpoint {checkpoint!r} is neither a checkpoint folder nor a weights file")
+        raise ValueError(f"--checkpoint {checkpoint!r} is neither a run folder, a checkpoint folder nor a weights "
+                         "file")
     model = read_weights(path, lambda weights: fastclip.model_from_state_dict(str(weights), name=model_name,
                                                                               device=device, precision=precision))
     return model.eval()
@@ -120,7 +143,7 @@ def run(args) -> dict:
     from fastclip.eval.linear_probe import linear_probe
     from fastclip.eval.retrieval import MATCH_RULE, caption_retrieval
     from fastclip.eval.templates import load_templates
-    from fastclip.eval.zeroshot import build_zero_shot_classifier, zero_shot_accuracy
+    from fastclip.eval.zeroshot import build_zero_shot_classifier, format_folder_result, zero_shot_accuracy
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.workers is None:
@@ -169,9 +192,12 @@ def run(args) -> dict:
         classifier = build_zero_shot_classifier(model, classnames, templates, tokenizer, device, args.precision)
         results = zero_shot_accuracy(image_features, classifier, _labels(dataset, args.label_key))
         results.update(classes=len(classnames), templates=len(templates), images=len(dataset))
+        print(format_folder_result(args.data, results))
     elif args.task == "retrieval":
         results = caption_retrieval(model, image_features, dataset.captions, tokenizer=tokenizer, device=device,
                                     precision=args.precision)
+        print(f"retrieval on {args.data}: " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in results.items())
+              + f" ({len(dataset)} pairs; {MATCH_RULE})")
         results.update(pairs=len(dataset), match=MATCH_RULE)
     else:
         if args.train_data is None:
@@ -185,9 +211,9 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastclip eval``; returns the exit status."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Entry point of ``fastclip eval``; returns the exit status (2: a user error, said in one line)."""
     try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         results = run(args)
     except ValueError as error:
         print(f"fastclip eval: {error}", file=sys.stderr)

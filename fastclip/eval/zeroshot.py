@@ -72,4 +72,11 @@ def evaluate_image_folder(model: torch.nn.Module, root, *, classnames: Sequence[
 def format_folder_result(root, results: dict) -> str:
     """One line: ``zero-shot on ROOT: top-1 x%, top-5 y% (N images, C classes, T templates)``."""
     return (f"zero-shot on {root}: top-1 {100 * results['top1']:.1f}%, top-5 {100 * results['top5']:.1f}% "
-            f"({results['images']} images, {results['classes']} classes, {results['templates']} templates)")
+            f"({counted(results['images'], 'image')}, {counted(results['classes'], 'class')}, "
+            f"{counted(results['templates'], 'template')})")
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 template``, ``80 templates``, ``1 class``, ``3 classes``."""
+    plural = noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{number} {noun if number == 1 else plural}"

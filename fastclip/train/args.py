@@ -7,22 +7,51 @@ and ``EMBEDDED_PRESET`` fills every flag the user did not give; an explicit flag
 from __future__ import annotations
 
 import argparse
+import ast
 
-from fastclip.cli import HelpFormatter
+from fastclip.cli import FlagParser, HelpFormatter
 from fastclip.data.loader import DEFAULT_WORKERS_CAP
 from fastclip.model.config import list_models
 from fastclip.precision import PRECISIONS
-from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, DATASET_TYPES, EMBEDDED_PRESET, FSDP_CHECKPOINT_LAYOUTS,
-                                   GENERIC_DEFAULTS, LR_SCHEDULERS, TrainConfig, config_defaults)
+from fastclip.train.config import (ATTENTION_IMPLEMENTATIONS, AUGMENTATION_KEYS, DATASET_TYPES, EMBEDDED_PRESET,
+                                   FSDP_CHECKPOINT_LAYOUTS, GENERIC_DEFAULTS, IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES,
+                                   LR_SCHEDULERS, TrainConfig, config_defaults)
 from fastclip.train.metrics import PLAIN_PROGRESS_LINES
+from fastclip.train.open_clip_flags import add_refused_flags
 
 
 def _preset_default(name: str) -> str:
     return f"default: {EMBEDDED_PRESET[name]} for the embedded run, else {GENERIC_DEFAULTS[name]}"
 
 
+class KeyValues(argparse.Action):
+    """``--aug-cfg scale='(0.5, 1.0)' color_jitter=0.4``: ``key=value`` pairs, values read as Python literals
+    (a plain string when they are not one), as open_clip's ParseKwargs."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pairs = {}
+        for item in values:
+            key, separator, text = item.partition("=")
+            if not separator or not key:
+                raise argparse.ArgumentError(self, f"{item!r} is not key=value (e.g. scale='(0.5, 1.0)')")
+            try:
+                pairs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                pairs[key] = text
+        setattr(namespace, self.dest, pairs)
+
+
+class SquareSize(argparse.Action):
+    """``--force-image-size 224`` or open_clip's ``--force-image-size 224 224``: one side of a square image."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(set(values)) != 1 or len(values) > 2:
+            raise argparse.ArgumentError(self, f"fastclip trains square images; give one size, not {values}")
+        setattr(namespace, self.dest, values[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="fastclip train",
         description="Train CLIP. With no arguments: generate the embedded shapes set (once, cached) and\n"
                     "train a small CLIP on CPU in a few minutes, then print zero-shot accuracy.",
@@ -36,12 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
                            "and '::' lists too), csv for .csv/.tsv")
     data.add_argument("--train-num-samples", type=int, default=None,
                       help="samples per epoch (needed for webdataset; the size of the synthetic set)")
+    data.add_argument("--val-num-samples", type=int, default=None,
+                      help="evaluate the first N pairs of --val-data (default: all)")
+    data.add_argument("--dataset-resampled", action="store_true",
+                      help="webdataset: draw shards with replacement (open_clip's), seeded by seed, epoch, rank "
+                           "and worker, so a resume replays them")
+    data.add_argument("--train-data-upsampling-factors", metavar="W1::W2",
+                      help="with --dataset-resampled and a '::' list of sources: relative draw weight of each "
+                           "source's shards, e.g. 1::2::0.5 (default: every shard alike)")
     data.add_argument("--csv-img-key", help="CSV column of image paths")
     data.add_argument("--csv-caption-key", help="CSV column of captions")
     data.add_argument("--csv-separator", help="CSV field separator")
     data.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: "
                       f"min({DEFAULT_WORKERS_CAP}, the CPUs this process may use); {EMBEDDED_PRESET['workers']} for "
                       "the embedded run)")
+    data.add_argument("--image-mean", type=float, nargs="+", metavar="MEAN",
+                      help="per-channel mean of the image normalisation (default: OpenAI CLIP's)")
+    data.add_argument("--image-std", type=float, nargs="+", metavar="STD",
+                      help="per-channel std of the image normalisation (default: OpenAI CLIP's)")
+    data.add_argument("--image-interpolation", choices=IMAGE_INTERPOLATIONS,
+                      help="interpolation of the evaluation resize (default: bicubic; random means bicubic there); "
+                           "training crops are bicubic, as in open_clip")
+    data.add_argument("--image-resize-mode", choices=IMAGE_RESIZE_MODES,
+                      help="evaluation resize: shortest side + center crop (default), longest side + pad, or "
+                           "squash to the square")
+    data.add_argument("--aug-cfg", nargs="*", action=KeyValues, metavar="KEY=VALUE",
+                      help="training augmentation, open_clip's keys: " + ", ".join(AUGMENTATION_KEYS) +
+                           " (e.g. scale='(0.5, 1.0)')")
     data.add_argument("--no-augment", action="store_true",
                       help="use the eval transform for training (the embedded set always does: its "
                            "captions name positions that a random crop would move)")
@@ -57,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                        f" ({_preset_default('model')})")
     model.add_argument("--pretrained", default=None, help="weights to start from: a file, a trainer checkpoint "
                        "folder, or an open_clip tag already in the local cache (nothing is downloaded)")
-    model.add_argument("--force-image-size", type=int, default=None,
+    model.add_argument("--force-image-size", type=int, nargs="+", action=SquareSize, default=None, metavar="SIZE",
                        help="train at this image size instead of the config's (position embeddings resized)")
+    model.add_argument("--force-context-length", type=int, default=None,
+                       help="text context length instead of the config's (position embeddings resized)")
+    model.add_argument("--force-quick-gelu", action="store_true",
+                       help="QuickGELU activations (as OpenAI's weights were trained with): same as the "
+                            "-quickgelu model name")
     model.add_argument("--attn-impl", choices=ATTENTION_IMPLEMENTATIONS,
                        help="attention kernel (fastclip info lists what runs here)")
     model.add_argument("--grad-checkpointing", action="store_true",
@@ -93,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup", type=int, default=None,
                        help=f"linear warm-up steps ({_preset_default('warmup')})")
     optim.add_argument("--lr-scheduler", choices=LR_SCHEDULERS,
-                       help="after the warm-up: cosine decay to 0, or constant")
+                       help="after the warm-up: cosine decay to 0, constant, or const-cooldown (constant, then a "
+                            "decay over the last --epochs-cooldown epochs)")
+    optim.add_argument("--epochs-cooldown", type=int, help="const-cooldown: epochs of the final decay")
+    optim.add_argument("--lr-cooldown-end", type=float, help="const-cooldown: learning rate at the end")
+    optim.add_argument("--lr-cooldown-power", type=float,
+                       help="const-cooldown: decay (1 - t)^power from --lr to --lr-cooldown-end (1: linear)")
+    optim.add_argument("--skip-scheduler", action="store_true",
+                       help="no schedule at all: --lr from the first step (no warm-up, no decay), as open_clip")
+    optim.add_argument("--opt", help="optimiser: adamw (open_clip's timm/<name> optimisers are not run)")
     optim.add_argument("--grad-clip-norm", type=float, default=None, help="clip the total gradient norm to this")
     optim.add_argument("--precision", choices=PRECISIONS, help="amp: autocast fp16 with a GradScaler; amp_bf16: "
                        "autocast bf16; bf16/fp16: the matmul weights in that dtype, LayerNorm and embeddings fp32; "
@@ -110,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--gather-with-grad", action="store_true",
                       help="gather features with their gradient (the exact full-batch gradient)")
     dist.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
+    dist.add_argument("--dist-url", default=None,
+                      help="env:// only: the rendezvous comes from torchrun's environment (--rdzv-endpoint)")
+    dist.add_argument("--no-set-device-rank", action="store_true",
+                      help="use cuda:0 in every process instead of cuda:<local rank> (one visible GPU per process)")
+    dist.add_argument("--use-bn-sync", action="store_true",
+                      help="SyncBatchNorm: BatchNorm statistics over the global batch (ResNet towers, DDP)")
+    dist.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
+    dist.add_argument("--loss-dist-impl",
+                      help="distributed loss: gather or ring for CLIP; bidir, shift, reduce, gather or ring for "
+                           "SigLIP (default: gather for CLIP, bidir for SigLIP)")
     dist.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     dist.add_argument("--dist-timeout", type=float,
                       help="seconds a collective may wait for the other ranks before this rank gives up with an "
@@ -132,10 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default=None, help="default ./runs/<timestamp>; with --resume latest, the "
                      "newest run under ./runs")
+    out.add_argument("--logs", metavar="DIR",
+                     help="open_clip's layout: the run folder is DIR/NAME (--name), instead of --output-dir")
+    out.add_argument("--name", help="the run's folder name under --logs (default: open_clip's "
+                     "<date>-model_<model>-lr_<lr>-b_<batch>-j_<workers>-p_<precision>; --logs defaults to ./logs)")
+    out.add_argument("--log-local", action="store_true",
+                     help="also write out-<rank>.log on the first process of every node (default: out.log on "
+                          "rank 0 only)")
+    out.add_argument("--debug", action="store_true", help="log at DEBUG level")
     out.add_argument("--resume", default=None, help="'latest' (the newest checkpoint of the run in --output-dir) "
                      "or a checkpoint folder (another folder than --output-dir's starts a branch there)")
     out.add_argument("--save-frequency", type=int, help="save every N epochs (0: never)")
     out.add_argument("--save-every-n-steps", type=int, help="also save every N steps")
+    out.add_argument("--save-most-recent", action="store_true",
+                     help="also a checkpoint at every epoch end; each replaces the previous one that was saved only "
+                          "for this reason (open_clip's epoch_latest.pt)")
+    out.add_argument("--delete-previous-checkpoint", action="store_true",
+                     help="keep only the newest checkpoint of this run (same as --keep-last 1: never another run's, "
+                          "never the final one)")
     out.add_argument("--keep-last", type=int, default=None,
                      help=f"checkpoints kept (0: all; {_preset_default('keep_last')})")
     out.add_argument("--zeroshot-frequency", type=int,
@@ -148,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "order, or JSON (folder -> name map, or a list) (default: the folder names)")
     out.add_argument("--zeroshot-templates",
                      help="prompts for --imagenet-val: imagenet (CLIP's 80), single, shapes, or a file of '{}' lines")
-    out.add_argument("--report-to", help="'tensorboard' or '' (metrics.jsonl is always written)")
+    out.add_argument("--val-frequency", type=int,
+                     help="--val-data retrieval every N epochs and at the end (0: never)")
+    out.add_argument("--report-to", help="'tensorboard', 'wandb', 'wandb,tensorboard' or 'all' (metrics.jsonl is "
+                     "always written; WANDB_MODE=offline logs wandb without a network)")
+    out.add_argument("--wandb-project-name", help="wandb project")
+    out.add_argument("--wandb-notes", help="wandb run notes")
     out.add_argument("--log-every-n-steps", type=int, help="write metrics.jsonl every N steps")
     out.add_argument("--progress-every-n-steps", type=int,
                      help="when stdout is not a terminal (or there is no bar): a plain progress line every N "
@@ -156,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{PLAIN_PROGRESS_LINES} lines a run; 0: none)")
     out.add_argument("--profile", type=int, help="write a torch.profiler trace of N steps")
     out.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (plain lines instead)")
+    add_refused_flags(parser)  # open_clip's flags that do not apply: exit 2 with the reason
     parser.set_defaults(**config_defaults())  # TrainConfig holds the defaults
     return parser
 

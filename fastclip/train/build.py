@@ -38,7 +38,8 @@ def build_model(config: TrainConfig, ctx: World) -> torch.nn.Module:
         return fastclip.create_model(config.model, pretrained=pretrained, attn_impl=config.attn_impl,
                                      grad_checkpointing=config.grad_checkpointing,
                                      patch_dropout=config.patch_dropout, device=ctx.device,
-                                     precision=config.precision, image_size=config.force_image_size)
+                                     precision=config.precision, image_size=config.force_image_size,
+                                     context_length=config.force_context_length)
 
     if not config.pretrained:
         model = create()
@@ -60,9 +61,9 @@ def build_loss(config: TrainConfig, ctx: World, model: torch.nn.Module) -> torch
         if not hasattr(model, "logit_bias") or model.logit_bias is None:
             raise ValueError(f"--siglip needs a model with a learned logit_bias; {config.model} has none "
                              "(use e.g. --model fastclip-tiny-siglip)")
-        return SigLipLoss(rank=ctx.rank, world_size=ctx.size)
+        return SigLipLoss(rank=ctx.rank, world_size=ctx.size, dist_impl=config.loss_dist_impl)
     return ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad, cache_labels=True,
-                    rank=ctx.rank, world_size=ctx.size)
+                    rank=ctx.rank, world_size=ctx.size, dist_impl=config.loss_dist_impl or "gather")
 
 
 @dataclass
@@ -79,9 +80,9 @@ def build_train_data(config: TrainConfig, ctx: World, image_size: int, context_l
     import fastclip
 
     tokenizer = functools.partial(fastclip.tokenize, context_length=context_length, truncate=True)
-    eval_transform = fastclip.image_transform(image_size, train=False)
+    eval_transform, train_transform = image_transforms(config, image_size)
     augment = not (config.no_augment or config.embedded)
-    train_transform = fastclip.image_transform(image_size, train=True) if augment else eval_transform
+    train_transform = train_transform if augment else eval_transform
     embedded_root = None
     csv_path, img_key, caption_key, separator = (config.train_data, config.csv_img_key, config.csv_caption_key,
                                                  config.csv_separator)
@@ -101,12 +102,30 @@ def build_train_data(config: TrainConfig, ctx: World, image_size: int, context_l
     else:
         from fastclip.data.webdataset_dataset import WebDatasetPairs
 
+        from fastclip.train.config import upsampling_weights
+
+        weights = (upsampling_weights(config.train_data_upsampling_factors, config.train_data)
+                   if config.train_data_upsampling_factors else None)
         dataset = WebDatasetPairs(config.train_data, train_transform, tokenizer, rank=ctx.rank,
-                                  world_size=ctx.size, seed=config.seed)
+                                  world_size=ctx.size, seed=config.seed, resampled=config.dataset_resampled,
+                                  source_weights=weights)
     batches = TrainBatches(dataset, config.batch_size, rank=ctx.rank, world_size=ctx.size, seed=config.seed,
                            workers=config.workers, pin_memory=ctx.device.type == "cuda",
                            num_samples=config.train_num_samples if config.dataset_type == "webdataset" else None)
     return TrainData(batches, eval_transform, tokenizer, embedded_root)
+
+
+def image_transforms(config: TrainConfig, image_size: int) -> tuple[Callable, Callable]:
+    """(eval, train) transforms with open_clip's --image-mean/--image-std/--image-interpolation/
+    --image-resize-mode/--aug-cfg (interpolation and resize mode act on evaluation, as in open_clip)."""
+    import fastclip
+    from fastclip.train.config import augmentation_options
+
+    common = dict(mean=config.image_mean, std=config.image_std)
+    evaluation = fastclip.image_transform(image_size, train=False, interpolation=config.image_interpolation,
+                                          resize_mode=config.image_resize_mode, **common)
+    training = fastclip.image_transform(image_size, train=True, **augmentation_options(config.aug_cfg), **common)
+    return evaluation, training
 
 
 def prepare_embedded_set(config: TrainConfig, ctx: World, image_size: int) -> Path:
@@ -137,14 +156,19 @@ def build_parts(config: TrainConfig, ctx: World, model: torch.nn.Module,
     from fastclip.train.fsdp import checkpoint_layout, shard_model
 
     ddp_model = model
+    if config.use_bn_sync and ctx.device.type == "cpu":
+        raise ValueError("--use-bn-sync: SyncBatchNorm runs on GPUs only; drop it for a CPU run")
     if config.fsdp and ctx.distributed:
         ddp_model = model = shard_model(model, config)  # before the optimiser: it holds the sharded parameters
     elif config.fsdp:
         say(ctx, "--fsdp on one process: there is nothing to shard, so this run trains unsharded (the "
                  f"--fsdp-checkpoint {checkpoint_layout(config)} layout is still written)")
     elif ctx.distributed:
+        if config.use_bn_sync:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            **({"static_graph": True} if config.ddp_static_graph else {}))
     optimizer, optimizer_name = build_optimizer(model, lr=config.lr, weight_decay=config.wd,
                                                 betas=(config.beta1, config.beta2), eps=config.eps)
     loss_fn = build_loss(config, ctx, model)

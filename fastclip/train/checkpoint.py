@@ -111,6 +111,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, s
                                                       "parent": parent, **(details or {})})
     except FileExistsError as error:  # another writer got there between the check and the rename
         raise CheckpointExistsError(f"{final} appeared while it was being written: {error}") from error
+    retire_most_recent_only(output_dir, run_id, keep=final)
     if keep_last > 0:
         prune_lineage(output_dir, run_id, keep_last, keep=final)
     return final
@@ -145,12 +146,8 @@ def _retire(folder: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def prune_lineage(output_dir: str | Path, run_id: str | None, keep_last: int, *, keep: Path) -> list[Path]:
-    """Delete the checkpoints of lineage ``run_id`` beyond the newest ``keep_last``; ``keep`` always stays.
-
-    Checkpoints of other lineages and folders whose manifest cannot be read are never touched.
-    Returns the folders deleted.
-    """
+def _lineage_manifests(output_dir: str | Path, run_id: str | None) -> list[tuple[Path, dict]]:
+    """(folder, manifest) of the checkpoints of lineage ``run_id``, oldest first; unreadable ones left out."""
     mine = []
     for path in list_checkpoints(output_dir):
         try:
@@ -158,7 +155,28 @@ def prune_lineage(output_dir: str | Path, run_id: str | None, keep_last: int, *,
         except CorruptCheckpointError:
             continue
         if manifest.get("run_id") == run_id and run_id is not None:
-            mine.append(path)
+            mine.append((path, manifest))
+    return mine
+
+
+def retire_most_recent_only(output_dir: str | Path, run_id: str | None, *, keep: Path) -> list[Path]:
+    """Delete the checkpoints of lineage ``run_id`` written only for ``--save-most-recent`` (their manifest says
+    ``most_recent_only``), except ``keep``: each is replaced by the next checkpoint, as open_clip's
+    epoch_latest.pt is. Returns the folders deleted."""
+    removed = [path for path, manifest in _lineage_manifests(output_dir, run_id)
+               if manifest.get("most_recent_only") and path != keep]
+    for path in removed:
+        _retire(path)
+    return removed
+
+
+def prune_lineage(output_dir: str | Path, run_id: str | None, keep_last: int, *, keep: Path) -> list[Path]:
+    """Delete the checkpoints of lineage ``run_id`` beyond the newest ``keep_last``; ``keep`` always stays.
+
+    Checkpoints of other lineages and folders whose manifest cannot be read are never touched.
+    Returns the folders deleted.
+    """
+    mine = [path for path, _ in _lineage_manifests(output_dir, run_id)]
     newest = set(mine[-keep_last:]) | {keep}
     removed = [path for path in mine if path not in newest]
     for path in removed:

@@ -19,7 +19,13 @@ from fastclip.precision import PRECISIONS
 
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "math")
-LR_SCHEDULERS = ("cosine", "const")
+LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
+IMAGE_INTERPOLATIONS = ("bicubic", "bilinear", "random")
+IMAGE_RESIZE_MODES = ("shortest", "longest", "squash")
+#: --aug-cfg keys fastclip applies (open_clip's non-timm augmentation); the timm ones are refused
+AUGMENTATION_KEYS = ("scale", "color_jitter", "color_jitter_prob", "gray_scale_prob")
+_TIMM_AUGMENTATION_KEYS = ("ratio", "re_prob", "re_count", "use_timm")
+REPORTERS = ("tensorboard", "wandb", "all", "none")
 FSDP_CHECKPOINT_LAYOUTS = ("full", "sharded")
 
 #: Settings of the no-argument run: RN-Tiny (a small ModifiedResNet; 12.4 M parameters, half of them
@@ -64,6 +70,14 @@ class TrainConfig:
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"
+    val_num_samples: int | None = None       # evaluate the first N pairs of val_data
+    dataset_resampled: bool = False          # webdataset shards drawn with replacement
+    train_data_upsampling_factors: str | None = None  # "1::2::0.5": draw weight of each '::' source
+    image_mean: tuple | None = None
+    image_std: tuple | None = None
+    image_interpolation: str | None = None   # eval resize interpolation (open_clip's)
+    image_resize_mode: str | None = None     # eval resize: shortest | longest | squash
+    aug_cfg: dict | None = None              # training augmentation: AUGMENTATION_KEYS
     workers: int | None = None
     no_augment: bool = False
     cache_dir: str | None = None
@@ -73,6 +87,8 @@ class TrainConfig:
     model: str | None = None
     pretrained: str | None = None
     force_image_size: int | None = None
+    force_context_length: int | None = None
+    force_quick_gelu: bool = False
     attn_impl: str = "auto"
     grad_checkpointing: bool = False
     patch_dropout: float = 0.0               # --force-patch-dropout (alias --patch-dropout)
@@ -96,6 +112,11 @@ class TrainConfig:
     eps: float = 1e-6
     warmup: int | None = None
     lr_scheduler: str = "cosine"
+    epochs_cooldown: int | None = None       # const-cooldown: epochs of the final decay
+    lr_cooldown_end: float = 0.0
+    lr_cooldown_power: float = 1.0
+    skip_scheduler: bool = False             # --lr at every step, no warm-up (open_clip's)
+    opt: str = "adamw"
     grad_clip_norm: float | None = None
     precision: str | None = None             # None: fastclip.precision.default_precision(device), chosen in run()
     accum_freq: int = 1
@@ -106,6 +127,11 @@ class TrainConfig:
     dist_backend: str | None = None
     device: str | None = None
     dist_timeout: float = 1800.0
+    dist_url: str | None = None              # env:// only
+    no_set_device_rank: bool = False         # cuda:0 in every process
+    use_bn_sync: bool = False
+    ddp_static_graph: bool = False
+    loss_dist_impl: str | None = None        # the loss's dist_impl (None: gather for CLIP, bidir for SigLIP)
     seed: int = 0
     # sharding (FSDP2, fastclip.train.fsdp)
     fsdp: bool = False
@@ -114,15 +140,24 @@ class TrainConfig:
     fsdp_checkpoint: str | None = None       # full | sharded (None: full); only with fsdp
     # output
     output_dir: str | None = None
+    logs: str | None = None                  # open_clip's layout: the run folder is logs/name
+    name: str | None = None
+    log_local: bool = False                  # out-<rank>.log on every node's first process too
+    debug: bool = False
     resume: str | None = None
     save_frequency: int = 1
     save_every_n_steps: int = 0
+    save_most_recent: bool = False           # a checkpoint at every epoch end, replacing the previous such one
+    delete_previous_checkpoint: bool = False  # = keep_last 1
     keep_last: int | None = None
     zeroshot_frequency: int = 1
+    val_frequency: int = 1
     imagenet_val: str | None = None          # class-per-folder directory for zero-shot during training
     classnames: str | None = None            # its class names (fastclip.data.image_folder.read_classnames)
     zeroshot_templates: str = "imagenet"
     report_to: str = ""
+    wandb_project_name: str = "open-clip"
+    wandb_notes: str = ""
     log_every_n_steps: int = 1
     progress_every_n_steps: int | None = None  # plain progress lines when stdout is not a terminal (None: ~20 a run)
     profile: int = 0
@@ -133,8 +168,18 @@ class TrainConfig:
         filled = {}
         if self.dataset_type in (None, "auto"):
             filled["dataset_type"] = auto_dataset_type(self.train_data)
+        if self.delete_previous_checkpoint:
+            if self.keep_last not in (None, 1):
+                raise ValueError(f"--delete-previous-checkpoint keeps one checkpoint, --keep-last {self.keep_last} "
+                                 "keeps more; give one of them")
+            filled["keep_last"] = 1
+        if self.force_quick_gelu and self.model and not self.model.endswith("-quickgelu"):
+            filled["model"] = f"{self.model}-quickgelu"
         preset = {**GENERIC_DEFAULTS, **(EMBEDDED_PRESET if embedded else {})}
-        filled.update({name: value for name, value in preset.items() if getattr(self, name) is None})
+        filled.update({name: value for name, value in preset.items()
+                       if getattr(self, name) is None and name not in filled})
+        if self.force_quick_gelu and not self.model:
+            filled["model"] = f"{filled['model']}-quickgelu"
         if filled.get("workers", self.workers) is None:
             from fastclip.data.loader import default_workers
 
@@ -222,11 +267,17 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError("--dataset-type webdataset needs --train-num-samples (samples per epoch)")
     if config.dataset_type in ("csv", "webdataset") and not config.embedded and not config.train_data:
         raise ValueError(f"--dataset-type {config.dataset_type} needs --train-data")
-    reports = [item for item in config.report_to.split(",") if item.strip()]
-    unknown = [item for item in reports if item.strip() not in ("tensorboard", "none")]
+    reports = [item.strip() for item in config.report_to.split(",") if item.strip()]
+    unknown = [item for item in reports if item not in REPORTERS]
     if unknown:
-        raise ValueError(f"--report-to {unknown} is not supported; use 'tensorboard' (metrics.jsonl is "
-                         "always written)")
+        raise ValueError(f"--report-to {unknown} is not supported; use tensorboard, wandb, 'wandb,tensorboard' or "
+                         "all (metrics.jsonl is always written)")
+    import importlib.util
+
+    for reporter, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if {reporter, "all"} & set(reports) and importlib.util.find_spec(package) is None:
+            raise ValueError(f"--report-to {reporter} needs the {package} package: pip install {package}")
+    _validate_open_clip_options(config)
     if config.val_data and not str(config.val_data).endswith((".csv", ".tsv")):
         raise ValueError("--val-data takes a CSV/TSV file (same columns as --train-data)")
     if config.gather_with_grad and not config.local_loss and config.siglip:
@@ -238,3 +289,99 @@ def _validate(config: TrainConfig) -> None:
     check_lock_options(config)
     check_folder_options(config)
     check_fsdp_options(config)
+
+
+def _validate_open_clip_options(config: TrainConfig) -> None:
+    """The open_clip flags that only make sense together, or only with some values."""
+    if config.output_dir is not None and (config.logs is not None or config.name is not None):
+        raise ValueError("--output-dir and --logs/--name both name the run folder; give one (--logs DIR --name "
+                         "NAME is DIR/NAME)")
+    if config.logs is not None and config.logs.strip().lower() in ("", "none"):
+        raise ValueError("--logs none (no run folder) is not supported: fastclip always writes metrics.jsonl and "
+                         "results.json; to save no checkpoint use --save-frequency 0")
+    if config.name is not None and (not config.name.strip() or "/" in config.name or config.name in (".", "..")):
+        raise ValueError(f"--name {config.name!r} must be one folder name (no '/'); --logs gives the parent folder")
+    if config.lr_scheduler == "const-cooldown":
+        if config.epochs_cooldown is None:
+            raise ValueError("--lr-scheduler const-cooldown needs --epochs-cooldown N (the epochs of the final decay)")
+        if not 0 <= config.epochs_cooldown <= config.epochs:
+            raise ValueError(f"--epochs-cooldown {config.epochs_cooldown} must be in [0, --epochs {config.epochs}]")
+        if not config.lr_cooldown_power > 0:
+            raise ValueError(f"--lr-cooldown-power must be > 0, got {config.lr_cooldown_power}")
+    elif config.epochs_cooldown is not None:
+        raise ValueError("--epochs-cooldown applies to --lr-scheduler const-cooldown; add that or drop it")
+    opt = config.opt.lower()
+    if opt.startswith("timm/"):
+        raise ValueError(f"--opt {config.opt}: timm optimisers are not run by fastclip (its parameter groups, fused "
+                         "AdamW and checkpoints assume AdamW); use --opt adamw")
+    if opt != "adamw":
+        raise ValueError(f"--opt {config.opt!r} is not an optimiser fastclip runs; use --opt adamw")
+    if config.dist_url not in (None, "env://"):
+        raise ValueError(f"--dist-url {config.dist_url}: fastclip takes the rendezvous from torchrun's environment "
+                         "(env://); launch with torchrun --rdzv-endpoint HOST:PORT (or MASTER_ADDR/MASTER_PORT)")
+    if config.loss_dist_impl is not None:
+        from fastclip.loss import CLIP_DIST_IMPLS, SIGLIP_DIST_IMPLS
+
+        choices = SIGLIP_DIST_IMPLS if config.siglip else CLIP_DIST_IMPLS
+        if config.loss_dist_impl not in choices:
+            raise ValueError(f"--loss-dist-impl {config.loss_dist_impl!r} is not a {'SigLIP' if config.siglip else 'CLIP'}"
+                             f" loss option; choose one of {', '.join(choices)}")
+    if config.val_num_samples is not None and config.val_num_samples < 1:
+        raise ValueError(f"--val-num-samples must be >= 1, got {config.val_num_samples}")
+    if config.val_frequency < 0:
+        raise ValueError(f"--val-frequency must be >= 0 (0 means never), got {config.val_frequency}")
+    if (config.dataset_resampled or config.train_data_upsampling_factors) and config.dataset_type != "webdataset":
+        raise ValueError("--dataset-resampled and --train-data-upsampling-factors apply to --dataset-type webdataset")
+    if config.train_data_upsampling_factors is not None:
+        if not config.dataset_resampled:
+            raise ValueError("--train-data-upsampling-factors weights the draws of --dataset-resampled; add it")
+        upsampling_weights(config.train_data_upsampling_factors, config.train_data)
+    for flag, values in (("--image-mean", config.image_mean), ("--image-std", config.image_std)):
+        if values is not None and len(values) not in (1, 3):
+            raise ValueError(f"{flag} takes 1 or 3 values (one per channel), got {len(values)}")
+    if config.image_std is not None and not all(value > 0 for value in config.image_std):
+        raise ValueError(f"--image-std must be positive, got {list(config.image_std)}")
+    for flag, value, choices in (("--image-interpolation", config.image_interpolation, IMAGE_INTERPOLATIONS),
+                                 ("--image-resize-mode", config.image_resize_mode, IMAGE_RESIZE_MODES)):
+        if value is not None and value not in choices:
+            raise ValueError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+    augmentation_options(config.aug_cfg)
+
+
+def upsampling_weights(factors: str, train_data: str | None) -> list[float]:
+    """``"1::2::0.5"`` -> [1.0, 2.0, 0.5], one weight per '::' source of ``train_data`` (ValueError otherwise)."""
+    try:
+        weights = [float(item) for item in factors.split("::")]
+    except ValueError:
+        raise ValueError(f"--train-data-upsampling-factors {factors!r}: numbers separated by '::' (e.g. 1::2::0.5)"
+                         ) from None
+    sources = len(str(train_data).split("::"))
+    if len(weights) != sources:
+        raise ValueError(f"--train-data-upsampling-factors gives {len(weights)} weight(s) for {sources} '::' "
+                         "source(s) of --train-data; give one per source")
+    if not all(weight >= 0 for weight in weights) or not any(weights):
+        raise ValueError(f"--train-data-upsampling-factors must be >= 0 and not all 0, got {factors!r}")
+    return weights
+
+
+def augmentation_options(aug_cfg: dict | None) -> dict:
+    """``--aug-cfg`` checked: the keys fastclip applies, with open_clip's value shapes."""
+    options = dict(aug_cfg or {})
+    timm = [key for key in options if key in _TIMM_AUGMENTATION_KEYS]
+    if timm:
+        raise ValueError(f"--aug-cfg {', '.join(timm)}: these are timm augmentations (open_clip's use_timm=True "
+                         f"path), which fastclip does not run; it applies {', '.join(AUGMENTATION_KEYS)}")
+    unknown = [key for key in options if key not in AUGMENTATION_KEYS]
+    if unknown:
+        raise ValueError(f"--aug-cfg {', '.join(unknown)}: unknown key(s); the keys are {', '.join(AUGMENTATION_KEYS)}")
+    scale = options.get("scale")
+    if scale is not None and not (isinstance(scale, (tuple, list)) and len(scale) == 2
+                                  and 0 < float(scale[0]) <= float(scale[1]) <= 1):
+        raise ValueError(f"--aug-cfg scale={scale!r}: give two fractions lo <= hi in (0, 1], e.g. scale='(0.5, 1.0)'")
+    jitter = options.get("color_jitter")
+    if options.get("color_jitter_prob") and not (isinstance(jitter, (tuple, list)) and len(jitter) == 4):
+        raise ValueError("--aug-cfg color_jitter_prob needs color_jitter='(brightness, contrast, saturation, hue)'")
+    for key in ("color_jitter_prob", "gray_scale_prob"):
+        if key in options and not 0 <= float(options[key]) <= 1:
+            raise ValueError(f"--aug-cfg {key} must be a probability in [0, 1], got {options[key]!r}")
+    return options

@@ -20,6 +20,7 @@ from fastclip.train.config import TrainConfig
 from fastclip.train.metrics import MetricsLogger
 from fastclip.train.optim import LearningRateSchedule, clamp_logit_scale
 from fastclip.train.process_group import all_or_none, any_true, gather_objects
+from fastclip.train.preemption import StopRequest
 from fastclip.train.profiling import NvtxRanges, StepProfiler
 
 
@@ -143,8 +144,13 @@ def checkpoint_state(parts: TrainParts, state: TrainState, batch_size: int) -> d
     }
 
 
-def save(parts: TrainParts, state: TrainState, config: TrainConfig) -> None:
-    """Save a checkpoint of the current step (rank 0 writes; all ranks take part, and all raise if it fails)."""
+def save(parts: TrainParts, state: TrainState, config: TrainConfig, *, most_recent_only: bool = False) -> None:
+    """Save a checkpoint of the current step (rank 0 writes; all ranks take part, and all raise if it fails).
+
+    ``most_recent_only``: written only for ``--save-most-recent``; the next checkpoint replaces it. Any
+    checkpoint written retires the earlier most-recent-only ones of this lineage (full layout; a sharded
+    checkpoint is always kept).
+    """
     from fastclip.train.fsdp import is_sharded
 
     if is_sharded(parts.unwrapped) or parts.checkpoint_layout == "sharded":
@@ -155,9 +161,10 @@ def save(parts: TrainParts, state: TrainState, config: TrainConfig) -> None:
 
     def write() -> None:
         if parts.ctx.is_main:
+            details = {**checkpoint_details(parts, config), "most_recent_only": most_recent_only}
             save_checkpoint(config.output_dir, state.step, parts.unwrapped, payload, model_name=config.model,
                             run_id=parts.lineage.get("run_id"), parent=parts.lineage.get("parent"),
-                            details=checkpoint_details(parts, config), keep_last=config.keep_last)
+                            details=details, keep_last=config.keep_last)
 
     all_or_none(parts.ctx, write)
 
@@ -170,13 +177,16 @@ def checkpoint_details(parts: TrainParts, config: TrainConfig) -> dict:
 
 def run_epochs(parts: TrainParts, state: TrainState, data: TrainBatches, config: TrainConfig, *, total_steps: int,
                metrics: MetricsLogger, profiler: StepProfiler | None = None,
-               on_epoch_end: Callable[[int], None] | None = None) -> dict:
-    """Train from ``state`` until ``total_steps`` or the last epoch. Returns timing totals."""
+               on_epoch_end: Callable[[int], None] | None = None, stop: StopRequest | None = None) -> dict:
+    """Train from ``state`` until ``total_steps`` or the last epoch, or until ``stop`` is requested on any rank
+    (then after the step in flight, with a checkpoint of it). Returns timing totals and ``stopped_by`` (the
+    signal's name, or None)."""
     ranges = parts.ranges or _no_ranges
     parts.model.train()
     train_seconds, trained_samples = 0.0, 0
     last_saved = state.step
-    while state.epoch < config.epochs and state.step < total_steps:
+    stopped = False
+    while state.epoch < config.epochs and state.step < total_steps and not stopped:
         batches = data.epoch(state.epoch, start_batch=state.batch_in_epoch)
         while state.step < total_steps:
             start = time.perf_counter()
@@ -210,15 +220,20 @@ def run_epochs(parts: TrainParts, state: TrainState, data: TrainBatches, config:
             if config.save_every_n_steps and state.step % config.save_every_n_steps == 0:
                 save(parts, state, config)
                 last_saved = state.step
-        if state.batch_in_epoch >= data.num_batches:
+            if stop is not None and state.step < total_steps and any_true(parts.ctx, stop.requested):  # all ranks
+                stopped = True
+                break
+        if state.batch_in_epoch >= data.num_batches and not stopped:
             state.epoch += 1
             state.batch_in_epoch = 0
-            if config.save_frequency and state.epoch % config.save_frequency == 0 and last_saved != state.step:
-                save(parts, state, config)
+            scheduled = config.save_frequency and state.epoch % config.save_frequency == 0
+            if (scheduled or config.save_most_recent) and last_saved != state.step:
+                save(parts, state, config, most_recent_only=not scheduled)
                 last_saved = state.step
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch)
-    if last_saved != state.step and (config.save_frequency or config.save_every_n_steps):
+    if last_saved != state.step and (config.save_frequency or config.save_every_n_steps or stopped):
         save(parts, state, config)
     rate = trained_samples / train_seconds if train_seconds > 0 else math.nan
-    return {"train_seconds": train_seconds, "trained_samples": trained_samples, "samples_per_second": rate}
+    return {"train_seconds": train_seconds, "trained_samples": trained_samples, "samples_per_second": rate,
+            "stopped_by": (stop.signal_name or "a signal on another rank") if stopped else None}

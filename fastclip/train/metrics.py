@@ -1,4 +1,4 @@
-"""Rank-0 metrics: ``metrics.jsonl`` (one object per logged step), tensorboard, and progress on the console:
+"""Rank-0 metrics: ``metrics.jsonl`` (one object per logged step), tensorboard, wandb, and progress on the console:
 a tqdm bar on a terminal, or, when the output is a pipe or a cluster log, a plain line every N steps.
 
 A run that starts at step s (a resume, or a fresh start after a crash before the first checkpoint)
@@ -42,12 +42,16 @@ class MetricsLogger:
     """Writes on the main rank only; every method is a no-op elsewhere."""
 
     def __init__(self, output_dir: str | Path, *, is_main: bool, report_to: str = "", total_steps: int = 0,
-                 initial_step: int = 0, progress: bool = True, plain_every: int = 0, say=print):
+                 initial_step: int = 0, progress: bool = True, plain_every: int = 0, say=print,
+                 wandb: dict | None = None):
         """``progress``: a tqdm bar (on stderr). ``plain_every``: a line ``step s/total (p%) loss ... samples/s ...
-        elapsed ... left ...`` through ``say`` every that many steps (0: none)."""
+        elapsed ... left ...`` through ``say`` every that many steps (0: none). ``wandb``: ``wandb.init``'s
+        project, notes, id, name and config, used when ``report_to`` names wandb (or all); the run files go to
+        ``<output_dir>/wandb``, and WANDB_MODE=offline logs there without a network."""
         self.is_main = is_main
         self.path = Path(output_dir) / METRICS_FILE
         self._writer = None
+        self._wandb = None
         self._bar = None
         self._say = say
         self._step, self._total, self._first_step = initial_step, total_steps, initial_step
@@ -62,10 +66,18 @@ class MetricsLogger:
             say(f"{self.path.name}: {moved} line(s) of steps after {initial_step}, which this run trains again, "
                 f"moved to {self.superseded_path}")
         self._handle = open(self.path, "a", encoding="utf-8")
-        if "tensorboard" in report_to:
+        reporters = {item.strip() for item in report_to.split(",")}
+        if reporters & {"tensorboard", "all"}:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if reporters & {"wandb", "all"}:
+            import wandb as wandb_module
+
+            options = dict(wandb or {})
+            self._wandb = wandb_module.init(project=options.get("project"), notes=options.get("notes"),
+                                            id=options.get("id"), name=options.get("name"),
+                                            config=options.get("config"), dir=str(Path(output_dir)), resume="allow")
         if progress:
             from tqdm import tqdm
 
@@ -102,10 +114,13 @@ class MetricsLogger:
         record = {"kind": kind, "step": step, **{key: _plain(value) for key, value in values.items()}}
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
+        scalars = {f"{kind}/{key}": value for key, value in record.items()
+                   if isinstance(value, (int, float)) and key != "step"}
         if self._writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def progress(self, steps: int, **postfix) -> None:
         """``steps`` more steps done; ``postfix`` (e.g. loss=..., samples_s=...) shown beside the count."""
@@ -140,3 +155,5 @@ class MetricsLogger:
         self._handle.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()

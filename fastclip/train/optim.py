@@ -1,4 +1,4 @@
-"""AdamW with open_clip's parameter groups, a cosine schedule with warm-up, the logit-scale clamp."""
+"""AdamW with open_clip's parameter groups, open_clip's learning-rate schedules, the logit-scale clamp."""
 from __future__ import annotations
 
 import math
@@ -42,19 +42,36 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
 
 
 class LearningRateSchedule:
-    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``
-    (or constant with ``kind="const"``). A pure function of the step: resuming needs only the step."""
+    """open_clip's schedules, a pure function of the step (resuming needs only the step):
 
-    def __init__(self, base_lr: float, warmup_steps: int, total_steps: int, kind: str = "cosine"):
-        if kind not in ("cosine", "const"):
-            raise ValueError(f"unknown --lr-scheduler {kind!r}; use cosine or const")
+    linear warm-up to ``base_lr`` over ``warmup_steps``, then
+    - ``cosine``: cosine decay to 0 at ``total_steps``;
+    - ``const``: ``base_lr``;
+    - ``const-cooldown``: ``base_lr`` until ``total_steps - cooldown_steps``, then
+      ``end_lr + (base_lr - end_lr) * (1 - t)^power`` with t going from 0 to 1 over the cooldown.
+    """
+
+    KINDS = ("cosine", "const", "const-cooldown")
+
+    def __init__(self, base_lr: float, warmup_steps: int, total_steps: int, kind: str = "cosine", *,
+                 cooldown_steps: int = 0, cooldown_power: float = 1.0, cooldown_end_lr: float = 0.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown --lr-scheduler {kind!r}; use one of {', '.join(self.KINDS)}")
         self.base_lr, self.warmup_steps, self.total_steps, self.kind = base_lr, warmup_steps, total_steps, kind
+        self.cooldown_steps, self.cooldown_power, self.cooldown_end_lr = cooldown_steps, cooldown_power, cooldown_end_lr
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.kind == "const":
             return self.base_lr
+        if self.kind == "const-cooldown":
+            start = self.total_steps - self.cooldown_steps
+            if step < start:
+                return self.base_lr
+            progress = min(1.0, (step - start) / max(1, self.cooldown_steps))
+            decay = (1 - progress) ** self.cooldown_power
+            return decay * (self.base_lr - self.cooldown_end_lr) + self.cooldown_end_lr
         decay_steps = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return 0.5 * (1 + math.cos(math.pi * progress)) * self.base_lr
@@ -67,7 +84,8 @@ class LearningRateSchedule:
 
     def state_dict(self) -> dict:
         return {"base_lr": self.base_lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "kind": self.kind}
+                "kind": self.kind, "cooldown_steps": self.cooldown_steps, "cooldown_power": self.cooldown_power,
+                "cooldown_end_lr": self.cooldown_end_lr}
 
 
 def find_parameter(model: torch.nn.Module, name: str):

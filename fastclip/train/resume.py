@@ -42,17 +42,22 @@ def resume_if_asked(config: TrainConfig, ctx: World, parts: TrainParts, data: Tr
     if saved_world == ctx.size and saved_batch == config.batch_size and len(state["rng"]) > ctx.rank:
         restore_rng_state(state["rng"][ctx.rank], ctx.device)
     else:
-        # Every epoch's global sample order is one (seed, epoch) permutation, whatever the batch shape:
-        # go on from the same sample of it.
+        # Every epoch's global sample order (map-style data) is one (seed, epoch) permutation, whatever the
+        # batch shape: go on from the same sample of it. Webdataset shards are dealt per rank: only the count holds.
         consumed = train.batch_in_epoch * saved_batch * saved_world
         train.batch_in_epoch = consumed // (config.batch_size * ctx.size)
+        restart = train.batch_in_epoch * config.batch_size * ctx.size  # a whole batch of the new shape
         if train.batch_in_epoch >= data.num_batches:
             train.epoch, train.batch_in_epoch = train.epoch + 1, 0
+        where = (f"Training goes on from sample {restart} of the epoch's order ({consumed} were trained; a batch of "
+                 "the new shape starts at a multiple of its size)" if not data.iterable else
+                 f"Training skips the first {restart} samples of the epoch, but the webdataset shards are dealt to "
+                 "the ranks anew, so they are not the samples the earlier run saw")
         say(ctx, f"WARNING: NOT STEP-EXACT: {found.path} was written with --batch-size {saved_batch} on "
                  f"{saved_world} process(es), this run has --batch-size {config.batch_size} on {ctx.size}. "
-                 f"Training goes on after sample {consumed} of the epoch's order, but the batches, the schedule "
-                 "and the random streams differ from an uninterrupted run. Resume with the same batch size and "
-                 "process count for a step-exact continuation.")
+                 f"{where}; the batches, the schedule and the random streams (reseeded from --seed, rank and step) "
+                 "differ from an uninterrupted run. Resume with the same batch size and process count for a "
+                 "step-exact continuation.")
         seed_everything(config.seed + ctx.rank + found.step)
     say(ctx, f"resumed from {found.path} (step {found.step})")
     return train

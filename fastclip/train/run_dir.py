@@ -2,7 +2,9 @@
 
 Decided on the main rank before the model is built (:func:`prepare_output`):
 
-- the folder (and its ``checkpoints/``) must be a writable folder, else exit 2;
+- the folder is ``--output-dir``, or ``--logs``/``--name`` (open_clip's layout), or ``./runs/<time>``;
+- the folder (and its ``checkpoints/``) must be a writable folder or creatable, else exit 2; nothing is
+  created until every check of the run has passed (the first file written creates them);
 - a **fresh run** (no ``--resume``) refuses a folder that already holds an earlier run's checkpoints,
   ``metrics.jsonl`` or ``results.json``: pass ``--resume latest`` or a new ``--output-dir``;
 - ``--resume latest`` continues the lineage in the folder from its newest loadable checkpoint
@@ -34,6 +36,7 @@ from fastclip.train.run_lock import lock_run_folder
 
 RESULTS_FILE = "results.json"
 RUNS_ROOT = "runs"  # where runs without --output-dir go
+LOGS_ROOT = "logs"  # open_clip's --logs default, for --name without --logs
 
 
 @dataclass
@@ -44,6 +47,7 @@ class RunPlan:
     run_id: str
     resume_path: str | None = None            # the checkpoint folder to load, or None for a fresh start
     parent: dict | None = None                # {"run_id", "step", "path"} of the checkpoint resumed from
+    created: list[str] = field(default_factory=list)  # folders this run created for its output, deepest first
     notes: list[str] = field(default_factory=list)
 
 
@@ -54,6 +58,19 @@ def timestamped_output_dir(root: str = RUNS_ROOT) -> str:
     while os.path.exists(candidate):
         count += 1
         candidate = os.path.join(root, f"{stamp}-{count}")
+    return candidate
+
+
+def open_clip_run_name(config: TrainConfig, root: str | Path) -> str:
+    """open_clip's default ``--name``: ``<date>-model_<model>-lr_<lr>-b_<batch>-j_<workers>-p_<precision>``,
+    with ``-2``, ``-3`` ... appended when that folder exists under ``root``."""
+    stamp = datetime.datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+    name = "-".join([stamp, f"model_{config.model.replace('/', '-')}", f"lr_{config.lr}", f"b_{config.batch_size}",
+                     f"j_{config.workers}", f"p_{config.precision}"])
+    candidate, count = name, 1
+    while (Path(root) / candidate).exists():
+        count += 1
+        candidate = f"{name}-{count}"
     return candidate
 
 
@@ -75,19 +92,25 @@ def newest_run_dir(root: str | Path = RUNS_ROOT) -> Path | None:
 
 
 def check_output_dir(output_dir: str | Path, *, saves_checkpoints: bool) -> None:
-    """ValueError unless ``output_dir`` (and ``checkpoints/`` when the run saves) is a writable folder."""
+    """ValueError unless ``output_dir`` (and ``checkpoints/`` when the run saves) is a writable folder or can be
+    created as one. Creates nothing: the folders appear when the run writes its first file, after every check."""
     output_dir = Path(output_dir)
     folders = [output_dir] + ([checkpoint_dir(output_dir)] if saves_checkpoints else [])
     for folder in folders:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--output-dir: {folder} is a file, not a folder; give --output-dir a folder")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise ValueError(f"--output-dir: cannot write in {folder} ({error.strerror or error}); "
-                             "give a writable --output-dir") from None
+    existing = folders[-1]
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output-dir: cannot write in {folders[-1]}: {existing} is a file, not a folder; give "
+                         "another --output-dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output-dir: cannot write in {existing} ({error.strerror or error}); "
+                         "give a writable --output-dir") from None
 
 
 def _earlier_outputs(output_dir: Path) -> list[str]:
@@ -115,17 +138,43 @@ def prepare_output(config: TrainConfig) -> tuple[RunPlan, LoadedCheckpoint | Non
     checkpoint already loaded here (None for a fresh start), so rank 0 does not read it twice.
     """
     notes = []
-    if config.output_dir is None and config.resume == "latest":
-        found = newest_run_dir()
+    logs = config.logs or LOGS_ROOT  # open_clip's layout: the run folder is logs/name
+    open_clip_layout = config.logs is not None or config.name is not None
+    if config.output_dir is None and config.name is None and config.resume == "latest":
+        root = logs if open_clip_layout else RUNS_ROOT
+        found = newest_run_dir(root)
         if found is None:
-            raise ValueError(f"--resume latest without --output-dir resumes the newest run under ./{RUNS_ROOT}, and "
-                             "no run there has a checkpoint; pass --output-dir <the run's folder>")
-        notes.append(f"--resume latest: resuming the newest run under ./{RUNS_ROOT}: {found}")
+            raise ValueError(f"--resume latest without {'--name' if open_clip_layout else '--output-dir'} resumes "
+                             f"the newest run under {root}, and no run there has a checkpoint; pass "
+                             f"{'--name <the run folder under --logs>' if open_clip_layout else '--output-dir <the run folder>'}")
+        notes.append(f"--resume latest: resuming the newest run under {root}: {found}")
         output_dir = found
+    elif open_clip_layout:
+        output_dir = Path(logs) / (config.name or open_clip_run_name(config, logs))
     else:
         output_dir = Path(config.output_dir if config.output_dir is not None else timestamped_output_dir())
+    created = [str(folder) for folder in (output_dir, *output_dir.parents) if not folder.exists()]  # deepest first
     with contextlib.suppress(OSError):  # what is wrong with the folder, check_output_dir says
         output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plan, loaded = _plan_in(output_dir, config, notes)
+    except BaseException:
+        remove_created_folders(created)  # a refused run leaves nothing behind
+        raise
+    plan.created = created
+    return plan, loaded
+
+
+def remove_created_folders(created: list[str]) -> None:
+    """Remove the folders a run created for its output (deepest first) while they are still empty."""
+    for folder in created:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def _plan_in(output_dir: Path, config: TrainConfig, notes: list[str]) -> tuple[RunPlan, LoadedCheckpoint | None]:
     if output_dir.is_dir():
         lock_run_folder(output_dir)  # before anything is read or changed there: a second run into it exits 2
     check_output_dir(output_dir, saves_checkpoints=bool(config.save_frequency or config.save_every_n_steps))
