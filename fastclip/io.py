@@ -173,7 +173,7 @@ def _swap_in(staging: Path, final: Path) -> None:
 
 
 # mkstemp/mkdtemp add 8 characters of [a-z0-9_]; atomic_write adds ".tmp"; atomic_dir's retired copy "old.".
-_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(old\.)?[a-z0-9_]{8}(\.tmp)?$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?P<retired>old\.)?[a-z0-9_]{8}(\.tmp)?$")
 
 
 def remove_stale_temporaries(folder: PathLike, target_pattern: str = r".+") -> list[Path]:
@@ -194,7 +194,7 @@ def remove_stale_temporaries(folder: PathLike, target_pattern: str = r".+") -> l
         if match is None or not target.fullmatch(match.group("target")):
             continue
         original = folder / match.group("target")
-        if match.group(1) and (entry / original.name).is_dir() and not original.exists():
+        if match.group("retired") and (entry / original.name).is_dir() and not original.exists():
             os.replace(entry / original.name, original)  # killed between atomic_dir's two renames
             fsync_dir(folder)
         if entry.is_dir() and not entry.is_symlink():
