@@ -58,12 +58,12 @@ def launcher(kind: str, with_expectations: bool, image, text, scale, bias):
 
     batch = image.shape[0]
     if kind == "clip_fwd":
-        return lambda config: clip_loss_triton._forward(image, text, scale, bias, with_expectations, True, config)
+        return lambda config: clip_loss_triton._forward(image, text, scale, bias, with_expectations, 0, True, config)
     if kind == "clip_bwd":
         row_lse, col_lse, _, _, _ = clip_loss_triton.clip_loss_fwd(image, text, scale, bias, False, 0, False)
         coef = torch.full((batch,), 0.5 / batch, device=image.device)
-        return lambda config: clip_loss_triton._backward(image, text, scale, bias, row_lse, col_lse, coef, coef, 0,
-                                                         config)
+        stats = (row_lse, col_lse, coef, coef)
+        return lambda config: clip_loss_triton._backward(image, text, scale, bias, stats, 0, config)
     if kind == "siglip_fwd":
         return lambda config: siglip_loss_triton._forward(image, text, scale, bias, 0, config)
     grad_coef = torch.tensor(1.0 / batch, device=image.device)

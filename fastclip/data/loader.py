@@ -5,7 +5,10 @@ run resumed at batch k of epoch e sees exactly the batches the uninterrupted run
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
+import multiprocessing
 import os
 import signal
 from typing import Iterator
@@ -32,13 +35,36 @@ def default_workers(limit: int = DEFAULT_WORKERS_CAP) -> int:
     return min(limit, available_cpus())
 
 
-def leave_signals_to_the_main_process(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a worker ignores Ctrl-C, SIGTERM and SIGUSR1, which a terminal or a cluster
-    sends to every process of the job. The main process decides what to do (fastclip.train.preemption) and
-    shuts its workers down itself; without this a worker would die of SIGUSR1 or SIGTERM mid-batch and print
-    a traceback on Ctrl-C."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+_MAIN_EXITING = None  # a multiprocessing.Event, set when the main process exits (made with the first loader)
+
+
+def _main_exiting_event():
+    """The Event that tells workers the main process is exiting (its atexit hook sets it; see below)."""
+    global _MAIN_EXITING
+    if _MAIN_EXITING is None:
+        _MAIN_EXITING = multiprocessing.Event()
+        # Registered after multiprocessing's own exit hook, so it runs first (atexit is last in, first out).
+        atexit.register(_MAIN_EXITING.set)
+    return _MAIN_EXITING
+
+
+def leave_signals_to_the_main_process(worker_id: int, main_exiting=None) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores Ctrl-C and SIGUSR1, and SIGTERM while the main process
+    runs. A terminal or a cluster sends these to every process of the job; the main process decides what to
+    do (fastclip.train.preemption) and shuts its workers down itself. Without this a worker would die of
+    SIGUSR1 or SIGTERM mid-batch (failing the step in flight) and print a traceback on Ctrl-C.
+
+    Once the main process is exiting (``main_exiting`` set), SIGTERM ends the worker: that is how
+    multiprocessing's exit hook stops a worker whose loader was never closed (e.g. one kept alive by an
+    exception's traceback); ignoring it there would hang the interpreter's exit forever."""
+    for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        if main_exiting is not None and main_exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class ShardedEpochSampler(Sampler[int]):
@@ -107,7 +133,8 @@ class TrainBatches:
         generator = torch.Generator().manual_seed(self.seed * 7_368_787 + epoch)
         common = dict(batch_size=self.batch_size, num_workers=self.workers, pin_memory=self.pin_memory,
                       collate_fn=collate_pairs, generator=generator, drop_last=True,
-                      worker_init_fn=leave_signals_to_the_main_process,
+                      worker_init_fn=functools.partial(leave_signals_to_the_main_process,
+                                                       main_exiting=_main_exiting_event()) if self.workers else None,
                       persistent_workers=False, prefetch_factor=4 if self.workers else None)
         if self.iterable:
             loader = DataLoader(self.dataset, **common)
