@@ -92,3 +92,17 @@ def test_each_run_gets_its_own_scratch_folder_with_normal_permissions(tmp_path):
         assert stat.S_IMODE(csv_path.parent.stat().st_mode) == 0o755
         assert len(json.loads(csv_path.with_suffix(".json").read_text())) == 1, "a run sees only its own rows"
     assert folders[0] != folders[1], "two runs wrote into one scratch folder"
+
+
+def test_the_tuning_stage_times_a_config_of_every_kernel_in_its_dry_run(tmp_path):
+    """benchmarks/tune_tiles.py calls the Triton launchers' private entry points: a launcher whose signature
+    changed must fail here, not only in the GPU script's dry run (an error is recorded, not raised)."""
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune_tiles.py"), str(tmp_path), "--dry-run"],
+                               env=environment, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (written,) = tmp_path.glob("tuned_tiles_*.json")
+    tables = json.loads(written.read_text())["kernels"]
+    assert len(tables) == 5, sorted(tables)
+    for name, entry in tables.items():
+        assert entry["fastest"] is not None and entry["fastest_ms"] > 0, (name, entry)
