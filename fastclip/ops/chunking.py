@@ -27,14 +27,19 @@ class ChunkBuffers:
 
 def scaled_logits_into(out: torch.Tensor, image_chunk: torch.Tensor, text: torch.Tensor,
                        scale: torch.Tensor) -> torch.Tensor:
-    """out = (scale * image_chunk) @ text.T, the GEMM written straight into the fp32 buffer when it can."""
-    scaled = image_chunk * scale.to(image_chunk.dtype) if image_chunk.dtype == out.dtype else image_chunk
-    if scaled.dtype == out.dtype:
-        return torch.mm(scaled, text.t(), out=out)
-    # Low-precision GEMM on accelerators, scaled in fp32 after. Its output stays fp32 (out_dtype, see
-    # fastclip.ops.gemm): rounded to 16 bits, the logits would carry ~scale * 2^-9 of error each, which
-    # does not cancel in lse - diagonal (a 2.5 % loss error at B=37 in bf16).
-    out.copy_(matmul_fp32(scaled, text.t()))
+    """out = scale * (image_chunk @ text.T): the GEMM written straight into the fp32 buffer, scaled after.
+
+    The scale multiplies the GEMM's output, not the image rows: scaling the rows first rounds every
+    scale * I_ik before the dot, and the logits' rounding is what the logit_scale gradient's log form
+    reads (x = S / scale; ~2x open_clip's error near a zero loss against 1.2x scaled after, issue 18).
+    """
+    if image_chunk.dtype == out.dtype:
+        torch.mm(image_chunk, text.t(), out=out)
+    else:
+        # Low-precision GEMM on accelerators. Its output stays fp32 (out_dtype, see fastclip.ops.gemm):
+        # rounded to 16 bits, the logits would carry ~scale * 2^-9 of error each, which does not
+        # cancel in lse - diagonal (a 2.5 % loss error at B=37 in bf16).
+        out.copy_(matmul_fp32(image_chunk, text.t()))
     return out.mul_(scale)
 
 

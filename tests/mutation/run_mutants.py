@@ -88,8 +88,8 @@ MUTANTS = [
            "setting a corrupt checkpoint aside is not synced"),
     # ---- the chunked torch primitives (section 1 d, and their numerics)
     Mutant("torch-16bit-drops-temperature", "fastclip/ops/chunking.py",
-           "    out.copy_(matmul_fp32(scaled, text.t()))\n    return out.mul_(scale)\n",
-           "    out.copy_(matmul_fp32(scaled, text.t()))\n    return out\n",
+           "        out.copy_(matmul_fp32(image_chunk, text.t()))\n    return out.mul_(scale)\n",
+           "        out.copy_(matmul_fp32(image_chunk, text.t()))\n        return out\n    return out.mul_(scale)\n",
            ACCELERATOR_TESTS, "the 16-bit GEMM branch forgets the temperature"),
     Mutant("torch-16bit-rounds-logits", "fastclip/ops/gemm.py", "lambda: torch.mm(left, right, out_dtype=torch.float32)",
            "lambda: torch.mm(left, right).to(torch.float32)", ACCELERATOR_TESTS,
@@ -108,6 +108,16 @@ MUTANTS = [
            "grad_logits[rows, cols] = torch.sigmoid(-positive_logits)",
            ("tests/test_loss_ops.py", "tests/test_siglip_loss.py", "-k", "siglip or values"),
            "SigLIP's positive gradient has the wrong sign"),
+    Mutant("torch-scale-before-gemm", "fastclip/ops/chunking.py",
+           "    if image_chunk.dtype == out.dtype:\n        torch.mm(image_chunk, text.t(), out=out)\n",
+           "    if image_chunk.dtype == out.dtype:\n        return torch.mm(image_chunk * scale, text.t(), out=out)\n",
+           ("tests/test_clip_loss.py", "-k", "near_a_zero and torch"),
+           "the rows are scaled before the GEMM: d loss / d logit_scale ~2x open_clip's error near a zero loss"),
+    Mutant("torch-exact-diagonal", "fastclip/ops/clip_loss_torch.py",
+           "        positive_logit[rows + start] = logits[rows, cols]",
+           "        positive_logit[rows + start] = ((image[rows + start].double() * text[cols].double()).sum(-1)"
+           " * scale).to(accumulate)", ("tests/test_distributed_loss.py", "-k", "logit_scale_gradient"),
+           "the local loss's d scale takes an exact diagonal, not the tiles' own (4x open_clip's error)"),
     # ---- the autograd Function
     Mutant("autograd-mean-not-divided", "fastclip/ops/clip_loss.py", "        weights = weights / n\n",
            "        weights = weights\n", CLIP_VALUES, "the mean reduction's backward forgets 1/n"),
