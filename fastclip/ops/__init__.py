@@ -41,9 +41,8 @@ P, Q = exp(S - row_lse), exp(S - col_lse); grad_image = scale G @ text, grad_tex
 and grad_scale = sum_ij (R_ij log P_ij + C_ij log Q_ij) / scale, this block's share of d/d scale:
 over any split of the whole S into blocks (the exchanges' row and column blocks) the shares add up to
 sum_ij G_ij x_ij, because every row of R and column of C of the whole sums to 0. That form keeps the
-digits the fp32 log-sum-exps' rounding would cost sum G x (see kernels/clip_loss.py); torch and
-triton return it. The cuda backend returns the block's sum_ij G_ij x_ij itself, also a share (it adds
-up to the same total) but with fewer digits near zero loss (docs/cuda.md).
+digits the fp32 log-sum-exps' rounding would cost sum G x (see kernels/clip_loss.py); every backend
+(torch, triton, cuda) returns it (docs/numerics.md).
 
 siglip_loss_fwd: sum_ij softplus(-y_ij S_ij), y = +1 on the positives and -1 elsewhere.
 siglip_loss_bwd: G = grad_coef (sigmoid(S) - [pos]); (scale G @ text, scale G.T @ image, sum G).
