@@ -23,6 +23,9 @@ backward -> AdamW step -> clamp logit_scale``.
   step of ``open_clip_train/train.py`` (``torch.optim.AdamW`` with its default implementation, 77-token
   inputs as open_clip's tokenizer gives).
 
+``--precision bf16`` / ``fp16`` mean what they mean in open_clip (and ``fastclip train``): the matmul
+weights cast by ``convert_weights_to_lp`` in both libraries, images in that dtype, no autocast.
+
 Same config, batch, precision and captions; with and without gradient checkpointing. Step times come
 from one process per case that runs the two libraries round-robin (same machine load for both: CPU
 machines here are shared; one thread per process by default, as in bench_model.py); peak memory from
@@ -67,6 +70,8 @@ class TrainStep:
         import fastclip
         from fastclip.data.collate import trim_padding
         from fastclip.model import CONFIGS
+        from fastclip.model.clip import convert_weights_to_lp
+        from fastclip.precision import low_precision_dtype
 
         self.case, self.library = case, library
         self.device = torch.device(case["device"])
@@ -77,11 +82,18 @@ class TrainStep:
         generator = torch.Generator().manual_seed(0)
         self.images = torch.randn(case["batch"], 3, size, size, generator=generator).to(self.device)
         tokens = fastclip.tokenize(_captions(case["batch"]))
+        # bf16/fp16 (not the amp modes): open_clip's cast of the matmul weights in both libraries, and
+        # images in that dtype (open_clip_train's get_input_dtype); the pure modes are not offered here.
+        weight_dtype = low_precision_dtype(case["precision"])
+        if weight_dtype is not None:
+            self.images = self.images.to(weight_dtype)
         if library.startswith("fastclip"):
             from fastclip.loss import ClipLoss
             from fastclip.train.optim import build_optimizer
 
             self.model = reference.to(self.device)
+            if weight_dtype is not None:
+                convert_weights_to_lp(self.model, weight_dtype)
             self.loss = ClipLoss()
             self.optimizer, _ = build_optimizer(self.model, lr=1e-4, weight_decay=0.2)
             self.tokens = (tokens if library == "fastclip-77tok" else trim_padding(tokens)).to(self.device)
@@ -96,6 +108,8 @@ class TrainStep:
             model.load_state_dict(reference.state_dict())
             model.set_grad_checkpointing(case["grad_checkpointing"])
             self.model = model.to(self.device)
+            if weight_dtype is not None:
+                open_clip.model.convert_weights_to_lp(self.model, weight_dtype)
             self.loss = open_clip.ClipLoss()
             decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
             other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
@@ -115,6 +129,7 @@ class TrainStep:
         if self.library.startswith("fastclip"):
             from types import SimpleNamespace
 
+            from fastclip.distributed.comm import World
             from fastclip.train.accumulation import forward_backward
             from fastclip.train.loop import optimizer_update
             from fastclip.train.optim import find_parameter
@@ -122,7 +137,7 @@ class TrainStep:
             loss = forward_backward(self.model, self.loss, self.images, self.tokens, precision=self.case["precision"],
                                     device=self.device, scaler=self.scaler)
             parts = SimpleNamespace(scaler=self.scaler, optimizer=self.optimizer, grad_clip_norm=None,
-                                    trainable=list(self.model.parameters()), ctx=_SingleProcess(),
+                                    trainable=list(self.model.parameters()), ctx=World(device=self.device),
                                     logit_scale=find_parameter(self.model, "logit_scale"))
             optimizer_update(parts, loss)
             return
@@ -139,12 +154,6 @@ class TrainStep:
             self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
-
-
-class _SingleProcess:
-    @staticmethod
-    def any_true(flag: bool) -> bool:
-        return bool(flag)
 
 
 def _warmup_steps(library: str) -> int:

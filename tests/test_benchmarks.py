@@ -106,3 +106,24 @@ def test_the_tuning_stage_times_a_config_of_every_kernel_in_its_dry_run(tmp_path
     assert len(tables) == 5, sorted(tables)
     for name, entry in tables.items():
         assert entry["fastest"] is not None and entry["fastest_ms"] > 0, (name, entry)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_train_step_runs_in_both_libraries_with_open_clips_weight_dtypes(precision):
+    """bench_train's step (the trainer's optimizer_update for fastclip, open_clip_train's for open_clip)
+    runs, and --precision bf16 casts the same tensors in both, as open_clip's convert_weights_to_lp does
+    (it once ran both in fp32 under the bf16 label, and the fastclip step once failed on its stand-in world)."""
+    import torch
+
+    bench_train = _load("bench_train")
+    case = {"config": "fastclip-tiny", "batch": 4, "device": "cpu", "precision": precision,
+            "grad_checkpointing": False}
+    dtypes = {}
+    for library in ("fastclip", "open_clip"):
+        step = bench_train.TrainStep(case, library)
+        step()
+        dtypes[library] = {name: parameter.dtype for name, parameter in step.model.named_parameters()}
+        assert step.images.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert dtypes["fastclip"] == dtypes["open_clip"]
+    assert (torch.bfloat16 in dtypes["fastclip"].values()) == (precision == "bf16")
+    assert torch.float32 in dtypes["fastclip"].values()  # LayerNorm and the embeddings stay fp32
