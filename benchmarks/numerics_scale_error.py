@@ -5,14 +5,15 @@ spawned gloo world of W CPU ranks: b = 32 pairs per rank, D = 64, scale 100, 24 
 text = image + k noise (k = 2: "mid", loss ~0.5-1; k = 1.2: "nearzero", loss ~1e-5), unit norm.
 
 Each figure is RMS(ours - truth) / RMS(open_clip fp32 - truth), the RMS taken over every (seed,
-rank) sample, the truth open_clip in fp64. The earlier figure, the max over ranks of per-rank RMS
-relative errors over 6 seeds, is printed beside it ("rel/rank"): it is unstable, since a sample
-whose true gradient is near 0 (d loss / d scale crosses 0 as training goes) dominates a relative
-RMS, and open_clip's own per-rank RMS over 6 seeds varies ~20x between ranks. "rel" is the RMS
-relative error over every sample, over open_clip's. Backends: torch, triton (needs TRITON_INTERPRET=1 on CPU), host (csrc/ built for the CPU by
-tests/cuda_host.py: the CUDA kernels' tile math). Prints a table; writes nothing. docs/numerics.md.
+rank) sample, the truth open_clip in fp64. Beside it: "rel", the same ratio of relative errors, and
+"rel/rank", the figure once used (the max over ranks of per-rank RMS relative errors over the first 6
+seeds). That one is unstable: d loss / d scale crosses 0 as training goes, so a draw whose true
+gradient is near 0 dominates a relative RMS, and open_clip's own per-rank RMS over 6 seeds varies
+~20x between ranks. Backends: torch, triton (needs TRITON_INTERPRET=1 on CPU), host (csrc/ built
+for the CPU by tests/cuda_host.py: the CUDA kernels' tile math). Prints a table; writes nothing.
+Tables and their reading: docs/numerics.md.
 
-    TRITON_INTERPRET=1 python benchmarks/numerics_scale_error.py --backends torch,host,triton --worlds 2,3,4
+    TRITON_INTERPRET=1 python benchmarks/numerics_scale_error.py --backends torch,host,triton --worlds 1,2,3,4
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def main() -> None:
                       f"{pooled(key) / pooled(base):8.2f}  ({pooled(base):.1e})            "
                       f"{pooled_relative(key) / pooled_relative(base):5.2f}  {per_rank:5.2f}",
                       flush=True)
+
 
 if __name__ == "__main__":
     main()
