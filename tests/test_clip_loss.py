@@ -259,6 +259,22 @@ def test_tiny_convergence_matches_open_clip_curve():
     assert_matches_reference(ours, reference, name="loss curve", rtol=1e-4, floor=1.0)
 
 
+def _logit_scale_samples(monkeypatch, backend, seeds, batch, correlated=0.5):
+    """(ours, open_clip fp32, fp64 truth) d loss / d logit_scale at scale 100, D = 64, per seed."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")  # TF32 dots would be a different comparison
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    samples = []
+    for seed in seeds:
+        image, text = clip_like_features(batch, 64, seed=seed, correlated=correlated)
+        truth = float(loss_and_grads(OpenClipLoss(), image.double(), text.double(), 100.0)["logit_scale"])
+        reference = float(loss_and_grads(OpenClipLoss(), image, text, 100.0)["logit_scale"])
+        ours = float(loss_and_grads(ClipLoss(backend=backend), image.to(device), text.to(device), 100.0)["logit_scale"])
+        samples.append((ours, reference, truth))
+    return samples
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("batch", [37, 64, 256, 1000])
 def test_logit_scale_gradient_is_as_accurate_as_open_clips(monkeypatch, backend, batch):
@@ -267,18 +283,9 @@ def test_logit_scale_gradient_is_as_accurate_as_open_clips(monkeypatch, backend,
     is within 2x open_clip's own. Either error swings ~10x from seed to seed, so each is measured as
     the RMS over SCALE_FIDELITY_SEEDS inputs. Before the backward summed the scale gradient in
     log-softmax form it was ~10x open_clip's here (sum_i I_i . dI_i / scale, or sum G x)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")  # TF32 dots would be a different comparison
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    ours_errors, open_clip_errors = [], []
-    for seed in range(SCALE_FIDELITY_SEEDS):
-        image, text = clip_like_features(batch, 64, seed=seed)
-        truth = float(loss_and_grads(OpenClipLoss(), image.double(), text.double(), 100.0)["logit_scale"])
-        reference = float(loss_and_grads(OpenClipLoss(), image, text, 100.0)["logit_scale"])
-        ours = float(loss_and_grads(ClipLoss(backend=backend), image.to(device), text.to(device), 100.0)["logit_scale"])
-        ours_errors.append(abs(ours - truth) / abs(truth))
-        open_clip_errors.append(abs(reference - truth) / abs(truth))
+    samples = _logit_scale_samples(monkeypatch, backend, range(SCALE_FIDELITY_SEEDS), batch)
+    ours_errors = [abs(ours - truth) / abs(truth) for ours, _, truth in samples]
+    open_clip_errors = [abs(reference - truth) / abs(truth) for _, reference, truth in samples]
     assert rms(ours_errors) <= 2 * rms(open_clip_errors), (
         f"B={batch} {backend}: relative errors {ours_errors} vs open_clip's {open_clip_errors}")
 
@@ -291,18 +298,10 @@ def test_logit_scale_gradient_near_a_zero_loss_is_as_accurate_as_open_clips(monk
     nothing. The draws with a soft column dominate, where the gradient reads the logits' own
     rounding: scaling the image rows before the GEMM (one more rounding per term) gave 2.0x here
     for torch, scaling its output 1.2x (fastclip/ops/chunking.py: scaled_logits_into)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("FASTCLIP_FP32_PRECISION", "ieee")
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    ours_errors, open_clip_errors = [], []
-    for seed in range(100, 124):  # benchmarks/numerics_scale_error.py --data nearzero --worlds 1
-        image, text = clip_like_features(32, 64, seed=seed, correlated=1 / 1.2)
-        truth = float(loss_and_grads(OpenClipLoss(), image.double(), text.double(), 100.0)["logit_scale"])
-        reference = float(loss_and_grads(OpenClipLoss(), image, text, 100.0)["logit_scale"])
-        ours = float(loss_and_grads(ClipLoss(backend=backend), image.to(device), text.to(device), 100.0)["logit_scale"])
-        ours_errors.append(ours - truth)
-        open_clip_errors.append(reference - truth)
+    # the seeds of benchmarks/numerics_scale_error.py --data nearzero --worlds 1
+    samples = _logit_scale_samples(monkeypatch, backend, range(100, 124), 32, correlated=1 / 1.2)
+    ours_errors = [ours - truth for ours, _, truth in samples]
+    open_clip_errors = [reference - truth for _, reference, truth in samples]
     assert rms(ours_errors) <= 2 * rms(open_clip_errors), (
         f"{backend}: errors {ours_errors} vs open_clip's {open_clip_errors}")
 

@@ -423,26 +423,17 @@ def test_triton_backend_through_the_same_exchanges(case):
     assert_passed_on_every_rank(2, f"triton/{case}")
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("backend,world_size", [("torch", size) for size in WORLD_SIZES] + [("triton", 2)])
 @pytest.mark.parametrize("local_loss", [False, True])
 @pytest.mark.parametrize("impl", CLIP_IMPLS)
-def test_logit_scale_gradient_is_as_accurate_as_open_clips(world_size, local_loss, impl, record_property):
-    assert_passed_on_every_rank(world_size, f"clip/ring/local_loss={local_loss}/scale_error_within_the_gathers")
-    assert_passed_on_every_rank(world_size, f"clip/{impl}/local_loss={local_loss}/scale_fidelity")
-    name = f"clip/{impl}/local_loss={local_loss}/scale_error_over_open_clips"
+def test_logit_scale_gradient_is_as_accurate_as_open_clips(backend, world_size, local_loss, impl, record_property):
+    if backend == "triton" and _triton_unavailable_reasons():
+        pytest.skip("triton backend unavailable here: " + "; ".join(_triton_unavailable_reasons()))
+    prefix = "" if backend == "torch" else f"{backend}/"  # as _scale_fidelity names its checks
+    assert_passed_on_every_rank(world_size, f"{prefix}clip/ring/local_loss={local_loss}/scale_error_within_the_gathers")
+    assert_passed_on_every_rank(world_size, f"{prefix}clip/{impl}/local_loss={local_loss}/scale_fidelity")
+    name = f"{prefix}clip/{impl}/local_loss={local_loss}/scale_error_over_open_clips"
     record_property(name, world(world_size)[0]["measurements"][name])
-
-
-@pytest.mark.parametrize("local_loss", [False, True])
-@pytest.mark.parametrize("impl", CLIP_IMPLS)
-def test_triton_logit_scale_gradient_is_as_accurate_as_open_clips(local_loss, impl, record_property):
-    reasons = _triton_unavailable_reasons()
-    if reasons:
-        pytest.skip("triton backend unavailable here: " + "; ".join(reasons))
-    assert_passed_on_every_rank(2, f"triton/clip/ring/local_loss={local_loss}/scale_error_within_the_gathers")
-    assert_passed_on_every_rank(2, f"triton/clip/{impl}/local_loss={local_loss}/scale_fidelity")
-    name = f"triton/clip/{impl}/local_loss={local_loss}/scale_error_over_open_clips"
-    record_property(name, world(2)[0]["measurements"][name])
 
 
 @pytest.mark.parametrize("impl", CLIP_IMPLS)
